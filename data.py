@@ -1,0 +1,209 @@
+"""
+Text, tokens and calibration windows: the one data module every script uses.
+
+- The embedded corpus: the Python standard library's own source files of the running
+  interpreter, present on every machine. Split deterministically *by file* (SHA-1 of the path
+  relative to the stdlib root) into train / calib / eval, so no file's text leaks across splits.
+- Other sources, in their original on-disk form: C4 shards (json or json.gz, one {"text": ...}
+  per line), WikiText raw files (wiki.test.raw, wiki.valid.raw), any plain text file.
+- A byte-level BPE tokenizer trained with `tokenizers` (for the embedded model) and the model's
+  own tokenizer.json for everything else.
+- Calibration windows as in Wanda/SparseGPT: nsamples random windows of seqlen tokens, seeded;
+  or an int array [nsamples, seqlen] from a .npy file used verbatim, so that two implementations
+  can be compared on identical calibration data.
+
+References: Wanda (Sun et al. 2023, arXiv 2306.11695) and SparseGPT (Frantar & Alistarh 2023,
+arXiv 2301.00774) calibration protocol; MoE-Pruner Section 4.1 (128 C4 sequences).
+"""
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+# The trained tiny Mixtral shipped with the repo (see pretrain_tiny.py); every script's default.
+SHIPPED_MODEL = os.path.join(REPO, "models", "tiny-mixtral")
+# Where pretrain_tiny.py puts a model trained on this machine when no shipped one is present.
+CACHE_MODEL = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                           "mini-moe-pruner", "tiny-mixtral")
+
+
+class DataError(Exception):
+    """Input text or tokens cannot be used; the message is one line naming the problem."""
+
+
+def default_model_dir() -> str:
+    """The embedded default: the shipped model, else one trained on this machine by pretrain_tiny.py."""
+    for d in (SHIPPED_MODEL, CACHE_MODEL):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return d
+    raise DataError(f"no embedded model at {SHIPPED_MODEL} or {CACHE_MODEL}: run `python pretrain_tiny.py` "
+                    f"to train one (about 15 minutes), or pass --model DIR")
+
+
+# -----------------------------------------------------------------------------
+# The embedded corpus: the standard library's source
+
+# Percent of files in each split, by a hash of the file's path: enough held-out text for
+# calibration (128 x 512 tokens) and evaluation (~100 windows of 512) with 90% left to train on.
+SPLITS = {"train": (0, 90), "calib": (90, 95), "eval": (95, 100)}
+
+
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(split: str) -> list:
+    """Sorted .py files of the running interpreter's stdlib (site-packages excluded) in a split."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    lo, hi = SPLITS[split]
+    root = stdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
+                bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 100
+                if lo <= bucket < hi:
+                    out.append(os.path.join(dirpath, fn))
+    return out
+
+
+def stdlib_texts(split: str):
+    """The files of one split, in sorted order, one string each."""
+    for fn in stdlib_files(split):
+        with open(fn, encoding="utf-8", errors="replace") as f:
+            yield f.read()
+
+
+def stdlib_text(split: str) -> str:
+    """One split of the stdlib as one string, files separated by a blank line."""
+    return "\n\n".join(stdlib_texts(split))
+
+
+def corpus_id() -> str:
+    """Which stdlib the embedded corpus is: it changes with the Python version."""
+    return f"CPython {sys.version.split()[0]} stdlib"
+
+
+# -----------------------------------------------------------------------------
+# Other text sources
+
+
+def read_text(path: str) -> str:
+    """A text file in its original form: C4 (json/jsonl[.gz]), WikiText raw, or plain text.
+
+    WikiText: each line is a row as in the HF `wikitext` dataset (a non-blank line keeps its
+    newline, a blank line becomes ""), and rows are joined with "\\n\\n", as the pruning
+    literature's evaluation code does (`"\\n\\n".join(testdata["text"])`).
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    name = os.path.basename(path)
+    opener = gzip.open if name.endswith(".gz") else open
+    stem = name[:-3] if name.endswith(".gz") else name
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if stem.endswith((".json", ".jsonl")):
+                texts = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            texts.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise DataError(f"{path}:{n}: not a JSON line with a \"text\" field") from None
+                return "\n\n".join(texts)
+            if stem.startswith("wiki.") and stem.endswith(".raw"):
+                return "\n\n".join(line if line.strip() else "" for line in f)
+            return f.read()
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(model_dir: str):
+    from tokenizers import Tokenizer
+
+    fn = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(fn):
+        raise DataError(f"{model_dir}: no tokenizer.json")
+    return Tokenizer.from_file(fn)
+
+
+def train_tokenizer(text_iter, vocab_size: int):
+    """Byte-level BPE (GPT-2 style pre-tokenisation), trained with `tokenizers`; no special tokens
+    are added to encoded text, so a window's tokens are the text's tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text_iter, trainer=trainer)
+    return tok
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """The whole text as one int32 token array: Tokenizer.encode(text).ids, so a tokenizer that
+    adds BOS adds it once."""
+    return np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
+
+
+# -----------------------------------------------------------------------------
+# Windows
+
+
+def calibration_windows(ids: np.ndarray, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Wanda-style calibration: nsamples windows of seqlen tokens at seeded random offsets.
+    Returns int64 [nsamples, seqlen]."""
+    n = len(ids)
+    if nsamples < 1 or seqlen < 2:
+        raise DataError(f"need nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
+    if n <= seqlen:
+        raise DataError(f"calibration text has {n} tokens, fewer than one window of {seqlen + 1}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n - seqlen, size=nsamples)  # [nsamples], start <= n - seqlen - 1
+    return torch.from_numpy(np.stack([ids[s:s + seqlen] for s in starts]).astype(np.int64))
+
+
+def eval_windows(ids: np.ndarray, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows of seqlen tokens covering the text; the tail shorter than a window
+    is dropped (the pruning literature's protocol). Returns int64 [n_windows, seqlen]."""
+    n = len(ids) // seqlen
+    if n == 0:
+        raise DataError(f"text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    return torch.from_numpy(ids[: n * seqlen].astype(np.int64).reshape(n, seqlen))  # [windows, seqlen]
+
+
+def load_token_file(path: str, vocab_size: int) -> torch.Tensor:
+    """An int array [nsamples, seqlen] from a .npy file, checked and used verbatim."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a .npy array ({e})") from None
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 2:
+        raise DataError(f"{path}: expected an int array [nsamples, seqlen], got shape {list(a.shape)}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{path}: expected integer token ids, got dtype {a.dtype}")
+    if a.min() < 0 or a.max() >= vocab_size:
+        raise DataError(f"{path}: token ids must lie in [0, {vocab_size}), found {a.min()}..{a.max()}")
+    return torch.from_numpy(a.astype(np.int64))
+
+
+def text_source(spec: str, split: str) -> str:
+    """--data / --calib-data: a path, or 'stdlib' for the embedded corpus's `split`."""
+    return stdlib_text(split) if spec in (None, "stdlib") else read_text(spec)

@@ -1,0 +1,131 @@
+"""
+Perplexity with the standard protocol of the pruning literature, plus router statistics.
+
+Protocol (SparseGPT / Wanda / MoE-Pruner evaluation code): tokenise the whole text once with
+the model's tokenizer.json, cut it into non-overlapping windows of seqlen tokens (2048 in the
+literature; never max_position_embeddings, 32768 for Mixtral), drop the tail, and report
+    ppl = exp(mean next-token negative log-likelihood over all windows)
+(each window predicts its tokens 2..seqlen). Reference: with real Mixtral-8x7B on WikiText-2
+at seqlen 2048 MoE-Pruner's Table 2 reports a dense perplexity of 3.84.
+
+Router statistics (MoE-Pruner Section 3.1, Eq. 4-5): per layer, the coefficient of variation
+of how often each expert is a token's top-1 choice, and the mean and spread of the top-1
+routing weight (the "hint" MoE-Pruner's metric multiplies in).
+
+    python eval_ppl.py                                  # embedded model on the embedded eval split
+    python eval_ppl.py --model DIR --data wiki.test.raw --seqlen 2048 --json out.json
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import mini_mixtral as mm
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 8, device="cpu", progress=False):
+    """Summed next-token NLL (float64) and the number of predicted tokens over [n, seqlen] windows."""
+    total, count, t0 = 0.0, 0, time.time()
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size].to(device)  # [b, seqlen]
+        logits = model(x)  # [b, seqlen, vocab]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                              reduction="sum")
+        total += nll.item()
+        count += x[:, 1:].numel()
+        if progress:
+            done = min(i + batch_size, len(windows))
+            print(f"\r  {done}/{len(windows)} windows, {done * windows.shape[1] / (time.time() - t0):.0f} tok/s",
+                  end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return total, count
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device="cpu", progress=False) -> float:
+    total, count = window_nll(model, windows, batch_size, device, progress)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu") -> list:
+    """Per layer: expert-load CV of top-1 choices (Eq. 4-5), top-1 counts, and the renormalised
+    top-1 gate's mean and standard deviation over all tokens of the windows."""
+    cfg = model.config
+    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
+    gates = [[] for _ in range(cfg.num_hidden_layers)]
+    for i in range(0, len(windows), batch_size):
+        _, router_logits = model(windows[i:i + batch_size].to(device), return_router_logits=True)
+        for l, rl in enumerate(router_logits):
+            w, e = mm.route(rl, cfg.num_experts_per_tok)  # [N, k]
+            counts[l] += torch.bincount(e[:, 0].cpu(), minlength=cfg.num_local_experts)
+            gates[l].append(w[:, 0].cpu())
+    out = []
+    for l in range(cfg.num_hidden_layers):
+        g = torch.cat(gates[l])
+        out.append({"layer": l, "load_cv": mm.expert_load_cv(counts[l]), "top1_counts": counts[l].tolist(),
+                    "top1_gate_mean": g.mean().item(), "top1_gate_std": g.std().item()})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory (official layout); default: the embedded tiny Mixtral")
+    p.add_argument("--data", default="stdlib",
+                   help="text to evaluate: a WikiText raw file, a C4 json/json.gz shard, any text file, or "
+                        "'stdlib' for the embedded corpus's held-out eval split (default)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="window length in tokens (default 2048 as in the pruning literature, or the model's "
+                        "max_position_embeddings if that is smaller, e.g. 512 for the embedded model)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--dtype", default="float32", choices=list(mm.DTYPES), help="compute dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda when available, else cpu")
+    p.add_argument("--router-stats", action="store_true",
+                   help="also report the expert load CV (Eq. 4-5) and top-1 gate statistics per layer")
+    p.add_argument("--json", help="write {ppl, windows, tokens, ...} to this file")
+    args = p.parse_args(argv)
+    try:
+        model_dir = args.model or data.default_model_dir()
+        config = mm.read_config(model_dir)
+        seqlen = args.seqlen or min(2048, config.max_position_embeddings)
+        if seqlen > config.max_position_embeddings:
+            raise data.DataError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings "
+                                 f"{config.max_position_embeddings}")
+        if seqlen < 2:
+            raise data.DataError("--seqlen must be at least 2")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
+        tok = data.load_tokenizer(model_dir)
+        ids = data.encode(tok, data.text_source(args.data, "eval"))
+        windows = data.eval_windows(ids, seqlen)[: args.max_windows]
+        model = mm.load_model(model_dir, mm.DTYPES[args.dtype], args.device)
+    except (mm.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{model_dir}: {len(windows)} windows x {seqlen} tokens of {args.data}", file=sys.stderr)
+    t0 = time.time()
+    ppl = perplexity(model, windows, args.batch_size, args.device, progress=True)
+    dt = time.time() - t0
+    result = {"model": model_dir, "data": args.data, "ppl": ppl, "windows": len(windows),
+              "tokens": windows.numel(), "seqlen": seqlen, "tokens_per_s": windows.numel() / dt}
+    print(f"perplexity {ppl:.4f} ({result['tokens_per_s']:.0f} tok/s)")
+    if args.router_stats:
+        result["router"] = router_stats(model, windows, args.batch_size, args.device)
+        for r in result["router"]:
+            print(f"  layer {r['layer']}: load CV {r['load_cv']:.3f}, top-1 gate {r['top1_gate_mean']:.3f} "
+                  f"+- {r['top1_gate_std']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""
+Train the embedded tiny Mixtral the way Mixtral was made: dense first, then upcycled.
+
+No real Mixtral weights can be downloaded here, and pruning random weights says nothing, so the
+project trains its own small Mixtral on a corpus every machine has: the Python standard
+library's source (data.py). Three stages, one script:
+
+  1. a byte-level BPE tokenizer (vocab 4096) on the train split;
+  2. a dense model of the same shape: a Mixtral with one expert and top-1 routing, whose router
+     softmax over one logit is exactly 1, i.e. a plain SwiGLU transformer;
+  3. sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055; MoE-Pruner Section 3.1 on
+     Mixtral's likely origin): every expert starts as a copy of the dense FFN, the router starts
+     fresh, and training continues with the load-balancing loss (Switch Transformers Eq. 4).
+
+Deterministic for a seed on a given machine and thread count; shows progress; resumable
+(--resume) from the state it saves every --save-every steps. The default budget (~2.4M tokens)
+takes about 15 minutes on 2 CPU cores and is cached for every script whose --model is not
+given; the shipped model in models/tiny-mixtral was trained with --dense-tokens 12e6
+--moe-tokens 8e6 (README.md gives the exact command and its report.json).
+
+    python pretrain_tiny.py                       # ~15 min, to the cache folder
+    python pretrain_tiny.py --out models/tiny-mixtral --dense-tokens 12e6 --moe-tokens 8e6
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import mini_mixtral as mm
+from eval_ppl import perplexity, router_stats
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    vocab_size: int = 4096  # byte-level BPE; ~3.4 bytes per token on Python source
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2  # GQA with 4 query heads per k/v head, Mixtral's ratio
+    intermediate_size: int = 512  # 2x hidden (Mixtral: 3.5x): less redundant experts, so pruning shows
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    rope_theta: float = 10000.0  # the classic RoPE base; Mixtral's 1e6 is for its 32k context
+    seqlen: int = 512  # training context = max_position_embeddings of the tiny model
+    batch_size: int = 16  # windows per step: 8192 tokens
+    dense_tokens: float = 1.6e6  # stage 2 budget (~6 min at ~4.5k tok/s on 2 cores)
+    moe_tokens: float = 0.8e6  # stage 3 budget (~5 min at ~2.8k tok/s)
+    lr: float = 1e-3  # AdamW peak, cosine to 10%; small models take a high rate
+    moe_lr: float = 5e-4  # upcycled training restarts warm, at half the peak
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    aux_loss_coef: float = 0.02  # load-balancing weight; Switch uses 0.01, balanced experts need a bit more here
+    grad_clip: float = 1.0
+    eval_windows: int = 64  # held-out windows for the final report
+
+
+def cosine_lr(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def model_config(tc: TrainConfig, experts: int, top_k: int) -> mm.MixtralConfig:
+    return mm.MixtralConfig(
+        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+        num_hidden_layers=tc.num_hidden_layers, num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=tc.num_key_value_heads, num_local_experts=experts, num_experts_per_tok=top_k,
+        rope_theta=tc.rope_theta, max_position_embeddings=tc.seqlen, torch_dtype="float16",
+        extra={"bos_token_id": None, "eos_token_id": 0, "router_aux_loss_coef": tc.aux_loss_coef})
+
+
+def upcycle(dense: mm.Mixtral, config: mm.MixtralConfig, seed: int) -> mm.Mixtral:
+    """Sparse upcycling: copy every dense weight; each of the n experts = the dense FFN; fresh router."""
+    moe = mm.init_weights(mm.Mixtral(config), seed=seed)
+    sd = dense.state_dict()
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if ".experts." in name:
+                src = name.split(".experts.")[0] + ".experts.0." + name.split(".experts.")[1].split(".", 1)[1]
+                p.copy_(sd[src])
+            elif not name.endswith("block_sparse_moe.gate.weight"):
+                p.copy_(sd[name])
+    return moe
+
+
+def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save_fn, save_every, log):
+    """AdamW on random windows of the train tokens; returns when n_tokens have been seen."""
+    steps = max(1, int(n_tokens // (tc.batch_size * tc.seqlen)))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    rng = np.random.default_rng([tc.seed, stage])
+    start = 0
+    if state is not None and state["stage"] == stage:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        start = state["step"]
+        log(f"stage {stage}: resumed at step {start}/{steps}")
+    k = model.config.num_experts_per_tok
+    t0, seen = time.time(), 0
+    for step in range(start, steps):
+        starts = rng.integers(0, len(tokens) - tc.seqlen, size=tc.batch_size)
+        x = torch.from_numpy(np.stack([tokens[s:s + tc.seqlen] for s in starts]).astype(np.int64))  # [B, T]
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps)
+        logits, router_logits = model(x, return_router_logits=True)
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, tc.vocab_size), x[:, 1:].reshape(-1))
+        aux = mm.load_balancing_loss(router_logits, k) if model.config.num_local_experts > 1 else torch.zeros(())
+        loss = ce + tc.aux_loss_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        seen += x.numel()
+        if step % 20 == 0 or step == steps - 1:
+            rate = seen / (time.time() - t0)
+            eta = (steps - step - 1) * x.numel() / rate
+            log(f"stage {stage} step {step + 1}/{steps}: ce {ce.item():.3f} aux {aux.item():.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} tok/s, eta {eta / 60:.1f} min")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save_fn({"stage": stage, "step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+                     "rng": rng.bit_generator.state})
+    return model
+
+
+def unigram_ppl(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int) -> float:
+    """Perplexity of a unigram model (add-one smoothed counts of the train tokens): the floor any
+    language model must beat."""
+    counts = np.bincount(train_ids, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(np.exp(-logp[eval_ids[1:]].mean()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=data.CACHE_MODEL, help="output checkpoint directory (default: the cache folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from --out's .train_state.pt if present")
+    p.add_argument("--save-every", type=int, default=100, help="save resumable state every N steps (0: never)")
+    for f in ("seed", "dense_tokens", "moe_tokens", "batch_size", "seqlen", "lr", "moe_lr", "aux_loss_coef",
+              "intermediate_size", "hidden_size", "num_hidden_layers", "num_local_experts"):
+        default = getattr(TrainConfig, f)
+        p.add_argument("--" + f.replace("_", "-"), type=type(default) if not isinstance(default, float) else float,
+                       default=default, help=f"TrainConfig.{f} (default {default})")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    tc = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        sys.exit(f"error: {out} exists (pass --overwrite to replace it)")
+    state_path = out + ".train_state.pt"
+    state = torch.load(state_path, weights_only=False) if args.resume and os.path.isfile(state_path) else None
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def save_state(s):
+        torch.save({**s, "tokenizer": tok.to_str()}, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+
+    torch.manual_seed(tc.seed)
+    t_start = time.time()
+    log(f"corpus: {data.corpus_id()}")
+    if state is not None:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(state["tokenizer"])
+    else:
+        log(f"stage 1: byte-level BPE tokenizer, vocab {tc.vocab_size}")
+        tok = data.train_tokenizer(data.stdlib_texts("train"), tc.vocab_size)
+    train_ids = data.encode(tok, data.stdlib_text("train"))
+    eval_ids = data.encode(tok, data.stdlib_text("eval"))
+    calib_ids = data.encode(tok, data.stdlib_text("calib"))
+    log(f"tokens: train {len(train_ids):,}, calib {len(calib_ids):,}, eval {len(eval_ids):,}")
+
+    dense_cfg = model_config(tc, 1, 1)
+    dense = mm.init_weights(mm.Mixtral(dense_cfg), seed=tc.seed)
+    if state is None or state["stage"] == 2:
+        dense = train_stage(dense, train_ids, tc.dense_tokens, tc, tc.lr, 2, state, save_state, args.save_every, log)
+        dense_ppl = perplexity(dense.eval(), data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows])
+        log(f"dense model: held-out ppl {dense_ppl:.2f}")
+        state = None
+    else:
+        dense_ppl = state.get("dense_ppl")
+    moe_cfg = model_config(tc, tc.num_local_experts, tc.num_experts_per_tok)
+    moe = upcycle(dense, moe_cfg, tc.seed + 1).train()
+    save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})  # keep the dense ppl across a resume
+    moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, 3, state, save_fn, args.save_every, log)
+    moe = moe.to(torch.float16).to(torch.float32).eval()  # report on exactly the weights that are shipped
+
+    ew = data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows]
+    cw = data.calibration_windows(calib_ids, 64, tc.seqlen, tc.seed)
+    ppl = perplexity(moe, ew)
+    stats = router_stats(moe, cw)
+    report = {"train_config": asdict(tc), "corpus": data.corpus_id(), "torch": torch.__version__,
+              "tokens": {"train": len(train_ids), "calib": len(calib_ids), "eval": len(eval_ids)},
+              "eval_windows": len(ew), "dense_ppl": dense_ppl, "ppl": ppl,
+              "unigram_ppl": unigram_ppl(train_ids, eval_ids, tc.vocab_size), "router_calib": stats,
+              "minutes": (time.time() - t_start) / 60}
+    log(f"upcycled MoE: held-out ppl {ppl:.2f} (dense {dense_ppl:.2f}, unigram {report['unigram_ppl']:.1f}); "
+        f"load CV per layer {[round(s['load_cv'], 3) for s in stats]}")
+    mm.save_model(moe, out, dtype=torch.float16, overwrite=args.overwrite,
+                  extra_files={"tokenizer.json": tok.to_str(pretty=True), "report.json": report})
+    if os.path.isfile(state_path):
+        os.remove(state_path)
+    log(f"saved {out} ({report['minutes']:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Shared test helpers: small random checkpoints written in the exact official layout."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import mini_mixtral as mm  # noqa: E402
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+             rope_theta=10000.0, torch_dtype="float32")
+
+TEXT = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(400))
+
+
+def small_config(**overrides) -> mm.MixtralConfig:
+    return mm.MixtralConfig(**{**SMALL, **overrides})
+
+
+def random_model(seed=0, std=0.1, **overrides) -> mm.Mixtral:
+    """std 0.1 rather than 0.02 so that routing and attention are far from uniform."""
+    return mm.init_weights(mm.Mixtral(small_config(**overrides)), std=std, seed=seed).eval()
+
+
+def write_checkpoint(path, model=None, dtype=None, max_shard_bytes=60_000, tokenizer=True, **overrides):
+    """A random checkpoint, sharded (small shards) with an index unless max_shard_bytes is large."""
+    model = model or random_model(**overrides)
+    extra = {"tokenizer.json": small_tokenizer(model.config.vocab_size).to_str()} if tokenizer else None
+    mm.save_model(model, str(path), dtype=dtype, max_shard_bytes=max_shard_bytes, extra_files=extra)
+    return str(path)
+
+
+_TOKENIZERS = {}
+
+
+def small_tokenizer(vocab_size):
+    """A byte-level BPE trained on TEXT, whose ids all lie below vocab_size."""
+    if vocab_size not in _TOKENIZERS:
+        _TOKENIZERS[vocab_size] = data.train_tokenizer([TEXT], vocab_size)
+    return _TOKENIZERS[vocab_size]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return write_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(TEXT)
+    return str(p)
