@@ -476,11 +476,14 @@ class CheckpointReader:
             if got != shape:
                 raise CheckpointError(f"{self.path}: {k} has shape {list(got)}, config implies {list(shape)}")
 
-    def stored_dtype(self) -> torch.dtype:
-        """The dtype the expert weights are stored in (read from the header, not the data)."""
-        k = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
-        code = self._open(self.weight_map[k]).get_slice(k).get_dtype()  # e.g. "BF16"
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype a tensor is stored in (read from the header, not the data)."""
+        code = self._open(self.weight_map[name]).get_slice(name).get_dtype()  # e.g. "BF16"
         return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the expert weights are stored in."""
+        return self.dtype_of("model.layers.0.block_sparse_moe.experts.0.w1.weight")
 
     def get(self, name: str, dtype=None, device="cpu") -> torch.Tensor:
         try:

@@ -1,0 +1,437 @@
+"""
+One-shot, layer-wise pruning of a Mixtral checkpoint: MoE-Pruner and its baselines.
+
+MoE-Pruner (Xie et al. 2024, arXiv 2410.12013), Section 3.2 and Algorithm 1: every expert
+matrix W is pruned on each output row by the router-hinted score (Eq. 9)
+
+    S_ij = |W_ij| * || X_j * Gate ||_2
+
+where the norm runs over calibration tokens, X_j is input feature j of the matrix, and Gate is
+each token's renormalised top-k routing weight for this expert (Eq. 2; 0 for tokens not routed
+to it, so the norm runs over the expert's routed tokens, each scaled by its gate).
+Baselines, with the same comparison group unless stated:
+  - wanda (Sun et al. 2023, arXiv 2306.11695; Eq. 8 of the paper): the same score with every
+    gate = 1, i.e. the activation norm over the expert's routed tokens;
+  - sparsegpt (Frantar & Alistarh 2023, arXiv 2301.00774): OBS reconstruction with weight
+    update, Hessian X^T X from each expert's routed inputs, lazy blocks of 128 columns, 1%
+    dampening; as in its reference algorithm the unstructured mask is chosen per 128-column
+    block across all rows (N:M per row and group);
+  - magnitude: |W_ij|.
+Which matrices: every expert's w1 and w3 (input: the post-attention RMSNorm output of the
+routed tokens) and w2 (input: silu(w1 x) * (w3 x) of the routed tokens). Router and attention
+stay dense and bitwise unchanged unless --prune-attention, which prunes q/k/v/o with the
+method's router-free form (gate = 1 over all tokens).
+
+Protocol (Wanda/SparseGPT reference code): embed the calibration windows; for each layer l:
+read it from the checkpoint, run the calibration activations through it once with dense
+weights collecting every matrix's statistics, prune all its matrices, run it again with the
+pruned weights to make the inputs of layer l+1, write it to the output, free it. With
+--dense-forward the dense outputs feed layer l+1 instead (Algorithm 1 read literally). Only one
+decoder layer's weights and the calibration activations are ever in memory.
+
+    python prune.py --method moe-pruner --sparsity 0.5 --out out/moe-pruner-50
+    python prune.py --model DIR --method wanda --sparsity 0.5 --nm 2:4 --out out/wanda-24
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import data
+import mini_mixtral as mm
+
+METHODS = ("moe-pruner", "wanda", "sparsegpt", "magnitude")
+
+
+# -----------------------------------------------------------------------------
+# Statistics of a matrix's calibration inputs
+
+
+def sq_norm(x: torch.Tensor, gate=None) -> torch.Tensor:
+    """Squared column norms of a batch of inputs, [tokens, in] -> [in] float64.
+
+    With gate ([tokens]), each token's row is scaled by its routing weight first: the
+    ||X_j * Gate||^2 of MoE-Pruner's Eq. 9. Without, Wanda's ||X_j||^2 (Eq. 8). float64, so that
+    summing over calibration batches is exact to ~1e-16 and masks do not depend on batching.
+    """
+    x = x.double()
+    if gate is not None:
+        x = x * gate.double()[:, None]
+    return x.pow(2).sum(dim=0)
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """SparseGPT's H = X^T X over a batch of inputs, [tokens, in] -> [in, in] float32.
+    (The reference's 2/n factor is omitted: dampening is relative to mean(diag H) and the update
+    uses H^-1 ratios, so the scale cancels.)"""
+    x = x.float()
+    return x.T @ x
+
+
+class InputStats:
+    """Accumulates what a method needs of one matrix input's calibration tokens."""
+
+    def __init__(self, method: str):
+        self.method, self.tokens, self.value = method, 0, None
+
+    def add(self, x: torch.Tensor, gate=None):
+        if self.method == "magnitude":
+            v = None
+        elif self.method == "sparsegpt":
+            v = hessian(x)
+        else:
+            v = sq_norm(x, gate if self.method == "moe-pruner" else None)
+        if v is not None:
+            self.value = v if self.value is None else self.value + v
+        self.tokens += x.shape[0]
+
+
+# -----------------------------------------------------------------------------
+# Scores and masks (one function per equation)
+
+
+def magnitude_score(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().double()
+
+
+def activation_score(w: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """MoE-Pruner Eq. 9 (Wanda's Eq. 8 when the norms are ungated): S_ij = |W_ij| * ||X_j||.
+    w [out, in], sq_norms [in] (squared norms, gated or not) -> [out, in] float64."""
+    return w.abs().double() * sq_norms.double().sqrt()[None, :]
+
+
+def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True = prune. Per output row, exactly floor(sparsity * in) lowest scores (stable: among
+    equal scores the lower column index goes first), as in Wanda's reference code."""
+    k = int(score.shape[1] * sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.sort(score, dim=1, stable=True).indices[:, :k]  # [out, k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True = prune. In each row, in every group of m consecutive inputs, keep the n highest."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)  # [out, in/m, m]
+    keep = torch.sort(groups, dim=2, descending=True, stable=True).indices[:, :, :n]
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(2, keep, False)
+    return mask.reshape(rows, cols)
+
+
+def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm=None,
+                    blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): prune and update W column by column so
+    that the layer output on the calibration inputs changes least, using the inverse Hessian.
+
+    blocksize 128: the reference's lazy-update block (columns updated together; also the group
+    over which an unstructured mask is chosen). percdamp 0.01: dampening of 1% of mean(diag H),
+    the reference value, which keeps the Cholesky factorisation stable.
+    Returns the pruned and updated W [out, in] in float32.
+    """
+    W = w.clone().float()
+    rows, cols = W.shape
+    H = H.clone().float()
+    dead = torch.diag(H) == 0  # inputs never active on calibration data: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # [out, b]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)  # [b]
+        if nm is None:
+            saliency = W1 ** 2 / d[None, :] ** 2  # OBS saliency w^2 / [H^-1]_jj^2
+            k = int(saliency.numel() * sparsity)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            if k > 0:
+                mask1.view(-1)[torch.sort(saliency.flatten(), stable=True).indices[:k]] = True
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                saliency = W1[:, i:i + m] ** 2 / d[i:i + m][None, :] ** 2  # [out, m]
+                mask1[:, i:i + m] = nm_mask(saliency.double(), n, m)
+            col = W1[:, i]
+            q = col.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (col - q) / d[i]
+            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS update of the remaining columns
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the later blocks
+    return W
+
+
+def prune_matrix(w: torch.Tensor, method: str, stats: InputStats, sparsity: float, nm=None):
+    """The pruned matrix (same dtype as w) and whether the method fell back to magnitude
+    because the matrix saw no calibration tokens (an expert no calibration token was routed to)."""
+    if sparsity == 0 and nm is None:
+        return w, False
+    fallback = method != "magnitude" and (stats is None or stats.tokens == 0)
+    if method == "sparsegpt" and not fallback:
+        return sparsegpt_prune(w, stats.value, sparsity, nm).to(w.dtype), False
+    score = magnitude_score(w) if method == "magnitude" or fallback else activation_score(w, stats.value)
+    mask = nm_mask(score, *nm) if nm is not None else unstructured_mask(score, sparsity)
+    return w.masked_fill(mask, 0), fallback
+
+
+# -----------------------------------------------------------------------------
+# One decoder layer: collect statistics, prune
+
+
+def attention_inputs(layer: mm.DecoderLayer, stats: dict):
+    """Forward pre-hooks recording the inputs of q/k/v (shared) and of o_proj."""
+    def hook(key):
+        def record(module, args):
+            x = args[0]
+            stats[key].add(x.reshape(-1, x.shape[-1]))
+        return record
+    attn = layer.self_attn
+    return [attn.q_proj.register_forward_pre_hook(hook("attn.qkv")),
+            attn.o_proj.register_forward_pre_hook(hook("attn.o"))]
+
+
+def matrices(layer: mm.DecoderLayer, prune_attention: bool):
+    """(parameter name within the layer, module, key of its input statistics) to prune."""
+    out = []
+    for e, expert in enumerate(layer.block_sparse_moe.experts):
+        p = f"block_sparse_moe.experts.{e}."
+        out += [(p + "w1.weight", expert.w1, f"expert.{e}.x"), (p + "w3.weight", expert.w3, f"expert.{e}.x"),
+                (p + "w2.weight", expert.w2, f"expert.{e}.h")]
+    if prune_attention:
+        a = layer.self_attn
+        out += [("self_attn.q_proj.weight", a.q_proj, "attn.qkv"), ("self_attn.k_proj.weight", a.k_proj, "attn.qkv"),
+                ("self_attn.v_proj.weight", a.v_proj, "attn.qkv"), ("self_attn.o_proj.weight", a.o_proj, "attn.o")]
+    return out
+
+
+@torch.no_grad()
+def run_layer(layer, x, cos, sin, mask, batch_size, observer=None):
+    """Layer outputs for all calibration windows, x [n, T, hidden] -> [n, T, hidden]."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), batch_size):
+        y, _ = layer(x[i:i + batch_size].float(), cos, sin, mask, observer)  # compute in float32
+        out[i:i + batch_size] = y.to(x.dtype)
+    return out
+
+
+@torch.no_grad()
+def collect_stats(layer, x, cos, sin, mask, method, prune_attention, batch_size):
+    """One dense calibration pass through the layer: every matrix's input statistics, the tokens
+    routed to each expert, and the dense outputs."""
+    n_experts = len(layer.block_sparse_moe.experts)
+    stats = {f"expert.{e}.{k}": InputStats(method) for e in range(n_experts) for k in "xh"}
+    if prune_attention:
+        stats.update({"attn.qkv": InputStats(method), "attn.o": InputStats(method)})
+
+    def observer(call: mm.ExpertCall):
+        stats[f"expert.{call.expert}.x"].add(call.x, call.gate)
+        stats[f"expert.{call.expert}.h"].add(call.h, call.gate)
+
+    hooks = attention_inputs(layer, stats) if prune_attention else []
+    try:
+        dense_out = run_layer(layer, x, cos, sin, mask, batch_size, observer)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, dense_out
+
+
+@torch.no_grad()
+def prune_layer(layer, stats, method, sparsity, nm, prune_attention):
+    """Prune the layer's matrices in place; returns {name: (zeros, numel)} and fallback names."""
+    counts, fallbacks = {}, []
+    for name, module, key in matrices(layer, prune_attention):
+        w, fell_back = prune_matrix(module.weight.data, method, stats[key], sparsity, nm)
+        module.weight.data = w
+        counts[name] = ((w == 0).sum().item(), w.numel())
+        if fell_back:
+            fallbacks.append(name)
+    return counts, fallbacks
+
+
+# -----------------------------------------------------------------------------
+# The whole model, one layer at a time
+
+
+def parse_nm(s):
+    if s is None:
+        return None
+    try:
+        n, m = (int(v) for v in s.split(":"))
+    except ValueError:
+        raise data.DataError(f"--nm {s!r}: expected N:M, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise data.DataError(f"--nm {s}: need 0 < N < M")
+    return n, m
+
+
+def calibration_tokens(args, model_dir, config):
+    """[nsamples, seqlen] token ids: verbatim from --calib-tokens, else random windows of text."""
+    if args.calib_tokens:
+        tokens = data.load_token_file(args.calib_tokens, config.vocab_size)
+    else:
+        seqlen = args.seqlen or min(2048, config.max_position_embeddings)
+        tok = data.load_tokenizer(model_dir)
+        ids = data.encode(tok, data.text_source(args.calib_data, "calib"))
+        if len(ids) and ids.max() >= config.vocab_size:
+            raise data.DataError(f"tokenizer produced id {ids.max()} >= vocab_size {config.vocab_size}")
+        tokens = data.calibration_windows(ids, args.nsamples, seqlen, args.seed)
+    if tokens.shape[1] > config.max_position_embeddings:
+        raise data.DataError(f"calibration windows of {tokens.shape[1]} tokens exceed max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+    return tokens
+
+
+def check_args(args, config, nm):
+    if args.method not in METHODS:
+        raise data.DataError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+    if not 0 <= args.sparsity < 1:
+        raise data.DataError(f"--sparsity {args.sparsity} outside [0, 1)")
+    if nm is not None:
+        ins = {"expert w1/w3": config.hidden_size, "expert w2": config.intermediate_size}
+        if args.prune_attention:
+            ins["o_proj"] = config.num_attention_heads * config.dim_head
+        for what, n_in in ins.items():
+            if n_in % nm[1]:
+                raise data.DataError(f"--nm {nm[0]}:{nm[1]}: M={nm[1]} does not divide the {n_in} inputs of {what}")
+        if args.method == "sparsegpt" and 128 % nm[1]:
+            raise data.DataError(f"--nm with sparsegpt needs M dividing the block size 128")
+
+
+def prune_checkpoint(args, log=print):
+    """Read args.model, prune it layer by layer, write args.out. Returns the report."""
+    nm = parse_nm(args.nm)
+    model_dir = args.model or data.default_model_dir()
+    reader = mm.CheckpointReader(model_dir)
+    config = reader.config
+    check_args(args, config, nm)
+    out_abs, in_abs = os.path.abspath(args.out), os.path.abspath(model_dir)
+    if out_abs == in_abs:
+        raise data.DataError("--out is the input checkpoint; choose another directory")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
+    tokens = calibration_tokens(args, model_dir, config)
+    sparsity = (nm[1] - nm[0]) / nm[1] if nm is not None else args.sparsity  # N:M fixes it at (M - N) / M
+    act_dtype = mm.DTYPES[args.act_dtype]
+    dev = torch.device(args.device)
+    writer = mm.CheckpointWriter(args.out, config, overwrite=args.overwrite, src_dir=model_dir)
+    try:
+        t_start = time.time()
+        log(f"{model_dir} -> {args.out}: {args.method}, sparsity {sparsity:.3f}"
+            f"{f' ({nm[0]}:{nm[1]})' if nm else ''}, {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
+        emb = mm.load_embedding(reader, torch.float32, dev)
+        with torch.no_grad():
+            x = emb(tokens.to(dev)).to(act_dtype)  # [n, T, hidden] calibration activations
+        del emb
+        cos, sin = mm.rope_cos_sin(config, tokens.shape[1], dev)
+        mask = mm.attention_mask(tokens.shape[1], config.sliding_window, dev)
+        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            if name in reader.weight_map and not (name == "lm_head.weight" and config.tie_word_embeddings):
+                writer.add(name, reader.get(name))  # untouched: written bitwise as stored
+        per_matrix, layers, fallbacks, routed = {}, [], [], []
+        for l in range(config.num_hidden_layers):
+            t0 = time.time()
+            layer = mm.load_layer(reader, l, torch.float32, dev)
+            stats, dense_out = collect_stats(layer, x, cos, sin, mask, args.method, args.prune_attention,
+                                             args.batch_size)
+            t1 = time.time()
+            counts, fb = prune_layer(layer, stats, args.method, sparsity, nm, args.prune_attention)
+            t2 = time.time()
+            x = dense_out if args.dense_forward else run_layer(layer, x, cos, sin, mask, args.batch_size)
+            del dense_out
+            t3 = time.time()
+            prefix = f"model.layers.{l}."
+            for name, p in layer.named_parameters():
+                full = prefix + name
+                # pruned matrices go back in their stored dtype; the rest is copied bitwise
+                writer.add(full, p.data.to(reader.dtype_of(full)) if name in counts else reader.get(full))
+            del layer
+            per_matrix.update({prefix + k: z / n for k, (z, n) in counts.items()})
+            fallbacks += [prefix + f for f in fb]
+            routed.append([stats[f"expert.{e}.x"].tokens for e in range(config.num_local_experts)])
+            layers.append({"layer": l, "stats_forward_s": t1 - t0, "prune_s": t2 - t1, "next_forward_s": t3 - t2,
+                           "expert_sparsity": sum(z for k, (z, n) in counts.items() if "experts" in k)
+                           / sum(n for k, (z, n) in counts.items() if "experts" in k)})
+            log(f"layer {l}: stats {t1 - t0:.1f}s, prune {t2 - t1:.2f}s, next {t3 - t2:.1f}s, "
+                f"expert sparsity {layers[-1]['expert_sparsity']:.4f}")
+        report = {"args": {k: v for k, v in vars(args).items()}, "model": model_dir, "method": args.method,
+                  "sparsity_target": sparsity, "nm": args.nm,
+                  "calibration": {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "tokens": tokens.numel()},
+                  "routed_tokens_per_expert": routed, "magnitude_fallback": fallbacks,
+                  "layers": layers, "seconds": time.time() - t_start}
+        report.update(sparsity_summary(config, per_matrix))
+        report["per_matrix_sparsity"] = per_matrix
+        writer.close(extra_files={"prune_report.json": report})
+    except BaseException:
+        writer.abort()
+        raise
+    log(f"expert sparsity {report['expert_sparsity']:.4f}, all decoder linear layers "
+        f"{report['decoder_linear_sparsity']:.4f}, whole model {report['overall_sparsity']:.4f} "
+        f"({report['seconds']:.1f}s)")
+    return report
+
+
+def sparsity_summary(config, per_matrix):
+    """Expert-only, decoder-linear (experts + attention + router, Wanda's check) and whole-model
+    sparsity, computed from the pruned matrices' sparsity and the config's shapes."""
+    shapes = mm.expected_shapes(config)
+    numel = {k: math.prod(s) for k, s in shapes.items()}
+    zeros = {k: per_matrix.get(k, 0.0) * numel[k] for k in numel}
+    experts = [k for k in numel if ".experts." in k]
+    linear = [k for k in numel if ".layers." in k and len(shapes[k]) == 2]
+    frac = lambda keys: sum(zeros[k] for k in keys) / sum(numel[k] for k in keys)
+    return {"expert_sparsity": frac(experts), "decoder_linear_sparsity": frac(linear),
+            "overall_sparsity": frac(list(numel))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="input checkpoint directory (official layout); default: the embedded tiny Mixtral")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
+    p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
+    p.add_argument("--calib-data", default="stdlib",
+                   help="calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
+                        "for the embedded corpus's calibration split (default)")
+    p.add_argument("--calib-tokens", help="an int .npy array [nsamples, seqlen] of token ids, used verbatim")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default 2048 as in the paper's protocol, capped at the model's "
+                        "max_position_embeddings: 512 for the embedded model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--prune-attention", action="store_true",
+                   help="also prune q/k/v/o with the method's router-free form (gate = 1), for whole-model sparsity")
+    p.add_argument("--dense-forward", action="store_true",
+                   help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
+                        "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--act-dtype", default="float32", choices=list(mm.DTYPES),
+                   help="dtype the calibration activations are kept in between layers (half precision halves memory)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available, else cpu")
+    args = p.parse_args(argv)
+    if args.calib_tokens and args.calib_data != "stdlib":
+        p.error("give --calib-data or --calib-tokens, not both")
+    try:
+        prune_checkpoint(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (mm.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
