@@ -438,7 +438,6 @@ class CheckpointReader:
             self.weight_map = None
         else:
             raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-        self._handles = {}
         if self.weight_map is None:
             self.weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
         else:
@@ -451,15 +450,15 @@ class CheckpointReader:
         self._check_keys()
 
     def _open(self, shard: str):
-        if shard not in self._handles:
-            fn = os.path.join(self.path, shard)
-            if not os.path.isfile(fn):
-                raise CheckpointError(f"{self.path}: missing shard {shard}")
-            try:
-                self._handles[shard] = safe_open(fn, framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"{fn}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
-        return self._handles[shard]
+        """A fresh handle on a shard. Not cached: a cached handle keeps every page it has read
+        mapped, so reading a 93 GB checkpoint layer by layer would grow the resident set."""
+        fn = os.path.join(self.path, shard)
+        if not os.path.isfile(fn):
+            raise CheckpointError(f"{self.path}: missing shard {shard}")
+        try:
+            return safe_open(fn, framework="pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{fn}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
 
     def _check_keys(self):
         want = expected_shapes(self.config)
@@ -471,8 +470,9 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: missing key {missing[0]} ({len(missing)} missing in all)")
         if unexpected:
             raise CheckpointError(f"{self.path}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)")
+        headers = {s: self._open(s) for s in set(self.weight_map.values())}  # headers only: no data is read
         for k, shape in want.items():
-            got = tuple(self._open(self.weight_map[k]).get_slice(k).get_shape())
+            got = tuple(headers[self.weight_map[k]].get_slice(k).get_shape())
             if got != shape:
                 raise CheckpointError(f"{self.path}: {k} has shape {list(got)}, config implies {list(shape)}")
 
@@ -486,10 +486,9 @@ class CheckpointReader:
         return self.dtype_of("model.layers.0.block_sparse_moe.experts.0.w1.weight")
 
     def get(self, name: str, dtype=None, device="cpu") -> torch.Tensor:
+        handle = self._open(self.weight_map[name])
         try:
-            t = self._open(self.weight_map[name]).get_tensor(name)
-        except CheckpointError:
-            raise
+            t = handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read {name} ({str(e).splitlines()[0]})") from None
         return t.to(device=device, dtype=dtype or t.dtype)
@@ -557,7 +556,7 @@ class CheckpointWriter:
         t = tensor.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
+            self.flush()
         self.pending[name] = t
         self.pending_bytes += nbytes
         self.total += nbytes
@@ -566,7 +565,9 @@ class CheckpointWriter:
         for name, p in module.named_parameters():
             self.add(prefix + name, p)
 
-    def _flush(self):
+    def flush(self):
+        """Write what is pending as a shard now (prune.py calls this after every layer, so that no
+        more than one layer is ever held)."""
         if not self.pending:
             return
         fn = f"shard-{len(self.shards):05d}.safetensors"
@@ -577,7 +578,7 @@ class CheckpointWriter:
 
     def close(self, extra_files: Optional[dict] = None):
         """Finish the checkpoint: shard names, index, config.json, tokenizer files, then rename."""
-        self._flush()
+        self.flush()
         n = len(self.shards)
         final = {s: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
                  for i, s in enumerate(self.shards)}

@@ -120,6 +120,16 @@ def test_exact_per_row_sparsity_and_kept_weights_unchanged(rows, cols, sparsity,
 
 
 @FAST
+@given(st.integers(1, 12), st.integers(1, 24), st.floats(0.0, 0.99), st.integers(0, 2**31 - 1))
+def test_unstructured_mask_is_a_stable_sort_even_with_ties(rows, cols, sparsity, seed):
+    score = torch.randint(0, 4, (rows, cols), generator=torch.Generator().manual_seed(seed)).double()  # many ties
+    k = int(cols * sparsity)
+    ref = torch.zeros_like(score, dtype=torch.bool)
+    ref.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(prune.unstructured_mask(score, sparsity), ref)
+
+
+@FAST
 @given(st.integers(1, 10), st.sampled_from([(2, 4), (4, 8), (1, 4)]), st.integers(1, 6), st.integers(0, 2**31 - 1),
        st.sampled_from(["magnitude", "wanda", "moe-pruner", "sparsegpt"]))
 def test_nm_keeps_exactly_n_of_every_m(rows, nm, groups, seed, method):
