@@ -19,6 +19,7 @@ routing weight (the "hint" MoE-Pruner's metric multiplies in).
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -75,12 +76,70 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
     return out
 
 
+def resolve_data(spec: str, split: str) -> str:
+    """A WikiText directory (wikitext-2-raw/) resolves to its wiki.test.raw or wiki.valid.raw."""
+    if spec not in (None, "stdlib") and os.path.isdir(spec):
+        fn = os.path.join(spec, {"test": "wiki.test.raw", "validation": "wiki.valid.raw"}[split])
+        if not os.path.isfile(fn):
+            raise data.DataError(f"{spec}: no {os.path.basename(fn)} (a WikiText raw directory was expected)")
+        return fn
+    return spec
+
+
+def evaluate(model_dir, args, windows_cache):
+    """Perplexity (and router statistics) of one checkpoint; windows are shared between models
+    with the same tokenizer, so every model sees exactly the same tokens."""
+    config = mm.read_config(model_dir)
+    seqlen = args.seqlen or min(2048, config.max_position_embeddings)
+    if seqlen > config.max_position_embeddings:
+        raise data.DataError(f"--seqlen {seqlen} exceeds {model_dir}'s max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+    if seqlen < 2:
+        raise data.DataError("--seqlen must be at least 2")
+    tok = data.load_tokenizer(model_dir)
+    key = (tok.to_str(), seqlen)
+    if key not in windows_cache:
+        ids = data.encode(tok, data.text_source(resolve_data(args.data, args.split), "eval"))
+        windows_cache[key] = data.eval_windows(ids, seqlen)[: args.max_windows]
+    windows = windows_cache[key]
+    if windows.max() >= config.vocab_size:
+        raise data.DataError(f"{model_dir}: tokenizer produced id {windows.max()} >= vocab_size {config.vocab_size}")
+    model = mm.load_model(model_dir, mm.DTYPES[args.dtype], args.device)
+    print(f"{model_dir}: {len(windows)} windows x {seqlen} tokens", file=sys.stderr)
+    t0 = time.time()
+    ppl = perplexity(model, windows, args.batch_size, args.device, progress=True)
+    dt = time.time() - t0
+    result = {"model": model_dir, "data": args.data, "ppl": ppl, "windows": len(windows),
+              "tokens": windows.numel(), "seqlen": seqlen, "tokens_per_s": windows.numel() / dt}
+    if args.router_stats:
+        result["router"] = router_stats(model, windows, args.batch_size, args.device)
+        result["load_cv_mean"] = sum(r["load_cv"] for r in result["router"]) / len(result["router"])
+    return result
+
+
+def markdown_table(results, router=False):
+    head = "| model | perplexity | windows x seqlen | tok/s |" + (" load CV (Eq. 4-5), mean / per layer |" if router else "")
+    lines = [head, "|---" * (5 if router else 4) + "|"]
+    for r in results:
+        row = f"| {r['model']} | {r['ppl']:.3f} | {r['windows']} x {r['seqlen']} | {r['tokens_per_s']:.0f} |"
+        if router:
+            per_layer = ", ".join(f"{x['load_cv']:.2f}" for x in r["router"])
+            row += f" {r['load_cv_mean']:.3f} / {per_layer} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (official layout); default: the embedded tiny Mixtral")
+    p.add_argument("--model", nargs="+", default=None,
+                   help="one or more checkpoint directories (official layout), evaluated on the same windows and "
+                        "printed as one table; default: the embedded tiny Mixtral")
     p.add_argument("--data", default="stdlib",
-                   help="text to evaluate: a WikiText raw file, a C4 json/json.gz shard, any text file, or "
-                        "'stdlib' for the embedded corpus's held-out eval split (default)")
+                   help="text to evaluate: a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
+                        "or 'stdlib' for the embedded corpus's held-out eval split (default)")
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="with a WikiText directory: wiki.test.raw (Wanda's and SparseGPT's choice, default) or "
+                        "wiki.valid.raw (what the MoE-Pruner paper says it used)")
     p.add_argument("--seqlen", type=int, default=None,
                    help="window length in tokens (default 2048 as in the pruning literature, or the model's "
                         "max_position_embeddings if that is smaller, e.g. 512 for the embedded model)")
@@ -91,40 +150,27 @@ def main(argv=None):
                    help="cuda when available, else cpu")
     p.add_argument("--router-stats", action="store_true",
                    help="also report the expert load CV (Eq. 4-5) and top-1 gate statistics per layer")
-    p.add_argument("--json", help="write {ppl, windows, tokens, ...} to this file")
+    p.add_argument("--json", help="write the results to this file: {ppl, windows, tokens, ...} for one model, "
+                                  "a list of them for several")
     args = p.parse_args(argv)
+    results, cache = [], {}
     try:
-        model_dir = args.model or data.default_model_dir()
-        config = mm.read_config(model_dir)
-        seqlen = args.seqlen or min(2048, config.max_position_embeddings)
-        if seqlen > config.max_position_embeddings:
-            raise data.DataError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings "
-                                 f"{config.max_position_embeddings}")
-        if seqlen < 2:
-            raise data.DataError("--seqlen must be at least 2")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
-        tok = data.load_tokenizer(model_dir)
-        ids = data.encode(tok, data.text_source(args.data, "eval"))
-        windows = data.eval_windows(ids, seqlen)[: args.max_windows]
-        model = mm.load_model(model_dir, mm.DTYPES[args.dtype], args.device)
+        for model_dir in args.model or [data.default_model_dir()]:
+            results.append(evaluate(model_dir, args, cache))
     except (mm.CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
-    print(f"{model_dir}: {len(windows)} windows x {seqlen} tokens of {args.data}", file=sys.stderr)
-    t0 = time.time()
-    ppl = perplexity(model, windows, args.batch_size, args.device, progress=True)
-    dt = time.time() - t0
-    result = {"model": model_dir, "data": args.data, "ppl": ppl, "windows": len(windows),
-              "tokens": windows.numel(), "seqlen": seqlen, "tokens_per_s": windows.numel() / dt}
-    print(f"perplexity {ppl:.4f} ({result['tokens_per_s']:.0f} tok/s)")
+    print(markdown_table(results, args.router_stats))
     if args.router_stats:
-        result["router"] = router_stats(model, windows, args.batch_size, args.device)
-        for r in result["router"]:
-            print(f"  layer {r['layer']}: load CV {r['load_cv']:.3f}, top-1 gate {r['top1_gate_mean']:.3f} "
-                  f"+- {r['top1_gate_std']:.3f}")
+        for r in results:
+            for x in r["router"]:
+                print(f"{r['model']} layer {x['layer']}: load CV {x['load_cv']:.3f}, top-1 gate "
+                      f"{x['top1_gate_mean']:.3f} +- {x['top1_gate_std']:.3f}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":

@@ -432,7 +432,7 @@ def main(argv=None):
     if args.calib_tokens and args.calib_data != "stdlib":
         p.error("give --calib-data or --calib-tokens, not both")
     try:
-        prune_checkpoint(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+        return prune_checkpoint(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (mm.CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
 

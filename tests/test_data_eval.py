@@ -115,8 +115,34 @@ def cli_error(capsys, argv):
 
 def test_eval_ppl_bad_input(tmp_path, ckpt, text_file, capsys):
     assert "no such file" in cli_error(capsys, ["--model", ckpt, "--data", str(tmp_path / "none.txt")])
-    assert "exceeds the model's max_position_embeddings 128" in cli_error(
+    assert "max_position_embeddings 128" in cli_error(
         capsys, ["--model", ckpt, "--data", text_file, "--seqlen", "256"])
     (tmp_path / "short.txt").write_text("x = 1\n")
     assert "fewer than one window" in cli_error(capsys, ["--model", ckpt, "--data", str(tmp_path / "short.txt")])
     assert "no config.json" in cli_error(capsys, ["--model", str(tmp_path), "--data", text_file])
+
+
+def test_several_models_share_windows_and_make_one_table(tmp_path, text_file, capsys):
+    a = write_checkpoint(tmp_path / "a")
+    b = write_checkpoint(tmp_path / "b", random_model(seed=1))
+    out = tmp_path / "r.json"
+    res = eval_ppl.main(["--model", a, b, a, "--data", text_file, "--seqlen", "32", "--max-windows", "5",
+                         "--router-stats", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 3 and f"| {b} |" in table  # 3 rows below the header
+    assert res[0]["ppl"] == res[2]["ppl"] != res[1]["ppl"]
+    assert [r["windows"] for r in json.load(open(out))] == [5, 5, 5]
+    cv = res[0]["router"][0]
+    assert sum(cv["top1_counts"]) == 5 * 32 and cv["load_cv"] == pytest.approx(
+        mm.expert_load_cv(torch.tensor(cv["top1_counts"])))
+
+
+def test_wikitext_directory_and_split(tmp_path, ckpt, capsys):
+    d = tmp_path / "wikitext-2-raw"
+    d.mkdir()
+    (d / "wiki.test.raw").write_text(TEXT[: len(TEXT) // 2])
+    (d / "wiki.valid.raw").write_text(TEXT[len(TEXT) // 2:])
+    test = eval_ppl.main(["--model", ckpt, "--data", str(d), "--seqlen", "32"])[0]
+    valid = eval_ppl.main(["--model", ckpt, "--data", str(d), "--split", "validation", "--seqlen", "32"])[0]
+    assert test["ppl"] != valid["ppl"]
+    assert "no wiki.test.raw" in cli_error(capsys, ["--model", ckpt, "--data", str(tmp_path)])

@@ -1,0 +1,211 @@
+"""
+The paper's experiments, in shape, on the embedded model (or any checkpoint): one command.
+
+  - Table 2: dense; magnitude, wanda, sparsegpt, moe-pruner at 50% unstructured, 2:4 and 4:8;
+  - Figure 5: sparsity sweep 10%..80% for every method;
+  - Figure 4: calibration samples 2, 4, ..., 128 at 50% for the calibration-based methods;
+  - wall time of every pruning run.
+
+Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy and
+passed to prune.py with --calib-tokens; the calibration sweep uses their first n rows) and
+every model the same evaluation windows. Results go to --out as results.json and tables.md,
+with sparsity_sweep.png and calibration_sweep.png when matplotlib is installed (optional:
+pip install matplotlib). Pruned checkpoints are written to a temporary folder and deleted after
+evaluation unless --keep.
+
+    python run_paper.py                          # embedded model, ~25 minutes on 2 CPU cores
+    python run_paper.py --model Mixtral-8x7B-v0.1 --calib-data c4-train.00000-of-01024.json.gz \\
+        --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --device cuda   # the paper's scale
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import data
+import eval_ppl
+import mini_mixtral as mm
+import prune
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")
+CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
+# MoE-Pruner Table 2, WikiText perplexity of Mixtral-8x7B (for the side-by-side table).
+PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.97, ("moe-pruner", "50%"): 4.68,
+                ("sparsegpt", "2:4"): 7.09, ("wanda", "2:4"): 6.98, ("moe-pruner", "2:4"): 5.88}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
+    p.add_argument("--out", default="results", help="folder for results.json, tables.md and the plots")
+    p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
+    p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --data)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
+    p.add_argument("--eval-windows", type=int, default=128,
+                   help="evaluation windows per model (default 128: 65k tokens on the embedded model; 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--sweep", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="sparsities of the Figure 5 sweep")
+    p.add_argument("--calib-sweep", default="2,4,8,16,32,64,128", help="calibration sample counts of Figure 4")
+    p.add_argument("--only", choices=("table", "sparsity", "calibration"), help="run one part only")
+    p.add_argument("--device", default=None, help="passed to prune.py and eval_ppl.py (default: theirs)")
+    p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
+    args = p.parse_args(argv)
+    try:
+        model = args.model or data.default_model_dir()
+        config = mm.read_config(model)
+    except (mm.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    seqlen = args.seqlen or min(2048, config.max_position_embeddings)
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join(args.out, "checkpoints") if args.keep else tempfile.mkdtemp(prefix="run_paper-")
+    os.makedirs(work, exist_ok=True)
+    dev = ["--device", args.device] if args.device else []
+
+    # one set of calibration windows for every method (and its prefixes for the calibration sweep)
+    try:
+        tok = data.load_tokenizer(model)
+        ids = data.encode(tok, data.text_source(args.calib_data, "calib"))
+        calib = data.calibration_windows(ids, args.nsamples, seqlen, args.seed).numpy()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    calib_file = os.path.join(args.out, "calib_tokens.npy")
+    np.save(calib_file, calib)
+    eval_args = ["--data", args.eval_data, "--seqlen", str(seqlen), *dev]
+    if args.eval_windows:
+        eval_args += ["--max-windows", str(args.eval_windows)]
+
+    def evaluate(path):
+        with contextlib.redirect_stdout(io.StringIO()):  # eval_ppl prints a table per call; we print ours
+            return eval_ppl.main(["--model", path, *eval_args])[0]
+
+    runs = []
+    plan = []
+    if args.only in (None, "table"):
+        plan += [(m, 0.5, None, args.nsamples, "table") for m in METHODS]
+        plan += [(m, 0.5, nm, args.nsamples, "table") for nm in ("2:4", "4:8") for m in METHODS]
+    if args.only in (None, "sparsity"):
+        plan += [(m, float(s), None, args.nsamples, "sparsity") for s in args.sweep.split(",") for m in METHODS]
+    if args.only in (None, "calibration"):
+        plan += [(m, 0.5, None, int(n), "calibration") for n in args.calib_sweep.split(",") for m in CALIB_METHODS
+                 if int(n) <= args.nsamples]
+    t_start = time.time()
+    dense = evaluate(model)
+    log(f"dense: ppl {dense['ppl']:.3f}")
+    done = {}
+    for i, (method, sparsity, nm, n, part) in enumerate(plan):
+        key = (method, sparsity, nm, n)
+        if key in done:  # the 50% run at full calibration appears in all three parts
+            runs.append({**done[key], "part": part})
+            continue
+        out = os.path.join(work, f"{method}-{nm.replace(':', 'of') if nm else sparsity}-{n}")
+        calib_n = os.path.join(work, f"calib-{n}.npy")
+        np.save(calib_n, calib[:n])
+        t0 = time.time()
+        report = prune.main(["--model", model, "--method", method, "--sparsity", str(sparsity),
+                             *(["--nm", nm] if nm else []), "--calib-tokens", calib_n, "--out", out, "--overwrite",
+                             *dev])
+        prune_s = time.time() - t0
+        ev = evaluate(out)
+        done[key] = {"method": method, "sparsity": sparsity, "nm": nm, "nsamples": n, "ppl": ev["ppl"],
+                     "prune_seconds": prune_s, "expert_sparsity": report["expert_sparsity"],
+                     "overall_sparsity": report["overall_sparsity"]}
+        runs.append({**done[key], "part": part})
+        if not args.keep:
+            shutil.rmtree(out)
+        elapsed = time.time() - t_start
+        log(f"[{i + 1}/{len(plan)}] {method} {nm or f'{sparsity:.0%}'} n={n}: ppl {ev['ppl']:.3f}, "
+            f"pruned in {prune_s:.1f}s; {elapsed / 60:.1f} min elapsed, ~{elapsed / (i + 1) * (len(plan) - i - 1) / 60:.1f} left")
+    if not args.keep:
+        shutil.rmtree(work)
+    results = {"model": model, "config": config.to_dict(), "seqlen": seqlen, "nsamples": args.nsamples,
+               "calib_data": args.calib_data, "eval_data": args.eval_data, "eval_windows": dense["windows"],
+               "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs,
+               "minutes": (time.time() - t_start) / 60}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    tables = markdown(results)
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write(tables)
+    print(tables)
+    plots(results, args.out)
+
+
+def markdown(res):
+    runs = res["runs"]
+    find = lambda part, **kw: [r for r in runs if r["part"] == part and all(r[k] == v for k, v in kw.items())]
+    out = [f"Model {res['model']}; {res['nsamples']} calibration windows x {res['seqlen']} tokens ({res['calib_data']}); "
+           f"perplexity on {res['eval_windows']} windows x {res['seqlen']} tokens of {res['eval_data']}.\n"]
+    if find("table"):
+        out.append("| method | 50% | 2:4 | 4:8 | Mixtral-8x7B (paper) 50% | 2:4 |\n|---|---|---|---|---|---|")
+        out.append(f"| dense | {res['dense_ppl']:.3f} | | | {PAPER_TABLE2['dense']} | |")
+        for m in METHODS:
+            cell = lambda nm: next((f"{r['ppl']:.3f}" for r in find("table", method=m, nm=nm)), "")
+            paper = lambda k: PAPER_TABLE2.get((m, k), "-")
+            out.append(f"| {m} | {cell(None)} | {cell('2:4')} | {cell('4:8')} | {paper('50%')} | {paper('2:4')} |")
+        out.append("\nPruning wall time (s, 50% unstructured): " + ", ".join(
+            f"{m} {r['prune_seconds']:.1f}" for m in METHODS for r in find("table", method=m, nm=None)) + "\n")
+    if find("sparsity"):
+        sps = sorted({r["sparsity"] for r in find("sparsity")})
+        out.append("| method | " + " | ".join(f"{s:.0%}" for s in sps) + " |\n|---" + "|---" * len(sps) + "|")
+        for m in METHODS:
+            out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.2f}" for s in sps for r in find("sparsity", method=m,
+                                                                                              sparsity=s)) + " |")
+        out.append("")
+    if find("calibration"):
+        ns = sorted({r["nsamples"] for r in find("calibration")})
+        out.append("| method (50%) | " + " | ".join(f"n={n}" for n in ns) + " |\n|---" + "|---" * len(ns) + "|")
+        for m in CALIB_METHODS:
+            out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.3f}" for n in ns for r in find("calibration", method=m,
+                                                                                             nsamples=n)) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(res, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plots (pip install matplotlib)")
+        return
+    for part, x, xlabel, methods, fn in (("sparsity", "sparsity", "expert sparsity", METHODS, "sparsity_sweep.png"),
+                                         ("calibration", "nsamples", "calibration samples (50% sparsity)",
+                                          CALIB_METHODS, "calibration_sweep.png")):
+        runs = [r for r in res["runs"] if r["part"] == part]
+        if not runs:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in methods:
+            pts = sorted((r[x], r["ppl"]) for r in runs if r["method"] == m)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=m)
+        ax.axhline(res["dense_ppl"], color="gray", linestyle="--", label="dense")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity")
+        if part == "calibration":
+            ax.set_xscale("log", base=2)
+        else:
+            ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(f"{os.path.basename(os.path.normpath(res['model']))}: {xlabel}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, fn), dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
