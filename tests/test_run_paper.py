@@ -2,13 +2,15 @@
 
 import json
 import os
+import tempfile
 
 import numpy as np
 
 import run_paper
 
 
-def test_run_paper_small(tmp_path, ckpt, text_file):
+def test_run_paper_small(tmp_path, ckpt, text_file, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # so we can see the work folder go
     out = tmp_path / "res"
     run_paper.main(["--model", ckpt, "--calib-data", text_file, "--eval-data", text_file, "--seqlen", "32",
                     "--nsamples", "8", "--sweep", "0.25,0.5", "--calib-sweep", "2,8", "--eval-windows", "3",
@@ -24,4 +26,4 @@ def test_run_paper_small(tmp_path, ckpt, text_file):
     assert all(r["expert_sparsity"] == r["sparsity"] for r in runs if r["nm"] is None)
     assert np.load(out / "calib_tokens.npy").shape == (8, 32)
     assert "| moe-pruner |" in (out / "tables.md").read_text()
-    assert not [d for d in os.listdir(tmp_path) if d.startswith("run_paper-")]
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("run_paper-")]  # pruned checkpoints deleted

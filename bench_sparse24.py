@@ -1,0 +1,117 @@
+"""
+When does 2:4 sparsity pay off? Dense vs semi-structured matmul at Mixtral-8x7B's expert shapes.
+
+For each backend torch offers (CUTLASS, and cuSPARSELt when built in), times F.linear with a
+dense fp16 weight against the same weight as a semi-structured sparse tensor, at the two expert
+shapes of Mixtral-8x7B (w1/w3: [14336, 4096]; w2: [4096, 14336]) for token counts 1..4096, then
+one whole MoE block (8 experts, top-2) with dense vs semi-structured experts. Prints markdown
+tables of times and speed-ups, measured side by side in one run (CUDA events, median of
+--iters after warm-up).
+
+CUDA only (sm80+): on any other machine it says so in one line and exits 0.
+
+    python bench_sparse24.py
+    python bench_sparse24.py --dtype bfloat16 --tokens 1,64,512,4096
+"""
+
+import argparse
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import mini_mixtral as mm
+import sparse24
+
+
+def cuda_time(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))  # milliseconds
+    return statistics.median(times)
+
+
+def prune_nm(w):
+    """2:4 by magnitude, with prune.py's N:M mask (the benchmark needs a valid pattern, not a good one)."""
+    import prune
+    return w.masked_fill(prune.nm_mask(w.abs().float(), 2, 4), 0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weight and activation dtype")
+    p.add_argument("--tokens", default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
+    p.add_argument("--iters", type=int, default=20, help="timed repetitions (median reported)")
+    p.add_argument("--moe-tokens", default="1,128,1024,4096", help="token counts for the whole MoE block")
+    args = p.parse_args(argv)
+    try:
+        sparse24.require_cuda()
+    except sparse24.SparsityError as e:
+        print(f"bench_sparse24.py: {e}; nothing measured")
+        return 0
+    dtype = mm.DTYPES[args.dtype]
+    torch.manual_seed(0)
+    backends = ["cutlass"] + (["cusparselt"] if torch.backends.cusparselt.is_available() else [])
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, backends: {', '.join(backends)}")
+    shapes = {"w1/w3 [14336, 4096]": (14336, 4096), "w2 [4096, 14336]": (4096, 14336)}
+    print("\n| matrix | tokens | dense ms | " + " | ".join(f"{b} ms | {b} speed-up" for b in backends) + " |")
+    print("|---|---|---|" + "---|---|" * len(backends))
+    for label, (out_f, in_f) in shapes.items():
+        w = prune_nm(torch.randn(out_f, in_f, device="cuda", dtype=dtype) * 0.02)
+        sparse = {b: sparse24.to_semi_structured(w, b) for b in backends}
+        for n in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(n, in_f, device="cuda", dtype=dtype)
+            ref = F.linear(x, w)
+            for b, ws in sparse.items():  # same numbers, or the timing means nothing
+                torch.testing.assert_close(F.linear(x, ws), ref, rtol=2e-2, atol=2e-2)
+            dense_ms = cuda_time(lambda: F.linear(x, w), args.iters)
+            cells = []
+            for b, ws in sparse.items():
+                ms = cuda_time(lambda: F.linear(x, ws), args.iters)
+                cells.append(f"{ms:.3f} | {dense_ms / ms:.2f}x")
+            print(f"| {label} | {n} | {dense_ms:.3f} | " + " | ".join(cells) + " |")
+
+    cfg = mm.MixtralConfig(num_hidden_layers=1)  # one Mixtral-8x7B MoE block: 8 experts x 3 x 4096 x 14336
+    with torch.device("cuda"):
+        block = mm.SparseMoeBlock(cfg).to(dtype)
+    with torch.no_grad():
+        for p_ in block.parameters():
+            p_.normal_(0, 0.02)
+        for e in block.experts:
+            for lin in (e.w1, e.w2, e.w3):
+                lin.weight.data = prune_nm(lin.weight.data)
+    print("\n| MoE block (8 experts, top-2) | tokens | dense ms | " + " | ".join(f"{b} ms | {b} speed-up"
+                                                                         for b in backends) + " |")
+    print("|---|---|---|" + "---|---|" * len(backends))
+    dense_w = {id(lin): lin.weight.data for e in block.experts for lin in (e.w1, e.w2, e.w3)}
+    for n in (int(t) for t in args.moe_tokens.split(",")):
+        x = torch.randn(1, n, cfg.hidden_size, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            for e in block.experts:
+                for lin in (e.w1, e.w2, e.w3):
+                    lin.weight = torch.nn.Parameter(dense_w[id(lin)], requires_grad=False)
+            ref = block(x)[0]
+            dense_ms = cuda_time(lambda: block(x), args.iters)
+            cells = []
+            for b in backends:
+                for e in block.experts:
+                    for lin in (e.w1, e.w2, e.w3):
+                        lin.weight = torch.nn.Parameter(sparse24.to_semi_structured(dense_w[id(lin)], b),
+                                                        requires_grad=False)
+                torch.testing.assert_close(block(x)[0], ref, rtol=5e-2, atol=5e-2)
+                ms = cuda_time(lambda: block(x), args.iters)
+                cells.append(f"{ms:.3f} | {dense_ms / ms:.2f}x")
+        print(f"| MoE block | {n} | {dense_ms:.3f} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""
+2:4 semi-structured sparsity through torch.sparse: validity, compressed storage, sparse kernels.
+
+MoE-Pruner Section 3.2 ("Structured N:M Sparsity"): a 2:4 mask (2 of every 4 consecutive inputs
+of a row kept) can run on the sparse tensor cores of NVIDIA GPUs from Ampere (sm80) on. This
+script makes that concrete for a checkpoint pruned with `prune.py --nm 2:4`:
+
+  1. check that every pruned matrix is a valid 2:4 pattern along its input dimension (a clear
+     error names the first offending matrix, row and group);
+  2. compress the expert weights to torch's semi-structured layout (kept values + 2-bit index
+     metadata, CUTLASS order) with torch.sparse's own conversion functions, which run on any
+     machine, and check that dense -> compressed -> dense is bitwise exact;
+  3. report storage: compressed against dense bytes per matrix and for the model. In fp16/bf16
+     a matrix keeps half its values plus 4 bits of metadata per group of 4, i.e. 16-bit values
+     x 1/2 + 4 bits / 4 = 9 bits per weight: 9/16 = 56.25% of dense;
+  4. on CUDA (sm80+), run the model with semi-structured expert weights through
+     torch.sparse.to_sparse_semi_structured's backends, chosen explicitly (CUTLASS or
+     cuSPARSELt: torch's default between them changed across versions), and compare its logits
+     with the masked dense model.
+
+Which matrices: the expert matrices (and attention with --include-attention, for checkpoints
+pruned with --prune-attention). A matrix is converted only if it is fp16/bf16 (fp32 does not
+round-trip through the compressed layout) and its rows are a multiple of 32 and its columns a
+multiple of 64 (the larger of the CUTLASS and cuSPARSELt minimum tiles; the converter's own
+checks let some other shapes through, which then fail with an opaque index error). Anything
+else, e.g. the [8, 4096] router, stays dense.
+
+torch.sparse alone is used (torchao's sparsity module has been removed upstream).
+
+    python prune.py --method moe-pruner --nm 2:4 --out out/moe-pruner-24
+    python sparse24.py --model out/moe-pruner-24                # check + storage, any machine
+    python sparse24.py --model out/moe-pruner-24 --run          # + sparse-kernel logits, CUDA only
+    python sparse24.py --prune-from DIR --method wanda --out out/wanda-24   # prune to 2:4 first
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+import data
+import mini_mixtral as mm
+
+HALF = (torch.float16, torch.bfloat16)
+MIN_ROWS, MIN_COLS = 32, 64  # CUTLASS fp16/bf16 tile (cuSPARSELt's 16 x 16 divides it)
+
+
+class SparsityError(Exception):
+    """A matrix is not a valid 2:4 pattern, or cannot use the semi-structured layout."""
+
+
+def check_24(name: str, w: torch.Tensor):
+    """Raise naming the first group of 4 consecutive inputs that keeps more than 2 weights."""
+    rows, cols = w.shape
+    if cols % 4:
+        raise SparsityError(f"{name}: {cols} inputs is not a multiple of 4")
+    nonzero = (w != 0).reshape(rows, cols // 4, 4).sum(dim=2)  # [rows, groups]
+    bad = (nonzero > 2).nonzero()
+    if len(bad):
+        r, g = bad[0].tolist()
+        raise SparsityError(f"{name}: row {r}, inputs {4 * g}..{4 * g + 3} keep {nonzero[r, g].item()} of 4 "
+                            f"(not 2:4)")
+
+
+def convertible(w: torch.Tensor):
+    """None if w can use the semi-structured layout, else the reason it stays dense."""
+    if w.dim() != 2:
+        return f"{w.dim()}-D"
+    if w.dtype not in HALF:
+        return f"{w.dtype} (fp16/bf16 only: fp32 does not round-trip the compressed layout)"
+    r, c = w.shape
+    if r % MIN_ROWS or c % MIN_COLS:
+        return f"shape {list(w.shape)} (needs rows % {MIN_ROWS} == 0 and cols % {MIN_COLS} == 0)"
+    return None
+
+
+def compress(w: torch.Tensor):
+    """Dense 2:4 matrix [rows, cols] -> (values [rows, cols/2], metadata [rows, cols/16] int16)
+    in CUTLASS's layout, on whatever device w is (CPU included)."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    reason = convertible(w)
+    if reason:
+        raise SparsityError(f"cannot compress a matrix of {reason}")
+    return sparse_semi_structured_from_dense_cutlass(w)
+
+
+def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+
+    return sparse_semi_structured_to_dense_cutlass(values, meta)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def storage_report(model_dir: str, dtype=None, include_attention=False, log=print):
+    """Check, compress and round-trip every pruned matrix, one at a time from the checkpoint.
+    Returns {"matrices": {name: {...}}, "model": {...}}."""
+    reader = mm.CheckpointReader(model_dir)
+    dtype = dtype or (reader.stored_dtype() if reader.stored_dtype() in HALF else torch.float16)
+    matrices, total_dense, total_sparse = {}, 0, 0
+    for name in sorted(reader.weight_map, key=lambda k: (len(k), k)):
+        w = reader.get(name, dtype)
+        dense = nbytes(w)
+        pruned_kind = ".experts." in name or (include_attention and ".self_attn." in name)
+        if pruned_kind:
+            check_24(name, w)
+            reason = convertible(w)
+            if reason is None:
+                values, meta = compress(w)
+                if not torch.equal(decompress(values, meta), w):
+                    raise SparsityError(f"{name}: compressed round trip is not exact")
+                sparse = nbytes(values) + nbytes(meta)
+                matrices[name] = {"dense_bytes": dense, "values_bytes": nbytes(values), "meta_bytes": nbytes(meta),
+                                  "ratio": sparse / dense}
+            else:
+                sparse = dense
+                matrices[name] = {"dense_bytes": dense, "kept_dense": reason, "ratio": 1.0}
+        else:
+            sparse = dense
+        total_dense += dense
+        total_sparse += sparse
+    model = {"dtype": str(dtype).replace("torch.", ""), "dense_bytes": total_dense, "semi_structured_bytes": total_sparse,
+             "ratio": total_sparse / total_dense,
+             "converted_matrices": sum("kept_dense" not in m for m in matrices.values()),
+             "kept_dense": {k: m["kept_dense"] for k, m in matrices.items() if "kept_dense" in m}}
+    return {"matrices": matrices, "model": model}
+
+
+# -----------------------------------------------------------------------------
+# CUDA: semi-structured weights inside the model
+
+
+def require_cuda():
+    if not torch.cuda.is_available():
+        raise SparsityError("semi-structured sparse kernels need a CUDA GPU (sm80 or newer); none is available")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise SparsityError(f"semi-structured sparse kernels need sm80 or newer; this GPU is sm{major}{minor}")
+
+
+def backend_class(backend: str):
+    """The SparseSemiStructuredTensor subclass of a backend, chosen explicitly."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    if backend == "cusparselt":
+        if not torch.backends.cusparselt.is_available():
+            raise SparsityError("cuSPARSELt is not available in this torch build; use --backend cutlass")
+        return SparseSemiStructuredTensorCUSPARSELT
+    if backend == "cutlass":
+        return SparseSemiStructuredTensorCUTLASS
+    raise SparsityError(f"unknown backend {backend!r}; choose cutlass or cusparselt")
+
+
+def to_semi_structured(w: torch.Tensor, backend: str):
+    require_cuda()
+    reason = convertible(w)
+    if reason:
+        raise SparsityError(f"cannot convert a matrix of {reason}")
+    return backend_class(backend).from_dense(w)
+
+
+def sparsify_experts(model: mm.Mixtral, backend: str, include_attention=False):
+    """Swap every convertible pruned matrix's weight for a semi-structured tensor (in place);
+    F.linear then dispatches to the sparse kernel. Returns the names left dense and why."""
+    require_cuda()
+    kept = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".experts." in name or (include_attention and "self_attn." in name)):
+            w = module.weight.data
+            check_24(name, w)
+            reason = convertible(w)
+            if reason:
+                kept[name] = reason
+                continue
+            module.weight = torch.nn.Parameter(to_semi_structured(w, backend), requires_grad=False)
+    return kept
+
+
+@torch.no_grad()
+def compare_logits(model_dir, backend, dtype, windows, include_attention=False):
+    """Max |logits difference| between the masked dense model and the semi-structured one."""
+    require_cuda()
+    dense = mm.load_model(model_dir, dtype, "cuda")
+    ref = dense(windows.cuda()).float()
+    kept = sparsify_experts(dense, backend, include_attention)
+    out = dense(windows.cuda()).float()
+    return {"max_abs_diff": (out - ref).abs().max().item(), "max_abs_logit": ref.abs().max().item(),
+            "kept_dense": kept}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a checkpoint pruned with prune.py --nm 2:4")
+    p.add_argument("--prune-from", help="prune this checkpoint to 2:4 first (prune.py's functions) into --out")
+    p.add_argument("--method", default="moe-pruner", help="with --prune-from: the pruning method")
+    p.add_argument("--out", help="with --prune-from: where the 2:4 checkpoint goes")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"],
+                   help="half precision for the compressed layout (default: the stored dtype if half, else float16)")
+    p.add_argument("--include-attention", action="store_true",
+                   help="also check and convert q/k/v/o (for checkpoints pruned with --prune-attention)")
+    p.add_argument("--run", action="store_true", help="run the model with semi-structured weights on CUDA and "
+                                                      "compare its logits with the dense masked model")
+    p.add_argument("--backend", default="cutlass", choices=["cutlass", "cusparselt"],
+                   help="torch's semi-structured backend for --run (explicit: torch's default changed across versions)")
+    p.add_argument("--json", help="write the storage report (and the --run comparison) to this file")
+    args = p.parse_args(argv)
+    try:
+        if args.run:
+            require_cuda()  # before any work
+        if args.prune_from:
+            import prune
+            if not args.out:
+                raise data.DataError("--prune-from needs --out")
+            prune.main(["--model", args.prune_from, "--method", args.method, "--nm", "2:4", "--out", args.out,
+                        *(["--prune-attention"] if args.include_attention else [])])
+            model_dir = args.out
+        else:
+            model_dir = args.model or data.default_model_dir()
+        dtype = mm.DTYPES[args.dtype] if args.dtype else None
+        report = storage_report(model_dir, dtype, args.include_attention)
+        m = report["model"]
+        print(f"{model_dir}: every pruned matrix is 2:4; {m['converted_matrices']} matrices compressed and "
+              f"round-tripped bitwise in {m['dtype']}")
+        print(f"storage: {m['semi_structured_bytes'] / 2**20:.2f} MiB semi-structured vs {m['dense_bytes'] / 2**20:.2f} "
+              f"MiB dense ({m['ratio']:.2%} of dense)")
+        ex = next((v for v in report["matrices"].values() if "values_bytes" in v), None)
+        if ex:
+            print(f"per converted matrix: values {ex['values_bytes']} B + metadata {ex['meta_bytes']} B = "
+                  f"{ex['ratio']:.2%} of {ex['dense_bytes']} B dense")
+        for k, why in m["kept_dense"].items():
+            print(f"kept dense: {k}: {why}")
+        if args.run:
+            cfg = mm.read_config(model_dir)
+            ids = data.encode(data.load_tokenizer(model_dir), data.stdlib_text("eval"))
+            windows = data.eval_windows(ids, min(512, cfg.max_position_embeddings))[:4]
+            run = compare_logits(model_dir, args.backend, dtype or torch.float16, windows, args.include_attention)
+            report["run"] = {"backend": args.backend, "gpu": torch.cuda.get_device_name(), **run}
+            print(f"{args.backend} on {report['run']['gpu']}: max |logit difference| {run['max_abs_diff']:.4g} "
+                  f"(max |logit| {run['max_abs_logit']:.3g})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+    except (mm.CheckpointError, data.DataError, SparsityError) as e:
+        sys.exit(f"error: {e}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

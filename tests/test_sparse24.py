@@ -1,0 +1,83 @@
+"""sparse24.py on CPU: 2:4 validity, the compressed layout's exact round trip, storage, errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import sparse24
+from conftest import write_checkpoint
+import prune
+
+
+def random_24(rows, cols, dtype, seed, kept=2):
+    """A random matrix keeping `kept` (<= 2) of every 4 consecutive inputs per row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    groups = torch.rand(rows, cols // 4, 4, generator=g)
+    keep = groups.topk(kept, dim=2).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True).reshape(rows, cols)
+    return (w * mask).to(dtype)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([32, 64, 96]), st.sampled_from([64, 128, 192]), st.sampled_from([torch.float16, torch.bfloat16]),
+       st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 2]))
+def test_compressed_round_trip_is_bitwise(rows, cols, dtype, seed, kept):
+    w = random_24(rows, cols, dtype, seed, kept)
+    sparse24.check_24("w", w)
+    values, meta = sparse24.compress(w)
+    assert values.shape == (rows, cols // 2) and values.dtype == dtype
+    assert meta.shape == (rows, cols // 16) and meta.dtype == torch.int16
+    assert torch.equal(sparse24.decompress(values, meta), w)
+    # storage: half the values in 16 bits + 4 bits of metadata per group of 4 = 9/16 of dense
+    assert (sparse24.nbytes(values) + sparse24.nbytes(meta)) / sparse24.nbytes(w) == 9 / 16
+
+
+def test_checker_names_the_first_offending_group():
+    w = random_24(32, 64, torch.float16, 0)
+    w[5, 9] = w[5, 10] = w[5, 11] = 1.0  # a row of group 2 (inputs 8..11) keeps 3 or 4
+    with pytest.raises(sparse24.SparsityError, match=r"^m: row 5, inputs 8..11 keep [34] of 4 \(not 2:4\)$"):
+        sparse24.check_24("m", w)
+    with pytest.raises(sparse24.SparsityError, match="not a multiple of 4"):
+        sparse24.check_24("m", torch.zeros(4, 6))
+
+
+@pytest.mark.parametrize("shape,dtype,why", [
+    ((32, 48), torch.float16, "needs rows % 32 == 0 and cols % 64 == 0"),  # passes torch's check, then IndexError
+    ((32, 16), torch.bfloat16, "needs rows % 32 == 0 and cols % 64 == 0"),
+    ((8, 4096), torch.float16, "shape [8, 4096]"),  # Mixtral's router
+    ((64, 128), torch.float32, "fp32 does not round-trip"),
+])
+def test_unsupported_shapes_and_dtypes_are_clear_errors(shape, dtype, why):
+    w = torch.zeros(shape, dtype=dtype)
+    assert why in sparse24.convertible(w)
+    with pytest.raises(sparse24.SparsityError, match="cannot compress"):
+        sparse24.compress(w)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cuda_paths_fail_clearly_without_cuda(tmp_path, ckpt):
+    with pytest.raises(sparse24.SparsityError, match="need a CUDA GPU"):
+        sparse24.to_semi_structured(random_24(32, 64, torch.float16, 0), "cutlass")
+    import bench_sparse24
+    assert bench_sparse24.main([]) == 0  # the benchmark says so in one line and exits 0
+    with pytest.raises(SystemExit) as e:
+        sparse24.main(["--model", ckpt, "--run"])
+    assert str(e.value.code) == ("error: semi-structured sparse kernels need a CUDA GPU (sm80 or newer); "
+                                 "none is available")
+
+
+def test_cli_on_a_pruned_checkpoint(tmp_path, text_file):
+    ck = write_checkpoint(tmp_path / "ck", intermediate_size=128)  # w2 [64, 128]: every expert matrix converts
+    out = tmp_path / "w24"
+    rep = sparse24.main(["--prune-from", ck, "--method", "wanda", "--out", str(out)])
+    m = rep["model"]
+    assert m["converted_matrices"] == 2 * 4 * 3 and not m["kept_dense"]
+    assert all(v["ratio"] == 9 / 16 for v in rep["matrices"].values())
+    expert_bytes = sum(v["dense_bytes"] for v in rep["matrices"].values())
+    assert m["dense_bytes"] - m["semi_structured_bytes"] == expert_bytes * 7 / 16
+    with pytest.raises(SystemExit) as e:  # an unstructured checkpoint is refused, naming the matrix
+        prune.main(["--model", ck, "--method", "magnitude", "--out", str(tmp_path / "u"), "--calib-data", text_file,
+                    "--nsamples", "2", "--seqlen", "16"])
+        sparse24.main(["--model", str(tmp_path / "u")])
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight: row 0" in str(e.value.code)
