@@ -1,0 +1,333 @@
+"""
+Expert-wise knowledge distillation from the dense teacher into the pruned student (MoE-Pruner
+Section 3.3, Eq. 10), keeping the sparsity mask exactly.
+
+    L = L_CE + lambda * sum_layers sum_experts MSE(E_teacher(x_t), E_student(x_s))
+
+L_CE: next-token cross-entropy of the student. For each layer and expert e, the MSE runs over
+the tokens the *teacher* routes to e (the paper does not say which tokens; this is the natural
+reading): the teacher expert's output on the teacher's hidden states of those tokens against the
+student expert's output on the student's hidden states of the same tokens, both before gating.
+lambda is set to L_CE / L_expert on the first batch, as the paper says, and then kept
+(--rebalance-every N re-balances it every N optimizer steps).
+
+Full-parameter fine-tuning that keeps the mask: every weight that is zero in the pruned
+student (the pruned ones) gets its gradient zeroed before each step and is set to exactly zero
+again after it, so the zero pattern after training is bitwise the one before.
+
+Two modes:
+  - full (default): the whole student and teacher in memory, the loss above;
+  - per-expert (--mode per-expert): memory-light, for models far larger than memory. Layer by
+    layer, as prune.py works, the teacher's activations are run forward and each student expert
+    is trained to match its teacher expert's output on the cached inputs of the tokens the teacher
+    routes to it (MSE alone; only one layer of each model is ever loaded). Attention, router and
+    norms are copied from the student unchanged.
+
+Paper settings as defaults where they fit: 1000 samples, 3 epochs, AdamW at lr 2e-5 with a cosine
+schedule. Sequence length is not given by the paper; the default, 128 tokens, is sized so that the
+embedded model distils in a few minutes on 2 CPU cores.
+
+    python distill.py --teacher models/tiny-mixtral --student out/moe-pruner-50 --out out/moe-pruner-50-kd
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+import mini_mixtral as mm
+
+
+@dataclass
+class DistillConfig:
+    samples: int = 1000  # training windows (paper: 1000 C4 samples)
+    seqlen: int = 128  # not stated by the paper; small, so the embedded model distils in minutes on CPU
+    epochs: int = 3  # paper
+    lr: float = 2e-5  # paper, AdamW peak, cosine to 0
+    warmup_steps: int = 10
+    batch_size: int = 8  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.0  # no decay: fine-tuning a pretrained model
+    rebalance_every: int = 0  # 0: lambda fixed after the first batch (paper); N: re-balance every N steps
+    seed: int = 0
+
+
+# -----------------------------------------------------------------------------
+# The loss (Eq. 10) and the mask
+
+
+def expert_mse(teacher_calls: dict, student_inputs: dict, student: mm.Mixtral) -> torch.Tensor:
+    """sum over layers and experts of MSE(teacher expert output, student expert output) on the
+    tokens the teacher routes to each expert (the expert term of Eq. 10).
+
+    teacher_calls: {layer: [ExpertCall]} from the teacher's forward; student_inputs: {layer:
+    [N, hidden] student MoE-block input}.
+    """
+    total = 0.0
+    for l, calls in teacher_calls.items():
+        x_s = student_inputs[l]  # [N, hidden] the student's post-attention-normed hidden states
+        experts = student.model.layers[l].block_sparse_moe.experts
+        for c in calls:
+            y_s = experts[c.expert](x_s[c.tokens])  # [n, hidden] the student expert on the same tokens
+            total = total + F.mse_loss(y_s.float(), c.y.float())
+    return total
+
+
+def zero_masks(model: torch.nn.Module) -> dict:
+    """{parameter name: bool mask of its exact zeros} for every matrix that has any (the pruned ones)."""
+    return {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2 and bool((p == 0).any())}
+
+
+def apply_masks(model, masks, grads=False):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, m in masks.items():
+            t = params[n].grad if grads else params[n]
+            if t is not None:
+                t.masked_fill_(m, 0)
+
+
+def cosine(step, total, warmup):
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+# -----------------------------------------------------------------------------
+# Full mode
+
+
+class Capture:
+    """Observers and pre-hooks that record a model's expert calls and MoE inputs per layer."""
+
+    def __init__(self, model: mm.Mixtral, inputs=False):
+        self.calls, self.inputs, self.hooks = {}, {}, []
+        n = model.config.num_hidden_layers
+        self.observers = {l: (lambda c, l=l: self.calls.setdefault(l, []).append(c)) for l in range(n)}
+        if inputs:
+            for l, layer in enumerate(model.model.layers):
+                self.hooks.append(layer.block_sparse_moe.register_forward_pre_hook(
+                    lambda mod, args, l=l: self.inputs.__setitem__(l, args[0].reshape(-1, args[0].shape[-1]))))
+
+    def clear(self):
+        self.calls, self.inputs = {}, {}
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def distill_full(teacher, student, windows, cfg: DistillConfig, device, log):
+    masks = zero_masks(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    steps_per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
+    total = steps_per_epoch * cfg.epochs
+    t_cap, s_cap = Capture(teacher), Capture(student, inputs=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    g = torch.Generator().manual_seed(cfg.seed)
+    lam, history, step, t0 = None, [], 0, time.time()
+    student.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(windows), generator=g)
+        sums = {"ce": 0.0, "expert": 0.0, "n": 0}
+        for i in range(0, len(windows), cfg.batch_size):
+            x = windows[order[i:i + cfg.batch_size]].to(device)  # [b, T]
+            with torch.no_grad(), autocast:
+                t_cap.clear()
+                teacher(x, observers=t_cap.observers)
+            with autocast:
+                s_cap.clear()
+                logits = student(x)
+                ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+                l_exp = expert_mse(t_cap.calls, s_cap.inputs, student)
+            starts_step = sums["n"] % cfg.grad_accum == 0
+            if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):
+                lam = (ce / l_exp).item()  # Eq. 10: lambda = L_CE / L_expert, on the first batch
+            loss = (ce + lam * l_exp) / cfg.grad_accum
+            loss.backward()
+            sums["ce"] += ce.item()
+            sums["expert"] += l_exp.item()
+            sums["n"] += 1
+            if sums["n"] % cfg.grad_accum == 0 or i + cfg.batch_size >= len(windows):
+                for grp in opt.param_groups:
+                    grp["lr"] = cfg.lr * cosine(step, total, cfg.warmup_steps)
+                apply_masks(student, masks, grads=True)  # pruned weights receive no update ...
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                apply_masks(student, masks)  # ... and are exactly zero after it
+                step += 1
+                if step % 10 == 0 or step == total:
+                    log(f"epoch {epoch + 1} step {step}/{total}: CE {ce.item():.4f}, expert MSE {l_exp.item():.5f}, "
+                        f"lambda {lam:.3g}, {time.time() - t0:.0f}s")
+        history.append({"epoch": epoch + 1, "ce": sums["ce"] / sums["n"], "expert_mse": sums["expert"] / sums["n"]})
+        log(f"epoch {epoch + 1}: mean CE {history[-1]['ce']:.4f}, mean expert MSE {history[-1]['expert_mse']:.5f}")
+    t_cap.remove()
+    s_cap.remove()
+    return student.eval(), {"lambda": lam, "epochs": history, "optimizer_steps": step}
+
+
+# -----------------------------------------------------------------------------
+# Per-expert mode: one layer of each model at a time
+
+
+def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, writer, device, log):
+    """Layer by layer: teacher activations forward, each student expert regressed on its teacher
+    expert's outputs for the tokens the teacher routes to it; the layer is then written."""
+    t_reader, s_reader = mm.CheckpointReader(teacher_dir), mm.CheckpointReader(student_dir)
+    config = t_reader.config
+    emb = mm.load_embedding(t_reader, torch.float32, device)
+    with torch.no_grad():
+        x = emb(windows.to(device))  # [n, T, hidden] teacher activations
+    del emb
+    T = windows.shape[1]
+    cos, sin = mm.rope_cos_sin(config, T, device)
+    mask = mm.attention_mask(T, config.sliding_window, device)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        if name in s_reader.weight_map and not (name == "lm_head.weight" and config.tie_word_embeddings):
+            writer.add(name, s_reader.get(name))
+    history = []
+    for l in range(config.num_hidden_layers):
+        t_layer = mm.load_layer(t_reader, l, torch.float32, device)
+        inputs = {e: [] for e in range(config.num_local_experts)}
+        targets = {e: [] for e in range(config.num_local_experts)}
+
+        def observer(c: mm.ExpertCall):
+            inputs[c.expert].append(c.x)
+            targets[c.expert].append(c.y)
+
+        out = torch.empty_like(x)
+        with torch.no_grad():
+            for i in range(0, len(x), cfg.batch_size):
+                out[i:i + cfg.batch_size] = t_layer(x[i:i + cfg.batch_size], cos, sin, mask, observer)[0]
+        x = out  # the teacher's activations feed the next layer
+        del t_layer
+        s_layer = mm.load_layer(s_reader, l, torch.float32, device)
+        layer_hist = []
+        for e, expert in enumerate(s_layer.block_sparse_moe.experts):
+            if not inputs[e]:
+                continue
+            xe, ye = torch.cat(inputs[e]), torch.cat(targets[e])  # [n_e, hidden] cached routed inputs and outputs
+            before, after = train_expert(expert, xe, ye, cfg)
+            layer_hist.append({"expert": e, "tokens": len(xe), "mse_before": before, "mse_after": after})
+        history.append({"layer": l, "experts": layer_hist})
+        log(f"layer {l}: expert MSE {sum(h['mse_before'] for h in layer_hist):.5f} -> "
+            f"{sum(h['mse_after'] for h in layer_hist):.5f}")
+        for name, p in s_layer.named_parameters():
+            full = f"model.layers.{l}.{name}"
+            writer.add(full, p.data.to(s_reader.dtype_of(full)) if ".experts." in name else s_reader.get(full))
+        writer.flush()
+        del s_layer
+    return {"layers": history}
+
+
+def train_expert(expert, x, y, cfg: DistillConfig):
+    """AdamW on MSE(expert(x), y) over the cached tokens, the expert's zeros kept. Returns the MSE
+    before and after."""
+    masks = zero_masks(expert)
+    opt = torch.optim.AdamW(expert.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    bs = cfg.batch_size * cfg.seqlen // 2  # tokens per step: about a micro-batch's routed tokens
+    steps = max(1, math.ceil(len(x) / bs)) * cfg.epochs
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        before = F.mse_loss(expert(x), y).item()
+    step = 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), bs):
+            idx = order[i:i + bs]
+            loss = F.mse_loss(expert(x[idx]), y[idx])
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * cosine(step, steps, cfg.warmup_steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            apply_masks(expert, masks, grads=True)
+            opt.step()
+            apply_masks(expert, masks)
+            step += 1
+    with torch.no_grad():
+        after = F.mse_loss(expert(x), y).item()
+    return before, after
+
+
+# -----------------------------------------------------------------------------
+
+
+def check_pair(teacher_dir, student_dir):
+    t, s = mm.read_config(teacher_dir), mm.read_config(student_dir)
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim"):
+        if getattr(t, f) != getattr(s, f):
+            raise data.DataError(f"teacher and student configs differ: {f} {getattr(t, f)} vs {getattr(s, f)}")
+    return s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", help="the dense checkpoint (default: the embedded tiny Mixtral)")
+    p.add_argument("--student", required=True, help="the pruned checkpoint (same config)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--mode", default="full", choices=("full", "per-expert"),
+                   help="full: Eq. 10 on the whole model; per-expert: one expert at a time on cached inputs")
+    p.add_argument("--data", default="stdlib",
+                   help="training text: a C4 json/json.gz shard, any text file, or 'stdlib' (the embedded corpus's "
+                        "train split, default)")
+    for f, default in asdict(DistillConfig()).items():
+        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default,
+                       help=f"DistillConfig.{f} (default {default}; see the module docstring)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
+    args = p.parse_args(argv)
+    cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
+    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)
+    try:
+        teacher_dir = args.teacher or data.default_model_dir()
+        config = check_pair(teacher_dir, args.student)
+        if os.path.abspath(args.out) in (os.path.abspath(args.student), os.path.abspath(teacher_dir)):
+            raise data.DataError("--out is an input checkpoint; choose another directory")
+        if cfg.seqlen > config.max_position_embeddings or cfg.seqlen < 2:
+            raise data.DataError(f"--seqlen {cfg.seqlen} outside [2, max_position_embeddings "
+                                 f"{config.max_position_embeddings}]")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
+        ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(args.data, "train"))
+        windows = data.calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+        writer = mm.CheckpointWriter(args.out, config, overwrite=args.overwrite, src_dir=args.student)
+    except (mm.CheckpointError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    device = torch.device(args.device)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    try:
+        if args.mode == "full":
+            teacher = mm.load_model(teacher_dir, torch.float32, device).requires_grad_(False)
+            student = mm.load_model(args.student, torch.float32, device)
+            before = zero_masks(student)
+            student, report = distill_full(teacher, student, windows, cfg, device, log)
+            after = zero_masks(student)
+            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+            s_reader = mm.CheckpointReader(args.student)
+            for name, p_ in student.state_dict().items():
+                if not (name == "lm_head.weight" and config.tie_word_embeddings):
+                    writer.add(name, p_.to(s_reader.dtype_of(name)))
+        else:
+            report = distill_per_expert(teacher_dir, args.student, windows, cfg, writer, device, log)
+        report.update({"mode": args.mode, "teacher": teacher_dir, "student": args.student, "data": args.data,
+                       "settings": asdict(cfg), "tokens": windows.numel(), "seconds": time.time() - t0})
+        writer.close(extra_files={"distill_report.json": report})
+    except BaseException:
+        writer.abort()
+        raise
+    log(f"wrote {args.out} ({report['seconds']:.0f}s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""distill.py: Eq. 10's loss, lambda, the kept sparsity mask, and both modes."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import distill
+import mini_mixtral as mm
+import prune
+from conftest import random_model, small_tokenizer, TEXT, write_checkpoint
+
+
+@pytest.fixture
+def pair(tmp_path, ckpt, text_file):
+    student = str(tmp_path / "student")
+    prune.main(["--model", ckpt, "--method", "moe-pruner", "--sparsity", "0.5", "--calib-data", text_file,
+                "--nsamples", "8", "--seqlen", "32", "--out", student])
+    return ckpt, student
+
+
+ARGS = ["--samples", "16", "--seqlen", "32", "--epochs", "2", "--lr", "1e-3", "--batch-size", "4"]
+
+
+def test_full_mode_keeps_the_mask_bitwise_and_learns(tmp_path, pair, text_file):
+    teacher, student = pair
+    out = str(tmp_path / "kd")
+    rep = distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", out, *ARGS])
+    before = distill.zero_masks(mm.load_model(student))
+    after = distill.zero_masks(mm.load_model(out))
+    assert before.keys() == after.keys() and len(before) == 2 * 4 * 3  # every expert matrix, nothing else
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = [k for k, v in mm.load_model(out).state_dict().items() if not torch.equal(v, mm.load_model(student).state_dict()[k])]
+    assert any("self_attn" in k for k in changed) and any(".experts." in k for k in changed)  # full-parameter
+    assert rep["epochs"][1]["ce"] < rep["epochs"][0]["ce"]
+    saved = json.load(open(os.path.join(out, "distill_report.json")))
+    assert saved["lambda"] == rep["lambda"] and saved["settings"]["epochs"] == 2
+
+
+def test_lambda_is_ce_over_expert_loss_on_the_first_batch(tmp_path, pair, text_file):
+    teacher_dir, student_dir = pair
+    rep = distill.main(["--teacher", teacher_dir, "--student", student_dir, "--data", text_file,
+                        "--out", str(tmp_path / "kd"), *ARGS])
+    # recompute the first batch independently: same windows, same shuffling seed
+    ids = data.encode(small_tokenizer(300), TEXT)
+    windows = data.calibration_windows(ids, 16, 32, 0)
+    first = windows[torch.randperm(16, generator=torch.Generator().manual_seed(0))[:4]]
+    teacher, student = mm.load_model(teacher_dir), mm.load_model(student_dir)
+    t_cap, s_cap = distill.Capture(teacher), distill.Capture(student, inputs=True)
+    with torch.no_grad():
+        teacher(first, observers=t_cap.observers)
+        logits = student(first)
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, 300), first[:, 1:].reshape(-1))
+        l_exp = distill.expert_mse(t_cap.calls, s_cap.inputs, student)
+    assert rep["lambda"] == pytest.approx((ce / l_exp).item(), rel=1e-5)
+
+
+def test_expert_loss_is_zero_for_an_identical_student_and_counts_teacher_routed_tokens():
+    teacher, student = random_model(), random_model()
+    x = torch.randint(0, 300, (2, 16))
+    t_cap, s_cap = distill.Capture(teacher), distill.Capture(student, inputs=True)
+    with torch.no_grad():
+        teacher(x, observers=t_cap.observers)
+        student(x)
+    assert distill.expert_mse(t_cap.calls, s_cap.inputs, student).item() == pytest.approx(0, abs=1e-12)
+    assert sum(len(c.tokens) for c in t_cap.calls[0]) == 2 * 16 * 2  # top-2: each token in two experts' MSE
+    with torch.no_grad():
+        student.model.layers[1].block_sparse_moe.experts[2].w2.weight.mul_(2)  # change one expert
+    s_cap.clear()
+    with torch.no_grad():
+        student(x)
+    calls = [c for c in t_cap.calls[1] if c.expert == 2]
+    want = F.mse_loss(2 * calls[0].y, calls[0].y).item() if calls else 0.0
+    assert distill.expert_mse({1: t_cap.calls[1]}, s_cap.inputs, student).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_per_expert_mode(tmp_path, pair, text_file):
+    teacher, student = pair
+    out = str(tmp_path / "kd")
+    rep = distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", out,
+                        "--mode", "per-expert", *ARGS])
+    experts = [e for l in rep["layers"] for e in l["experts"]]
+    assert experts and all(e["mse_after"] < e["mse_before"] for e in experts)
+    s, o = mm.CheckpointReader(student), mm.CheckpointReader(out)
+    for k in s.weight_map:
+        a, b = s.get(k), o.get(k)
+        if ".experts." in k:
+            assert torch.equal(a == 0, b == 0), k  # mask kept
+        else:
+            assert torch.equal(a, b), k  # attention, router, norms, embeddings copied
+
+
+def test_bad_input(tmp_path, pair, text_file):
+    teacher, student = pair
+    other = write_checkpoint(tmp_path / "other", num_local_experts=8)
+    (tmp_path / "short.txt").write_text("x = 1\n")
+    for argv, msg in [(["--teacher", other, "--student", student], "configs differ: num_local_experts 8 vs 4"),
+                      (["--teacher", teacher, "--student", str(tmp_path / "none")], "no such checkpoint directory"),
+                      (["--teacher", teacher, "--student", student, "--seqlen", "4096"], "outside [2, max_position"),
+                      (["--teacher", teacher, "--student", student, "--samples", "4", "--seqlen", "120",
+                        "--data", str(tmp_path / "short.txt")], "fewer than one window")]:
+        with pytest.raises(SystemExit) as e:
+            distill.main([*argv, "--data", text_file, "--out", str(tmp_path / "o")] if "--data" not in argv else
+                         [*argv, "--out", str(tmp_path / "o")])
+        assert str(e.value.code).startswith("error: ") and msg in str(e.value.code), e.value.code
+        assert not (tmp_path / "o").exists()
