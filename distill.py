@@ -183,16 +183,8 @@ def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, wr
     expert's outputs for the tokens the teacher routes to it; the layer is then written."""
     t_reader, s_reader = mm.CheckpointReader(teacher_dir), mm.CheckpointReader(student_dir)
     config = t_reader.config
-    emb = mm.load_embedding(t_reader, torch.float32, device)
-    with torch.no_grad():
-        x = emb(windows.to(device))  # [n, T, hidden] teacher activations
-    del emb
-    T = windows.shape[1]
-    cos, sin = mm.rope_cos_sin(config, T, device)
-    mask = mm.attention_mask(T, config.sliding_window, device)
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        if name in s_reader.weight_map and not (name == "lm_head.weight" and config.tie_word_embeddings):
-            writer.add(name, s_reader.get(name))
+    x, cos, sin, mask = mm.embed_windows(t_reader, windows, device)  # x: [n, T, hidden] teacher activations
+    mm.copy_outside_layers(s_reader, writer)
     history = []
     for l in range(config.num_hidden_layers):
         t_layer = mm.load_layer(t_reader, l, torch.float32, device)
@@ -203,11 +195,7 @@ def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, wr
             inputs[c.expert].append(c.x)
             targets[c.expert].append(c.y)
 
-        out = torch.empty_like(x)
-        with torch.no_grad():
-            for i in range(0, len(x), cfg.batch_size):
-                out[i:i + cfg.batch_size] = t_layer(x[i:i + cfg.batch_size], cos, sin, mask, observer)[0]
-        x = out  # the teacher's activations feed the next layer
+        x = mm.run_layer(t_layer, x, cos, sin, mask, cfg.batch_size, observer)  # teacher activations feed l+1
         del t_layer
         s_layer = mm.load_layer(s_reader, l, torch.float32, device)
         layer_hist = []

@@ -62,6 +62,9 @@ class MixtralConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"  # SwiGLU; the only activation Mixtral uses
     torch_dtype: str = "bfloat16"  # the dtype the weights are stored in
+    # Not transformers fields (transformers ignores them): expert-level baselines of expert_prune.py.
+    dynamic_skip_beta: Optional[list] = None  # NAEE dynamic skipping: per layer beta, skip expert 2 if g1 < beta g0
+    condensed_layers: Optional[dict] = None  # CD-MoE: {"layer": {"experts": [...], "weights": [...]}}, router skipped
     # config.json keys this class does not use (architectures, bos_token_id, ...): kept verbatim
     # so that a saved checkpoint has the same config.json as the one loaded.
     extra: dict = field(default_factory=dict, repr=False, compare=False)
@@ -93,8 +96,9 @@ class MixtralConfig:
     def to_dict(self) -> dict:
         d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        if d["head_dim"] is None:
-            del d["head_dim"]
+        for optional in ("head_dim", "dynamic_skip_beta", "condensed_layers"):
+            if d[optional] is None:
+                del d[optional]
         d["model_type"] = "mixtral"
         d.setdefault("architectures", ["MixtralForCausalLM"])
         return d
@@ -208,6 +212,12 @@ def route(router_logits: torch.Tensor, top_k: int):
     return weights, experts
 
 
+def skip_second(weights: torch.Tensor, beta: float) -> torch.Tensor:
+    """NAEE dynamic skipping (arXiv 2402.14800, Section 3.2): with top-2 weights g0 >= g1, a token
+    skips its second expert when g1 < beta * g0. Returns the [N] bool mask of skipping tokens."""
+    return weights[:, 1] < beta * weights[:, 0]
+
+
 class ExpertCall(NamedTuple):
     """What one expert saw and produced in one MoE forward; handed to an observer."""
 
@@ -224,27 +234,43 @@ class SparseMoeBlock(nn.Module):
 
     forward(x, observer) calls observer(ExpertCall) once per expert that received tokens, which
     is how pruning collects per-expert inputs and gates and how distillation collects expert
-    outputs, without hooks or monkey-patching.
+    outputs, without hooks or monkey-patching. Returns (output, router logits or None).
+
+    Two expert-level variants from the related papers, both off for a plain Mixtral: NAEE's
+    dynamic skipping (skip_beta) and a CD-MoE condensed layer (condensed: fixed experts with fixed
+    weights on every token, no router).
     """
 
-    def __init__(self, config: MixtralConfig):
+    def __init__(self, config: MixtralConfig, layer_idx: int = 0):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # the router W_g
         self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
+        self.skip_beta = config.dynamic_skip_beta[layer_idx] if config.dynamic_skip_beta else None
+        c = (config.condensed_layers or {}).get(str(layer_idx))
+        self.condensed = (list(c["experts"]), list(c["weights"])) if c else None
 
     def forward(self, x, observer: Optional[Callable[[ExpertCall], None]] = None):
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, hidden]
+        if self.condensed is not None:
+            return self._condensed(x, observer).view(B, T, H), None
         router_logits = self.gate(x)  # [N, n_experts]
         weights, experts = route(router_logits, self.top_k)  # [N, k], [N, k]
-        # Sort the N*k (token, expert) assignments by expert, so each expert's tokens are contiguous.
-        flat_expert = experts.reshape(-1)  # [N*k]
-        order = torch.argsort(flat_expert, stable=True)
-        token_of = order // self.top_k  # [N*k] token index of each sorted assignment
-        gate_of = weights.reshape(-1)[order]  # [N*k] its routing weight
-        counts = torch.bincount(flat_expert, minlength=len(self.experts)).tolist()
-        xs = x[token_of]  # [N*k, hidden] gather the tokens, never the weights
+        flat_expert, flat_weight = experts.reshape(-1), weights.reshape(-1)  # [N*k]
+        slot = torch.arange(flat_expert.numel(), device=x.device)
+        if self.skip_beta is not None:  # drop skipped second choices, renormalise the first to 1
+            skip = skip_second(weights, self.skip_beta)
+            weights = torch.where(skip[:, None], torch.tensor([1.0, 0.0], device=x.device), weights)
+            flat_weight = weights.reshape(-1)
+            slot = slot[~torch.stack([torch.zeros_like(skip), skip], dim=1).reshape(-1)]
+            flat_expert = flat_expert[slot]
+        # Sort the (token, expert) assignments by expert, so each expert's tokens are contiguous.
+        order = slot[torch.argsort(flat_expert, stable=True)]
+        token_of = order // self.top_k  # token index of each sorted assignment
+        gate_of = flat_weight[order]  # its routing weight
+        counts = torch.bincount(experts.reshape(-1)[order], minlength=len(self.experts)).tolist()
+        xs = x[token_of]  # [assignments, hidden] gather the tokens, never the weights
         ys = []
         for e, (x_e, g_e, t_e) in enumerate(zip(xs.split(counts), gate_of.split(counts), token_of.split(counts))):
             if x_e.shape[0] == 0:
@@ -256,24 +282,40 @@ class SparseMoeBlock(nn.Module):
                 observer(ExpertCall(e, t_e, x_e, g_e, h_e, y_e))
             ys.append(y_e * g_e[:, None])  # float32 product, as in transformers
         out = torch.zeros_like(x)
-        out.index_add_(0, token_of, torch.cat(ys).to(x.dtype))  # each token sums its k experts
+        out.index_add_(0, token_of, torch.cat(ys).to(x.dtype))  # each token sums its experts
         return out.view(B, T, H), router_logits
+
+    def _condensed(self, x, observer):
+        out = torch.zeros_like(x)
+        tokens = torch.arange(x.shape[0], device=x.device)
+        for e, w in zip(*self.condensed):
+            expert = self.experts[e]
+            h = expert.hidden(x)
+            y = expert.w2(h)
+            if observer is not None:
+                observer(ExpertCall(e, tokens, x, torch.full((x.shape[0],), float(w), device=x.device), h, y))
+            out += (y * w).to(x.dtype)
+        return out
 
 
 class DecoderLayer(nn.Module):
     """One Mixtral block: x + attn(norm(x)), then + moe(norm(x)). Buildable and runnable alone."""
 
-    def __init__(self, config: MixtralConfig):
+    def __init__(self, config: MixtralConfig, layer_idx: int = 0):
         super().__init__()
         self.config = config
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.block_sparse_moe = SparseMoeBlock(config)
+        self.block_sparse_moe = SparseMoeBlock(config, layer_idx)
+
+    def attend(self, x, cos, sin, mask=None):
+        """The attention half: x + attn(norm(x)). The MoE half's input is post_attention_layernorm of it."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
 
     def forward(self, x, cos, sin, mask=None, observer=None):
         """x: [B, T, hidden]; cos/sin: [T, head_dim]. Returns (x, router_logits [B*T, n_experts])."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = self.attend(x, cos, sin, mask)
         moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x), observer)
         return x + moe_out, router_logits
 
@@ -285,7 +327,7 @@ class Mixtral(nn.Module):
         # Named as in the checkpoint so that state_dict() keys are the official keys.
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            layers=nn.ModuleList(DecoderLayer(config, l) for l in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -504,7 +546,7 @@ class CheckpointReader:
 def load_layer(reader: CheckpointReader, l: int, dtype=torch.float32, device="cpu") -> DecoderLayer:
     """Materialise decoder layer l alone (the rest of the checkpoint is not read)."""
     with torch.device("meta"):
-        layer = DecoderLayer(reader.config)
+        layer = DecoderLayer(reader.config, l)
     layer = layer.to_empty(device=device)
     return reader.load_into(layer, f"model.layers.{l}.", dtype, device)
 
@@ -617,6 +659,36 @@ class CheckpointWriter:
             self.close()
         else:
             self.abort()
+
+
+# -----------------------------------------------------------------------------
+# 5. Layer by layer (prune.py, distill.py, expert_prune.py): one decoder layer in memory at a time
+
+
+@torch.no_grad()
+def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device="cpu", act_dtype=torch.float32):
+    """Calibration windows [n, T] -> (activations [n, T, hidden] in act_dtype, cos, sin, mask)."""
+    emb = load_embedding(reader, torch.float32, device)
+    x = emb(tokens.to(device)).to(act_dtype)
+    cos, sin = rope_cos_sin(reader.config, tokens.shape[1], device)
+    return x, cos, sin, attention_mask(tokens.shape[1], reader.config.sliding_window, device)
+
+
+@torch.no_grad()
+def run_layer(layer: DecoderLayer, x, cos, sin, mask, batch_size: int, observer=None):
+    """The layer's outputs for all windows, x [n, T, hidden] -> [n, T, hidden] in x's dtype,
+    computed in float32, batch_size windows at a time."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), batch_size):
+        out[i:i + batch_size] = layer(x[i:i + batch_size].float(), cos, sin, mask, observer)[0].to(x.dtype)
+    return out
+
+
+def copy_outside_layers(reader: CheckpointReader, writer: "CheckpointWriter"):
+    """Embedding, final norm and lm_head, written bitwise as stored."""
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        if name in reader.weight_map and not (name == "lm_head.weight" and reader.config.tie_word_embeddings):
+            writer.add(name, reader.get(name))
 
 
 def save_model(model: Mixtral, path: str, dtype=None, overwrite=False, src_dir=None, max_shard_bytes=2 * 1024**3,

@@ -222,16 +222,6 @@ def matrices(layer: mm.DecoderLayer, prune_attention: bool):
 
 
 @torch.no_grad()
-def run_layer(layer, x, cos, sin, mask, batch_size, observer=None):
-    """Layer outputs for all calibration windows, x [n, T, hidden] -> [n, T, hidden]."""
-    out = torch.empty_like(x)
-    for i in range(0, len(x), batch_size):
-        y, _ = layer(x[i:i + batch_size].float(), cos, sin, mask, observer)  # compute in float32
-        out[i:i + batch_size] = y.to(x.dtype)
-    return out
-
-
-@torch.no_grad()
 def collect_stats(layer, x, cos, sin, mask, method, prune_attention, batch_size):
     """One dense calibration pass through the layer: every matrix's input statistics, the tokens
     routed to each expert, and the dense outputs."""
@@ -246,7 +236,7 @@ def collect_stats(layer, x, cos, sin, mask, method, prune_attention, batch_size)
 
     hooks = attention_inputs(layer, stats) if prune_attention else []
     try:
-        dense_out = run_layer(layer, x, cos, sin, mask, batch_size, observer)
+        dense_out = mm.run_layer(layer, x, cos, sin, mask, batch_size, observer)
     finally:
         for h in hooks:
             h.remove()
@@ -336,15 +326,8 @@ def prune_checkpoint(args, log=print):
         t_start = time.time()
         log(f"{model_dir} -> {args.out}: {args.method}, sparsity {sparsity:.3f}"
             f"{f' ({nm[0]}:{nm[1]})' if nm else ''}, {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
-        emb = mm.load_embedding(reader, torch.float32, dev)
-        with torch.no_grad():
-            x = emb(tokens.to(dev)).to(act_dtype)  # [n, T, hidden] calibration activations
-        del emb
-        cos, sin = mm.rope_cos_sin(config, tokens.shape[1], dev)
-        mask = mm.attention_mask(tokens.shape[1], config.sliding_window, dev)
-        for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            if name in reader.weight_map and not (name == "lm_head.weight" and config.tie_word_embeddings):
-                writer.add(name, reader.get(name))  # untouched: written bitwise as stored
+        x, cos, sin, mask = mm.embed_windows(reader, tokens, dev, act_dtype)  # x: [n, T, hidden]
+        mm.copy_outside_layers(reader, writer)  # untouched: written bitwise as stored
         per_matrix, layers, fallbacks, routed = {}, [], [], []
         for l in range(config.num_hidden_layers):
             t0 = time.time()
@@ -354,7 +337,7 @@ def prune_checkpoint(args, log=print):
             t1 = time.time()
             counts, fb = prune_layer(layer, stats, args.method, sparsity, nm, args.prune_attention)
             t2 = time.time()
-            x = dense_out if args.dense_forward else run_layer(layer, x, cos, sin, mask, args.batch_size)
+            x = dense_out if args.dense_forward else mm.run_layer(layer, x, cos, sin, mask, args.batch_size)
             del dense_out
             t3 = time.time()
             prefix = f"model.layers.{l}."
