@@ -65,11 +65,15 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
     for i in range(0, len(windows), batch_size):
         _, router_logits = model(windows[i:i + batch_size].to(device), return_router_logits=True)
         for l, rl in enumerate(router_logits):
+            if rl is None:  # a CD-MoE condensed layer has no router
+                continue
             w, e = mm.route(rl, cfg.num_experts_per_tok)  # [N, k]
             counts[l] += torch.bincount(e[:, 0].cpu(), minlength=cfg.num_local_experts)
             gates[l].append(w[:, 0].cpu())
     out = []
     for l in range(cfg.num_hidden_layers):
+        if not gates[l]:
+            continue
         g = torch.cat(gates[l])
         out.append({"layer": l, "load_cv": mm.expert_load_cv(counts[l]), "top1_counts": counts[l].tolist(),
                     "top1_gate_mean": g.mean().item(), "top1_gate_std": g.std().item()})

@@ -4,7 +4,10 @@ The paper's experiments, in shape, on the embedded model (or any checkpoint): on
   - Table 2: dense; magnitude, wanda, sparsegpt, moe-pruner at 50% unstructured, 2:4 and 4:8;
   - Figure 5: sparsity sweep 10%..80% for every method;
   - Figure 4: calibration samples 2, 4, ..., 128 at 50% for the calibration-based methods;
-  - wall time of every pruning run.
+  - wall time of every pruning run;
+  - expert-level baselines at equal memory (--only experts): NAEE expert pruning r=6 and r=4,
+    dynamic skipping alone and with r=6, CD-MoE condensing, against MoE-Pruner 25%, 50% and 2:4:
+    perplexity, stored expert parameters and expert multiply-accumulates per token.
 
 Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy and
 passed to prune.py with --calib-tokens; the calibration sweep uses their first n rows) and
@@ -60,7 +63,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--sweep", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="sparsities of the Figure 5 sweep")
     p.add_argument("--calib-sweep", default="2,4,8,16,32,64,128", help="calibration sample counts of Figure 4")
-    p.add_argument("--only", choices=("table", "sparsity", "calibration"), help="run one part only")
+    p.add_argument("--only", choices=("table", "sparsity", "calibration", "experts"), help="run one part only")
     p.add_argument("--device", default=None, help="passed to prune.py and eval_ppl.py (default: theirs)")
     p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
     args = p.parse_args(argv)
@@ -129,11 +132,13 @@ def main(argv=None):
         elapsed = time.time() - t_start
         log(f"[{i + 1}/{len(plan)}] {method} {nm or f'{sparsity:.0%}'} n={n}: ppl {ev['ppl']:.3f}, "
             f"pruned in {prune_s:.1f}s; {elapsed / 60:.1f} min elapsed, ~{elapsed / (i + 1) * (len(plan) - i - 1) / 60:.1f} left")
+    experts = expert_level(model, config, calib_file, work, evaluate, dev, args.keep) if args.only in (
+        None, "experts") else []
     if not args.keep:
         shutil.rmtree(work)
     results = {"model": model, "config": config.to_dict(), "seqlen": seqlen, "nsamples": args.nsamples,
                "calib_data": args.calib_data, "eval_data": args.eval_data, "eval_windows": dense["windows"],
-               "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs,
+               "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs, "expert_level": experts,
                "minutes": (time.time() - t_start) / 60}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -142,6 +147,49 @@ def main(argv=None):
         f.write(tables)
     print(tables)
     plots(results, args.out)
+
+
+def expert_level(model, config, calib_file, work, evaluate, dev, keep):
+    """NAEE / CD-MoE variants and MoE-Pruner at several budgets, on the same calibration windows."""
+    import torch
+    import expert_prune
+    n = config.num_local_experts
+    variants = [("dense", None, None), (f"NAEE r={n - 2}", "expert", ["--r", str(n - 2)]),
+                (f"NAEE r={n // 2}", "expert", ["--r", str(n // 2)]), ("NAEE skipping", "expert", ["--skip"]),
+                (f"NAEE r={n - 2} + skipping", "expert", ["--r", str(n - 2), "--skip"]),
+                ("CD-MoE 1 layer x 2 experts", "expert", ["--condense-layers", "1", "--condense-experts", "2"]),
+                ("CD-MoE 2 layers x 2 experts", "expert", ["--condense-layers", "2", "--condense-experts", "2"]),
+                ("CD-MoE 2 layers x 4 experts", "expert", ["--condense-layers", "2", "--condense-experts", "4"]),
+                ("MoE-Pruner 25%", "prune", ["--sparsity", "0.25"]), ("MoE-Pruner 50%", "prune", ["--sparsity", "0.5"]),
+                ("MoE-Pruner 2:4", "prune", ["--nm", "2:4"])]
+    rows = []
+    for name, kind, extra in variants:
+        out = model if kind is None else os.path.join(work, name.replace(" ", "_").replace(":", "of").replace("%", ""))
+        t0 = time.time()
+        if kind == "expert":
+            expert_prune.main(["--model", model, "--calib-tokens", calib_file, "--out", out, "--overwrite", *extra])
+        elif kind == "prune":
+            prune.main(["--model", model, "--method", "moe-pruner", "--calib-tokens", calib_file, "--out", out,
+                        "--overwrite", *extra, *dev])
+        seconds = time.time() - t0
+        ev = evaluate(out)
+        m = mm.load_model(out)
+        cfg = m.config
+        skip = expert_prune.skip_fraction(m, torch.from_numpy(np.load(calib_file))[:16])
+        nonzero = 1.0
+        if kind == "prune":
+            nonzero = 1 - json.load(open(os.path.join(out, "prune_report.json")))["expert_sparsity"]
+        budget = expert_prune.expert_budget(cfg, skip, nonzero)
+        dense_params = expert_prune.expert_budget(config)["stored_expert_params"]
+        # bytes in fp16: dense layout for everything but 2:4 (values + metadata, 9/16 of dense)
+        fp16_bytes = budget["stored_expert_params"] / nonzero * 2 * (9 / 16 if "2:4" in name else 1)
+        rows.append({"variant": name, "ppl": ev["ppl"], "seconds": seconds, "skip_fraction": skip,
+                     "expert_params_fraction": budget["stored_expert_params"] / dense_params,
+                     "expert_fp16_MB": fp16_bytes / 1e6, **budget})
+        log(f"{name}: ppl {ev['ppl']:.3f}, expert params {rows[-1]['expert_params_fraction']:.3f} of dense")
+        if kind is not None and not keep:
+            shutil.rmtree(out)
+    return rows
 
 
 def markdown(res):
@@ -171,6 +219,14 @@ def markdown(res):
         for m in CALIB_METHODS:
             out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.3f}" for n in ns for r in find("calibration", method=m,
                                                                                              nsamples=n)) + " |")
+        out.append("")
+    if res.get("expert_level"):
+        out.append("| variant | perplexity | stored expert params (nonzero) | expert storage, fp16 MB | expert MACs/token "
+                   "(executed) | nonzero expert MACs/token | skipped expert calls |\n|---|---|---|---|---|---|---|")
+        for r in res["expert_level"]:
+            out.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['expert_params_fraction']:.1%} | {r['expert_fp16_MB']:.1f} "
+                       f"| {r['expert_macs_per_token'] / 1e6:.2f}M | {r['nonzero_expert_macs_per_token'] / 1e6:.2f}M "
+                       f"| {r['skip_fraction']:.1%} |")
         out.append("")
     return "\n".join(out)
 
@@ -204,6 +260,20 @@ def plots(res, out_dir):
         ax.set_title(f"{os.path.basename(os.path.normpath(res['model']))}: {xlabel}")
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, fn), dpi=110)
+        plt.close(fig)
+    if res.get("expert_level"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in res["expert_level"]:
+            style = "s" if r["variant"].startswith("MoE-Pruner") else ("o" if r["variant"] == "dense" else "^")
+            ax.scatter(r["expert_params_fraction"], r["ppl"], marker=style)
+            ax.annotate(r["variant"], (r["expert_params_fraction"], r["ppl"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("stored expert parameters (nonzero), fraction of dense")
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        ax.set_title("weight pruning vs expert pruning")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "expert_level.png"), dpi=110)
         plt.close(fig)
 
 

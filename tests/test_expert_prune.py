@@ -1,0 +1,137 @@
+"""expert_prune.py: NAEE expert pruning and dynamic skipping, CD-MoE condensing."""
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+import expert_prune as ep
+import mini_mixtral as mm
+from conftest import random_model, small_config, write_checkpoint
+
+
+def layer_inputs(seed=0):
+    m = random_model(num_local_experts=6)
+    x = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(seed))
+    cos, sin = mm.rope_cos_sin(m.config, 10)
+    return m, m.model.layers[0], x, cos, sin
+
+
+def test_enumeration_matches_brute_force_on_whole_layers():
+    m, layer, x, cos, sin = layer_inputs()
+    subsets, errors = ep.subset_errors(layer, x, cos, sin, None, r=3, batch_size=2)
+    assert len(subsets) == 20  # C(6, 3)
+    with torch.no_grad():
+        ref = layer(x, cos, sin)[0]
+        cfg3 = mm.MixtralConfig.from_dict({**m.config.to_dict(), "num_local_experts": 3})
+        brute = []
+        for s in itertools.combinations(range(6), 3):  # the whole smaller layer, run for real
+            out = ep.slice_layer(layer, list(s), cfg3, 0)(x, cos, sin)[0]
+            brute.append((out - ref).pow(2).sum())
+    assert int(torch.stack(brute).argmin()) == int(errors.argmin())
+    assert torch.allclose(torch.stack(brute).double(), errors, rtol=1e-3, atol=1e-5)
+
+
+def test_rerouting_after_dropping_equals_minus_inf_logits():
+    m, layer, x, cos, sin = layer_inputs(1)
+    keep = [0, 2, 5]
+    cfg3 = mm.MixtralConfig.from_dict({**m.config.to_dict(), "num_local_experts": 3})
+    small = ep.slice_layer(layer, keep, cfg3, 0).block_sparse_moe
+    block = layer.block_sparse_moe
+    h = torch.randn(1, 12, 64)
+    with torch.no_grad():
+        logits = block.gate(h[0])
+        logits[:, [1, 3, 4]] = float("-inf")
+        w, idx = mm.route(logits, 2)
+        ref = sum(w[:, j:j + 1] * torch.stack([block.experts[e](h[0][t:t + 1])[0] for t, e in enumerate(idx[:, j].tolist())])
+                  for j in range(2))
+        assert torch.allclose(small(h)[0][0], ref, atol=1e-6)
+
+
+def test_naee_checkpoint_is_a_smaller_mixtral_that_transformers_loads(tmp_path, ckpt, text_file):
+    transformers = pytest.importorskip("transformers")
+    out = str(tmp_path / "r3")
+    rep = ep.main(["--model", ckpt, "--r", "3", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
+                   "--out", out])
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["num_local_experts"] == 3 and len(rep["kept_experts"]) == 2
+    r = mm.CheckpointReader(out)
+    src = mm.CheckpointReader(ckpt)
+    for l, keep in enumerate(rep["kept_experts"]):
+        assert torch.equal(r.get(f"model.layers.{l}.block_sparse_moe.gate.weight"),
+                           src.get(f"model.layers.{l}.block_sparse_moe.gate.weight")[keep])
+        for new_e, old_e in enumerate(keep):
+            assert torch.equal(r.get(f"model.layers.{l}.block_sparse_moe.experts.{new_e}.w2.weight"),
+                               src.get(f"model.layers.{l}.block_sparse_moe.experts.{old_e}.w2.weight"))
+    idx = torch.randint(0, 300, (1, 20))
+    hf = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - mm.load_model(out)(idx)).abs().max() < 1e-4
+
+
+def test_skipping_beta_zero_changes_nothing_and_beta_one_keeps_the_top_expert():
+    m = random_model()
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        ref, logits = m(x, return_router_logits=True)
+        m0 = mm.Mixtral(small_config(dynamic_skip_beta=[0.0, 0.0])).eval()
+        m0.load_state_dict(m.state_dict())
+        assert torch.equal(m0(x), ref)
+        m1 = mm.Mixtral(small_config(dynamic_skip_beta=[1.0, 1.0])).eval()
+        m1.load_state_dict(m.state_dict())
+        top1 = mm.Mixtral(small_config(num_experts_per_tok=1)).eval()  # top-1 routing: weight 1 on the top expert
+        top1.load_state_dict(m.state_dict())
+        assert torch.allclose(m1(x), top1(x), atol=1e-5)
+        assert ep.skip_fraction(m1, x) == pytest.approx(0.5)  # every second expert call removed
+        assert ep.skip_fraction(m0, x) == 0.0
+
+
+def test_skip_betas_are_medians_and_honoured_after_loading(tmp_path, ckpt, text_file):
+    out = str(tmp_path / "skip")
+    rep = ep.main(["--model", ckpt, "--skip", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
+                   "--out", out])
+    model = mm.load_model(out)
+    assert model.config.dynamic_skip_beta == rep["skip_beta"] and all(0 < b <= 1 for b in rep["skip_beta"])
+    toks = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    assert 0.2 < ep.skip_fraction(model, toks) / 0.5 < 1.8  # median: about half the tokens skip (of 2 calls)
+
+
+def test_condensed_layer_runs_fixed_experts_without_router():
+    m = random_model()
+    c = {"0": {"experts": [1, 3], "weights": [0.3, 0.2]}}
+    cm = mm.Mixtral(small_config(condensed_layers=c)).eval()
+    cm.load_state_dict(m.state_dict())
+    block = cm.model.layers[0].block_sparse_moe
+    h = torch.randn(1, 7, 64)
+    with torch.no_grad():
+        out, logits = block(h)
+        assert logits is None
+        assert torch.allclose(out[0], 0.3 * block.experts[1](h[0]) + 0.2 * block.experts[3](h[0]), atol=1e-6)
+    assert ep.js_divergence(h, h) == pytest.approx(0, abs=1e-12)
+    assert ep.js_divergence(h, 2 * h) == pytest.approx(ep.js_divergence(2 * h, h))
+    budget = ep.expert_budget(cm.config)
+    per = 3 * 64 * 96
+    assert budget == {"stored_expert_params": (4 + 2) * per, "expert_macs_per_token": (2 + 2) * per,
+                      "nonzero_expert_macs_per_token": (2 + 2) * per}
+
+
+def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
+    out = str(tmp_path / "cd")
+    rep = ep.main(["--model", ckpt, "--condense-layers", "1", "--condense-experts", "2", "--calib-data", text_file,
+                   "--nsamples", "4", "--seqlen", "32", "--out", out])
+    (layer, entry), = rep["condensed_layers"].items()
+    assert len(entry["experts"]) == 2 and all(0 < w < 1 for w in entry["weights"])
+    assert mm.load_model(out).config.condensed_layers == rep["condensed_layers"]
+
+
+@pytest.mark.parametrize("argv,msg", [(["--r", "0"], "must be at least 1"), (["--r", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),
+                                      (["--r", "1"], "must lie in"), ([], "nothing to do"),
+                                      (["--r", "3", "--condense-layers", "1"], "separate runs")])
+def test_bad_r_is_a_clear_error(tmp_path, ckpt, text_file, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        ep.main(["--model", ckpt, *argv, "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
+                 "--out", str(tmp_path / "o")])
+    assert str(e.value.code).startswith("error: ") and msg in str(e.value.code)
+    assert not (tmp_path / "o").exists()
