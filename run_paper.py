@@ -206,19 +206,15 @@ def markdown(res):
             out.append(f"| {m} | {cell(None)} | {cell('2:4')} | {cell('4:8')} | {paper('50%')} | {paper('2:4')} |")
         out.append("\nPruning wall time (s, 50% unstructured): " + ", ".join(
             f"{m} {r['prune_seconds']:.1f}" for m in METHODS for r in find("table", method=m, nm=None)) + "\n")
-    if find("sparsity"):
-        sps = sorted({r["sparsity"] for r in find("sparsity")})
-        out.append("| method | " + " | ".join(f"{s:.0%}" for s in sps) + " |\n|---" + "|---" * len(sps) + "|")
-        for m in METHODS:
-            out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.2f}" for s in sps for r in find("sparsity", method=m,
-                                                                                              sparsity=s)) + " |")
-        out.append("")
-    if find("calibration"):
-        ns = sorted({r["nsamples"] for r in find("calibration")})
-        out.append("| method (50%) | " + " | ".join(f"n={n}" for n in ns) + " |\n|---" + "|---" * len(ns) + "|")
-        for m in CALIB_METHODS:
-            out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.3f}" for n in ns for r in find("calibration", method=m,
-                                                                                             nsamples=n)) + " |")
+    for part, key, label, cell, methods in (("sparsity", "sparsity", "method", "{:.0%}", METHODS),
+                                            ("calibration", "nsamples", "method (50%)", "n={}", CALIB_METHODS)):
+        xs = sorted({r[key] for r in find(part)})
+        if not xs:
+            continue
+        out.append(f"| {label} | " + " | ".join(cell.format(x) for x in xs) + " |\n|---" + "|---" * len(xs) + "|")
+        for m in methods:
+            out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.3f}" for x in xs for r in find(part, method=m, **{key: x}))
+                       + " |")
         out.append("")
     if res.get("expert_level"):
         out.append("| variant | perplexity | stored expert params (nonzero) | expert storage, fp16 MB | expert MACs/token "
