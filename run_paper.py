@@ -5,6 +5,9 @@ The paper's experiments, in shape, on the embedded model (or any checkpoint): on
   - Figure 5: sparsity sweep 10%..80% for every method;
   - Figure 4: calibration samples 2, 4, ..., 128 at 50% for the calibration-based methods;
   - wall time of every pruning run;
+  - expert-wise distillation (--only distill, not part of the default run): moe-pruner and wanda
+    at 50% and 2:4, distilled with distill.py's defaults (full mode, and per-expert mode for
+    moe-pruner), and the fraction of the pruning gap recovered;
   - expert-level baselines at equal memory (--only experts): NAEE expert pruning r=6 and r=4,
     dynamic skipping alone and with r=6, CD-MoE condensing, against MoE-Pruner 25%, 50% and 2:4:
     perplexity, stored expert parameters and expert multiply-accumulates per token.
@@ -22,8 +25,6 @@ evaluation unless --keep.
 """
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 import data
 import eval_ppl
@@ -63,7 +65,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--sweep", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="sparsities of the Figure 5 sweep")
     p.add_argument("--calib-sweep", default="2,4,8,16,32,64,128", help="calibration sample counts of Figure 4")
-    p.add_argument("--only", choices=("table", "sparsity", "calibration", "experts"), help="run one part only")
+    p.add_argument("--only", choices=("table", "sparsity", "calibration", "experts", "distill"),
+                   help="run one part only (distill runs only when asked: it is the slowest part)")
     p.add_argument("--device", default=None, help="passed to prune.py and eval_ppl.py (default: theirs)")
     p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
     args = p.parse_args(argv)
@@ -87,13 +90,17 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     calib_file = os.path.join(args.out, "calib_tokens.npy")
     np.save(calib_file, calib)
-    eval_args = ["--data", args.eval_data, "--seqlen", str(seqlen), *dev]
-    if args.eval_windows:
-        eval_args += ["--max-windows", str(args.eval_windows)]
+    try:  # one set of evaluation windows for every model
+        ids = data.encode(tok, data.text_source(eval_ppl.resolve_data(args.eval_data, "test"), "eval"))
+        windows = data.eval_windows(ids, seqlen)[: args.eval_windows or None]
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def evaluate(path):
-        with contextlib.redirect_stdout(io.StringIO()):  # eval_ppl prints a table per call; we print ours
-            return eval_ppl.main(["--model", path, *eval_args])[0]
+        model_ = mm.load_model(path, torch.float32, device)
+        return {"ppl": eval_ppl.perplexity(model_, windows, 8, device), "windows": len(windows),
+                "tokens": windows.numel()}
 
     runs = []
     plan = []
@@ -134,11 +141,13 @@ def main(argv=None):
             f"pruned in {prune_s:.1f}s; {elapsed / 60:.1f} min elapsed, ~{elapsed / (i + 1) * (len(plan) - i - 1) / 60:.1f} left")
     experts = expert_level(model, config, calib_file, work, evaluate, dev, args.keep) if args.only in (
         None, "experts") else []
+    distilled = distill_part(model, dense["ppl"], calib_file, work, evaluate, dev, args.keep) if (
+        args.only == "distill") else []
     if not args.keep:
         shutil.rmtree(work)
     results = {"model": model, "config": config.to_dict(), "seqlen": seqlen, "nsamples": args.nsamples,
                "calib_data": args.calib_data, "eval_data": args.eval_data, "eval_windows": dense["windows"],
-               "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs, "expert_level": experts,
+               "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs, "expert_level": experts, "distill": distilled,
                "minutes": (time.time() - t_start) / 60}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -151,7 +160,6 @@ def main(argv=None):
 
 def expert_level(model, config, calib_file, work, evaluate, dev, keep):
     """NAEE / CD-MoE variants and MoE-Pruner at several budgets, on the same calibration windows."""
-    import torch
     import expert_prune
     n = config.num_local_experts
     variants = [("dense", None, None), (f"NAEE r={n - 2}", "expert", ["--r", str(n - 2)]),
@@ -192,6 +200,35 @@ def expert_level(model, config, calib_file, work, evaluate, dev, keep):
     return rows
 
 
+def distill_part(model, dense_ppl, calib_file, work, evaluate, dev, keep):
+    """Prune (moe-pruner, wanda; 50% and 2:4), distill with distill.py's defaults, evaluate."""
+    import distill
+    rows = []
+    for method in ("moe-pruner", "wanda"):
+        for label, extra in (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"])):
+            pruned = os.path.join(work, f"kd-{method}-{label.replace(':', 'of').replace('%', '')}")
+            prune.main(["--model", model, "--method", method, *extra, "--calib-tokens", calib_file, "--out", pruned,
+                        "--overwrite", *dev])
+            pruned_ppl = evaluate(pruned)["ppl"]
+            for mode in ("full", "per-expert") if method == "moe-pruner" else ("full",):
+                out = pruned + f"-{mode}"
+                t0 = time.time()
+                report = distill.main(["--teacher", model, "--student", pruned, "--out", out, "--overwrite",
+                                       "--mode", mode, *dev])
+                ppl = evaluate(out)["ppl"]
+                rows.append({"method": method, "sparsity": label, "mode": mode, "dense_ppl": dense_ppl,
+                             "pruned_ppl": pruned_ppl, "distilled_ppl": ppl,
+                             "gap_recovered": (pruned_ppl - ppl) / (pruned_ppl - dense_ppl),
+                             "seconds": time.time() - t0, "lambda": report.get("lambda"),
+                             "settings": report["settings"]})
+                log(f"KD {method} {label} {mode}: {pruned_ppl:.3f} -> {ppl:.3f} (dense {dense_ppl:.3f})")
+                if not keep:
+                    shutil.rmtree(out)
+            if not keep:
+                shutil.rmtree(pruned)
+    return rows
+
+
 def markdown(res):
     runs = res["runs"]
     find = lambda part, **kw: [r for r in runs if r["part"] == part and all(r[k] == v for k, v in kw.items())]
@@ -223,6 +260,15 @@ def markdown(res):
             out.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['expert_params_fraction']:.1%} | {r['expert_fp16_MB']:.1f} "
                        f"| {r['expert_macs_per_token'] / 1e6:.2f}M | {r['nonzero_expert_macs_per_token'] / 1e6:.2f}M "
                        f"| {r['skip_fraction']:.1%} |")
+        out.append("")
+    if res.get("distill"):
+        s = res["distill"][0]["settings"]
+        out.append(f"Distillation: {s['samples']} windows x {s['seqlen']} tokens, {s['epochs']} epochs, lr {s['lr']}.\n")
+        out.append("| method | sparsity | KD mode | dense | pruned | distilled | pruning gap recovered | KD seconds |\n"
+                   "|---|---|---|---|---|---|---|---|")
+        for r in res["distill"]:
+            out.append(f"| {r['method']} | {r['sparsity']} | {r['mode']} | {r['dense_ppl']:.3f} | {r['pruned_ppl']:.3f} "
+                       f"| {r['distilled_ppl']:.3f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} |")
         out.append("")
     return "\n".join(out)
 
