@@ -114,6 +114,7 @@ class Capture:
         if inputs:
             for l, layer in enumerate(model.model.layers):
                 self.hooks.append(layer.block_sparse_moe.register_forward_pre_hook(
+                    # the block's input [B, T, hidden] kept as [N, hidden]
                     lambda mod, args, l=l: self.inputs.__setitem__(l, args[0].reshape(-1, args[0].shape[-1]))))
 
     def clear(self):
@@ -146,7 +147,7 @@ def distill_full(teacher, student, windows, cfg: DistillConfig, device, log):
             with autocast:
                 s_cap.clear()
                 logits = student(x)
-                ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+                ce = mm.next_token_nll(logits, x)
                 l_exp = expert_mse(t_cap.calls, s_cap.inputs, student)
             starts_step = sums["n"] % cfg.grad_accum == 0
             if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):

@@ -24,7 +24,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import data
 import mini_mixtral as mm
@@ -37,8 +36,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, device="cpu", 
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size].to(device)  # [b, seqlen]
         logits = model(x)  # [b, seqlen, vocab]
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
-                              reduction="sum")
+        nll = mm.next_token_nll(logits, x, reduction="sum")
         total += nll.item()
         count += x[:, 1:].numel()
         if progress:

@@ -100,7 +100,7 @@ def skip_ratios(layer, x, cos, sin, mask, batch_size):
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             h = layer.post_attention_layernorm(layer.attend(x[i:i + batch_size].float(), cos, sin, mask))
-            w, _ = mm.route(layer.block_sparse_moe.gate(h.reshape(-1, h.shape[-1])), 2)
+            w, _ = mm.route(layer.block_sparse_moe.gate(h.reshape(-1, h.shape[-1])), 2)  # h as [N, hidden]
             ratios.append(w[:, 1] / w[:, 0])
     return torch.cat(ratios)
 
@@ -196,16 +196,16 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
         a = layer.attend(h, cos, sin, mask)
         moe_in = layer.post_attention_layernorm(a).reshape(-1, cfg.hidden_size)  # [N, hidden]
         y, logits = block(moe_in[None])
-        target = a.reshape(-1, cfg.hidden_size) + y[0]  # the original layer output
+        target = a.reshape(-1, cfg.hidden_size) + y[0]  # [N, hidden] the original layer output
         w, idx = mm.route(logits, cfg.num_experts_per_tok)
         avg_gate = torch.zeros(cfg.num_local_experts, dtype=torch.float64).index_add_(
             0, idx.reshape(-1), w.reshape(-1).double()) / len(moe_in)  # mean gate over all tokens (0 if unrouted)
-        outs = [e(moe_in) for e in block.experts]
+        outs = [e(moe_in) for e in block.experts]  # each [N, hidden]
+        resid = a.reshape(-1, cfg.hidden_size)  # [N, hidden] the attention half's output
         chosen, cond = [], torch.zeros_like(target)
         for _ in range(n_experts):
             best = min((e for e in range(cfg.num_local_experts) if e not in chosen),
-                       key=lambda e: js_divergence(a.reshape(-1, cfg.hidden_size) + cond + outs[e] * avg_gate[e].item(),
-                                                   target))
+                       key=lambda e: js_divergence(resid + cond + outs[e] * avg_gate[e].item(), target))
             chosen.append(best)
             cond = cond + outs[best] * avg_gate[best].item()
         per_layer[l] = (chosen, [avg_gate[e].item() for e in chosen])

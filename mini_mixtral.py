@@ -170,7 +170,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, head_dim]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
         if mask is None:
@@ -254,7 +254,7 @@ class SparseMoeBlock(nn.Module):
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, hidden]
         if self.condensed is not None:
-            return self._condensed(x, observer).view(B, T, H), None
+            return self._condensed(x, observer).view(B, T, H), None  # [B, T, hidden], no router
         router_logits = self.gate(x)  # [N, n_experts]
         weights, experts = route(router_logits, self.top_k)  # [N, k], [N, k]
         flat_expert, flat_weight = experts.reshape(-1), weights.reshape(-1)  # [N*k]
@@ -262,14 +262,15 @@ class SparseMoeBlock(nn.Module):
         if self.skip_beta is not None:  # drop skipped second choices, renormalise the first to 1
             skip = skip_second(weights, self.skip_beta)
             weights = torch.where(skip[:, None], torch.tensor([1.0, 0.0], device=x.device), weights)
-            flat_weight = weights.reshape(-1)
-            slot = slot[~torch.stack([torch.zeros_like(skip), skip], dim=1).reshape(-1)]
+            flat_weight = weights.reshape(-1)  # [N*k]
+            dropped = torch.stack([torch.zeros_like(skip), skip], dim=1).reshape(-1)  # [N*k] second slots of skippers
+            slot = slot[~dropped]
             flat_expert = flat_expert[slot]
         # Sort the (token, expert) assignments by expert, so each expert's tokens are contiguous.
         order = slot[torch.argsort(flat_expert, stable=True)]
         token_of = order // self.top_k  # token index of each sorted assignment
         gate_of = flat_weight[order]  # its routing weight
-        counts = torch.bincount(experts.reshape(-1)[order], minlength=len(self.experts)).tolist()
+        counts = torch.bincount(experts.reshape(-1)[order], minlength=len(self.experts)).tolist()  # per expert
         xs = x[token_of]  # [assignments, hidden] gather the tokens, never the weights
         ys = []
         for e, (x_e, g_e, t_e) in enumerate(zip(xs.split(counts), gate_of.split(counts), token_of.split(counts))):
@@ -283,7 +284,7 @@ class SparseMoeBlock(nn.Module):
             ys.append(y_e * g_e[:, None])  # float32 product, as in transformers
         out = torch.zeros_like(x)
         out.index_add_(0, token_of, torch.cat(ys).to(x.dtype))  # each token sums its experts
-        return out.view(B, T, H), router_logits
+        return out.view(B, T, H), router_logits  # [B, T, hidden], [N, n_experts]
 
     def _condensed(self, x, observer):
         out = torch.zeros_like(x)
@@ -365,6 +366,13 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: Optional[int] = None
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def next_token_nll(logits: torch.Tensor, idx: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting idx[:, t+1] from logits[:, t] (float32), over all windows.
+    logits [B, T, vocab], idx [B, T]; B * (T - 1) predictions."""
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B * (T-1), vocab]
+    return F.cross_entropy(pred, idx[:, 1:].reshape(-1), reduction=reduction)  # targets [B * (T-1)]
 
 
 # -----------------------------------------------------------------------------

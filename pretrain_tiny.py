@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import mini_mixtral as mm
@@ -117,7 +116,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps)
         logits, router_logits = model(x, return_router_logits=True)
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, tc.vocab_size), x[:, 1:].reshape(-1))
+        ce = mm.next_token_nll(logits, x)
         aux = mm.load_balancing_loss(router_logits, k) if model.config.num_local_experts > 1 else torch.zeros(())
         loss = ce + tc.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)

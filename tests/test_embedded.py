@@ -1,0 +1,42 @@
+"""The shipped embedded model: the real loading code, the tokenizer and the protocol on real weights."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import eval_ppl
+import mini_mixtral as mm
+
+MODEL = data.SHIPPED_MODEL
+
+
+def test_shipped_model_is_an_official_layout_half_precision_mixtral():
+    reader = mm.CheckpointReader(MODEL)  # checks every key and shape against config.json
+    assert reader.stored_dtype() == torch.float16
+    assert data.default_model_dir() == MODEL
+    size = sum(os.path.getsize(os.path.join(MODEL, f)) for f in os.listdir(MODEL))
+    assert size < 40 * 2**20
+    ids = data.load_tokenizer(MODEL).encode("def f(x):\n    return x\n").ids
+    assert max(ids) < reader.config.vocab_size
+
+
+def test_shipped_model_reproduces_its_report():
+    report = json.load(open(os.path.join(MODEL, "report.json")))
+    if report["corpus"] != data.corpus_id():
+        pytest.skip(f"trained on {report['corpus']}, this interpreter has {data.corpus_id()}")
+    ids = data.encode(data.load_tokenizer(MODEL), data.stdlib_text("eval"))
+    windows = data.eval_windows(ids, report["train_config"]["seqlen"])[: report["eval_windows"]]
+    ppl = eval_ppl.perplexity(mm.load_model(MODEL), windows)
+    assert ppl == pytest.approx(report["ppl"], rel=1e-4)
+    assert ppl < report["unigram_ppl"] / 5
+
+
+def test_shipped_model_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    idx = torch.randint(0, 4096, (1, 64), generator=torch.Generator().manual_seed(0))
+    hf = transformers.MixtralForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(idx).logits - mm.load_model(MODEL)(idx)).abs().max() <= 1e-4
