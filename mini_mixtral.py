@@ -648,6 +648,11 @@ class CheckpointWriter:
         for fn, content in (extra_files or {}).items():
             with open(os.path.join(self.tmp, fn), "w") as f:
                 f.write(content if isinstance(content, str) else json.dumps(content, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is an ordinary folder
+        for fn in os.listdir(self.tmp):
+            os.chmod(os.path.join(self.tmp, fn), 0o666 & ~umask)
         if os.path.exists(self.path):  # only reachable with overwrite=True
             old = self.path + ".old"
             os.rename(self.path, old)
