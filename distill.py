@@ -31,7 +31,6 @@ embedded model distils in a few minutes on 2 CPU cores.
 """
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -31,7 +31,6 @@ tensors are kept whole; the report counts the dropped experts as removed).
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time

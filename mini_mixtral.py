@@ -25,7 +25,6 @@ References:
 """
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -414,7 +413,7 @@ class CheckpointError(Exception):
 
 def expected_shapes(config: MixtralConfig) -> dict:
     """Every tensor name of an official Mixtral checkpoint with its shape, from the config alone."""
-    h, i, d = config.hidden_size, config.intermediate_size, config.dim_head
+    h = config.hidden_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)

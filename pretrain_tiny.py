@@ -23,7 +23,6 @@ given; the shipped model in models/tiny-mixtral was trained with --dense-tokens 
 """
 
 import argparse
-import json
 import math
 import os
 import sys

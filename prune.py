@@ -34,7 +34,6 @@ decoder layer's weights and the calibration activations are ever in memory.
 """
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -9,7 +9,7 @@ import torch
 
 import expert_prune as ep
 import mini_mixtral as mm
-from conftest import random_model, small_config, write_checkpoint
+from conftest import random_model, small_config
 
 
 def layer_inputs(seed=0):

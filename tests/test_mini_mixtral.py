@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import mini_mixtral as mm
-from conftest import random_model, small_config, write_checkpoint
+from conftest import random_model, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
