@@ -378,13 +378,18 @@ def next_token_nll(logits: torch.Tensor, idx: torch.Tensor, reduction: str = "me
 # 3. Router statistics
 
 
-def load_balancing_loss(router_logits: list, top_k: int) -> torch.Tensor:
-    """Switch/Mixtral auxiliary loss: n_experts * sum_e f_e * P_e, over all layers' tokens.
+def load_balancing_loss(router_logits: list, top_k: int, per_layer: bool = False) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss: n_experts * sum_e f_e * P_e.
 
     f_e = fraction of (token, slot) assignments that go to expert e, P_e = mean router
-    probability of e. Minimal (= top_k) when both are uniform. Same form as transformers'
-    load_balancing_loss_func.
+    probability of e. Minimal (= top_k) when both are uniform. per_layer=False pools every
+    layer's tokens first, exactly as transformers' load_balancing_loss_func does: that balances
+    only the experts' total over layers, so one layer can send most tokens to experts that
+    another layer avoids. per_layer=True is Switch Transformers' form (Fedus et al. 2021, Eq. 4,
+    applied in every MoE layer): the mean over layers of each layer's own loss.
     """
+    if per_layer:
+        return torch.stack([load_balancing_loss([l], top_k) for l in router_logits]).mean()
     logits = torch.cat(router_logits)  # [layers * N, n_experts]
     n_experts = logits.shape[-1]
     probs = F.softmax(logits.float(), dim=-1)

@@ -3,26 +3,37 @@ Train the embedded tiny Mixtral the way Mixtral was made: dense first, then upcy
 
 No real Mixtral weights can be downloaded here, and pruning random weights says nothing, so the
 project trains its own small Mixtral on a corpus every machine has: the Python standard
-library's source (data.py). Three stages, one script:
+library's source (data.py). Up to four stages, one script:
 
   1. a byte-level BPE tokenizer (vocab 4096) on the train split;
   2. a dense model of the same shape: a Mixtral with one expert and top-1 routing, whose router
      softmax over one logit is exactly 1, i.e. a plain SwiGLU transformer;
   3. sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055; MoE-Pruner Section 3.1 on
      Mixtral's likely origin): every expert starts as a copy of the dense FFN, the router starts
-     fresh, and training continues with the load-balancing loss (Switch Transformers Eq. 4).
+     fresh, and training continues with the load-balancing loss (Switch Transformers Eq. 4);
+  4. optionally (--init-from), more MoE training from an upcycled checkpoint, e.g. with another
+     form or weight of the balancing loss.
+
+Load balancing: by default the Switch loss is applied per layer (--balance per-layer); the
+pooled form of transformers' load_balancing_loss_func balances only the experts' total over
+layers and let the first layers collapse onto two experts (README.md, "The embedded model").
 
 Deterministic for a seed on a given machine and thread count; shows progress; resumable
 (--resume) from the state it saves every --save-every steps. The default budget (~2.4M tokens)
 takes about 15 minutes on 2 CPU cores and is cached for every script whose --model is not
-given; the shipped model in models/tiny-mixtral was trained with --dense-tokens 12e6
---moe-tokens 8e6 (README.md gives the exact command and its report.json).
+given. The shipped model in models/tiny-mixtral took two commands (README.md gives them with
+their report.json): 12M dense + 8M upcycled tokens with the pooled loss, then 6M more tokens
+with the per-layer loss at weight 1.0, which revived the collapsed experts:
 
     python pretrain_tiny.py                       # ~15 min, to the cache folder
-    python pretrain_tiny.py --out models/tiny-mixtral --dense-tokens 12e6 --moe-tokens 8e6
+    python pretrain_tiny.py --out pooled --dense-tokens 12e6 --moe-tokens 8e6 --balance pooled \
+        --aux-loss-coef 0.02 --threads 2
+    python pretrain_tiny.py --init-from pooled --out models/tiny-mixtral --moe-tokens 6e6 \
+        --moe-lr 3e-4 --aux-loss-coef 1.0 --threads 2
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -57,7 +68,8 @@ class TrainConfig:
     moe_lr: float = 5e-4  # upcycled training restarts warm, at half the peak
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    aux_loss_coef: float = 0.02  # load-balancing weight; Switch uses 0.01, balanced experts need a bit more here
+    aux_loss_coef: float = 0.02  # load-balancing weight; Switch uses 0.01. Reviving collapsed experts took 1.0
+    balance: str = "per-layer"  # Switch's per-layer loss; "pooled" = transformers' all-layers-pooled form
     grad_clip: float = 1.0
     eval_windows: int = 64  # held-out windows for the final report
 
@@ -92,6 +104,12 @@ def upcycle(dense: mm.Mixtral, config: mm.MixtralConfig, seed: int) -> mm.Mixtra
     return moe
 
 
+def batch_load_cv(router_logits: torch.Tensor) -> float:
+    """Eq. 4-5's load CV of one layer on the current batch (top-1 counts), to watch balance live."""
+    n_experts = router_logits.shape[-1]
+    return mm.expert_load_cv(torch.bincount(router_logits.detach().argmax(-1), minlength=n_experts))
+
+
 def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save_fn, save_every, log):
     """AdamW on random windows of the train tokens; returns when n_tokens have been seen."""
     steps = max(1, int(n_tokens // (tc.batch_size * tc.seqlen)))
@@ -108,6 +126,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
         start = state["step"]
         log(f"stage {stage}: resumed at step {start}/{steps}")
     k = model.config.num_experts_per_tok
+    per_layer = tc.balance == "per-layer"
     t0, seen = time.time(), 0
     for step in range(start, steps):
         starts = rng.integers(0, len(tokens) - tc.seqlen, size=tc.batch_size)
@@ -116,7 +135,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
             g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps)
         logits, router_logits = model(x, return_router_logits=True)
         ce = mm.next_token_nll(logits, x)
-        aux = mm.load_balancing_loss(router_logits, k) if model.config.num_local_experts > 1 else torch.zeros(())
+        aux = mm.load_balancing_loss(router_logits, k, per_layer) if model.config.num_local_experts > 1 else torch.zeros(())
         loss = ce + tc.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,12 +145,32 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
         if step % 20 == 0 or step == steps - 1:
             rate = seen / (time.time() - t0)
             eta = (steps - step - 1) * x.numel() / rate
+            cv = [round(batch_load_cv(r), 2) for r in router_logits] if model.config.num_local_experts > 1 else []
             log(f"stage {stage} step {step + 1}/{steps}: ce {ce.item():.3f} aux {aux.item():.3f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} tok/s, eta {eta / 60:.1f} min")
+                f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} tok/s, eta {eta / 60:.1f} min"
+                + (f", batch load CV {cv}" if cv else ""))
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save_fn({"stage": stage, "step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
                      "rng": rng.bit_generator.state})
     return model
+
+
+def train_dense_and_upcycle(tc: TrainConfig, train_ids, eval_ids, state, save_state, save_every, log):
+    """Stages 2-3: train a dense model, upcycle it into an MoE, train the MoE; returns (moe, dense ppl)."""
+    dense_cfg = model_config(tc, 1, 1)
+    dense = mm.init_weights(mm.Mixtral(dense_cfg), seed=tc.seed)
+    if state is None or state["stage"] == 2:
+        dense = train_stage(dense, train_ids, tc.dense_tokens, tc, tc.lr, 2, state, save_state, save_every, log)
+        dense_ppl = perplexity(dense.eval(), data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows])
+        log(f"dense model: held-out ppl {dense_ppl:.2f}")
+        state = None
+    else:
+        dense_ppl = state.get("dense_ppl")
+    moe_cfg = model_config(tc, tc.num_local_experts, tc.num_experts_per_tok)
+    moe = upcycle(dense, moe_cfg, tc.seed + 1).train()
+    save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})  # keep the dense ppl across a resume
+    moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, 3, state, save_fn, save_every, log)
+    return moe, dense_ppl
 
 
 def unigram_ppl(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int) -> float:
@@ -148,11 +187,17 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true", help="continue from --out's .train_state.pt if present")
     p.add_argument("--save-every", type=int, default=100, help="save resumable state every N steps (0: never)")
-    for f in ("seed", "dense_tokens", "moe_tokens", "batch_size", "seqlen", "lr", "moe_lr", "aux_loss_coef",
+    for f in ("seed", "dense_tokens", "moe_tokens", "batch_size", "seqlen", "lr", "moe_lr", "warmup_steps", "aux_loss_coef",
               "intermediate_size", "hidden_size", "num_hidden_layers", "num_local_experts"):
         default = getattr(TrainConfig, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(default) if not isinstance(default, float) else float,
                        default=default, help=f"TrainConfig.{f} (default {default})")
+    p.add_argument("--balance", choices=["per-layer", "pooled"], default=TrainConfig.balance,
+                   help="load-balancing loss form: per-layer (Switch Transformers, default) or pooled over "
+                        "all layers (transformers' load_balancing_loss_func; balances only the layers' total)")
+    p.add_argument("--init-from", default=None,
+                   help="continue the MoE stage from this upcycled checkpoint (its tokenizer and shape) "
+                        "for --moe-tokens more tokens, instead of training tokenizer + dense + upcycling")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     tc = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)})
@@ -174,9 +219,23 @@ def main(argv=None):
     torch.manual_seed(tc.seed)
     t_start = time.time()
     log(f"corpus: {data.corpus_id()}")
+    previous = None
+    if args.init_from:  # a continued MoE stage: shape and tokenizer come from the checkpoint
+        init = mm.load_model(args.init_from)
+        tok = data.load_tokenizer(args.init_from)
+        fn = os.path.join(args.init_from, "report.json")
+        previous = json.load(open(fn)) if os.path.isfile(fn) else None
+        c = init.config
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts"):
+            setattr(tc, f, getattr(c, f))
+        tc.dense_tokens = 0  # no dense stage in this run; the previous one is in report.json's "previous"
+        if c.num_local_experts < 2:
+            sys.exit(f"error: {args.init_from} is not an MoE checkpoint (num_local_experts {c.num_local_experts})")
     if state is not None:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(state["tokenizer"])
+    elif args.init_from:
+        pass
     else:
         log(f"stage 1: byte-level BPE tokenizer, vocab {tc.vocab_size}")
         tok = data.train_tokenizer(data.stdlib_texts("train"), tc.vocab_size)
@@ -185,19 +244,14 @@ def main(argv=None):
     calib_ids = data.encode(tok, data.stdlib_text("calib"))
     log(f"tokens: train {len(train_ids):,}, calib {len(calib_ids):,}, eval {len(eval_ids):,}")
 
-    dense_cfg = model_config(tc, 1, 1)
-    dense = mm.init_weights(mm.Mixtral(dense_cfg), seed=tc.seed)
-    if state is None or state["stage"] == 2:
-        dense = train_stage(dense, train_ids, tc.dense_tokens, tc, tc.lr, 2, state, save_state, args.save_every, log)
-        dense_ppl = perplexity(dense.eval(), data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows])
-        log(f"dense model: held-out ppl {dense_ppl:.2f}")
-        state = None
+    if args.init_from:
+        dense_ppl = (previous or {}).get("dense_ppl")
+        moe = init.train()
+        stage = 4  # a stage of its own: fresh AdamW state and other random windows than stage 3
+        save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})
+        moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, stage, state, save_fn, args.save_every, log)
     else:
-        dense_ppl = state.get("dense_ppl")
-    moe_cfg = model_config(tc, tc.num_local_experts, tc.num_experts_per_tok)
-    moe = upcycle(dense, moe_cfg, tc.seed + 1).train()
-    save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})  # keep the dense ppl across a resume
-    moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, 3, state, save_fn, args.save_every, log)
+        moe, dense_ppl = train_dense_and_upcycle(tc, train_ids, eval_ids, state, save_state, args.save_every, log)
     moe = moe.to(torch.float16).to(torch.float32).eval()  # report on exactly the weights that are shipped
 
     ew = data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows]
@@ -208,7 +262,8 @@ def main(argv=None):
               "tokens": {"train": len(train_ids), "calib": len(calib_ids), "eval": len(eval_ids)},
               "eval_windows": len(ew), "dense_ppl": dense_ppl, "ppl": ppl,
               "unigram_ppl": unigram_ppl(train_ids, eval_ids, tc.vocab_size), "router_calib": stats,
-              "minutes": (time.time() - t_start) / 60}
+              "minutes": (time.time() - t_start) / 60,
+              "init_from": args.init_from, "previous": previous}
     log(f"upcycled MoE: held-out ppl {ppl:.2f} (dense {dense_ppl:.2f}, unigram {report['unigram_ppl']:.1f}); "
         f"load CV per layer {[round(s['load_cv'], 3) for s in stats]}")
     mm.save_model(moe, out, dtype=torch.float16, overwrite=args.overwrite,

@@ -40,3 +40,16 @@ def test_shipped_model_matches_transformers():
     hf = transformers.MixtralForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (hf(idx).logits - mm.load_model(MODEL)(idx)).abs().max() <= 1e-4
+
+
+def test_shipped_model_experts_are_balanced():
+    # issue 8's target, MoE-Pruner Eq. 4-5: the CV of top-1 expert counts is <= 0.5 in every layer
+    # on the calibration split (the first shipped model, trained with the pooled loss, had 1.66)
+    tok = data.load_tokenizer(MODEL)
+    windows = data.calibration_windows(data.encode(tok, data.stdlib_text("calib")), 32, 512, seed=0)
+    with torch.no_grad():
+        stats = eval_ppl.router_stats(mm.load_model(MODEL), windows)
+    assert len(stats) == 4
+    for s in stats:
+        assert s["load_cv"] <= 0.5, s
+        assert min(s["top1_counts"]) > 0.02 * sum(s["top1_counts"])  # no dead expert

@@ -135,6 +135,15 @@ def test_load_balancing_loss_and_load_cv():
     collapsed = torch.full((64, 8), -10.0)
     collapsed[:, 0] = 10.0
     assert mm.load_balancing_loss([collapsed], 2).item() > 4.0
+    # two layers that each collapse onto a different expert: pooled, the two layers look balanced
+    # between experts 0 and 1; per layer (Switch's form) each layer is collapsed and pays for it.
+    a = torch.full((64, 2), -10.0)
+    a[:, 0] = 10.0
+    b = a.flip(1)
+    pooled = mm.load_balancing_loss([a, b], 1).item()
+    assert pooled == pytest.approx(1.0, abs=1e-3)  # f = P = [1/2, 1/2]: the balanced value
+    assert mm.load_balancing_loss([a, b], 1, per_layer=True).item() == pytest.approx(2.0, abs=1e-3)
+    assert mm.load_balancing_loss([a], 1, per_layer=True).item() == pytest.approx(mm.load_balancing_loss([a], 1).item())
     assert mm.expert_load_cv(torch.tensor([5, 5, 5, 5])) == 0.0
     assert mm.expert_load_cv(torch.tensor([8, 0, 0, 0])) == pytest.approx(3 ** 0.5)  # sqrt(n - 1)
 
