@@ -73,7 +73,7 @@ def main(argv=None):
     print(f"forward of {args.batch} x {args.seqlen} tokens, hidden {args.hidden}, {args.experts} experts x "
           f"{args.intermediate}, {args.layers} layers, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"| model | tokens/s | mini_mixtral speed-up |\n|---|---|---|")
+    print("| model | tokens/s | mini_mixtral speed-up |\n|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"| {name} | {tokens / med:,.0f} | {med / base:.2f}x |")

@@ -94,7 +94,7 @@ def main(argv=None):
         print(f"peak RSS of prune.py --method moe-pruner, {args.nsamples} x {args.seqlen} calibration tokens, "
               f"hidden {args.hidden}, 8 experts x {args.intermediate} (one layer = {layer_bytes / GiB:.2f} GiB "
               f"in float32):")
-        print(f"| layers | checkpoint (bf16) | peak RSS |\n|---|---|---|")
+        print("| layers | checkpoint (bf16) | peak RSS |\n|---|---|---|")
         for layers, peak in peaks.items():
             size = sum(os.path.getsize(os.path.join(d, f"m{layers}", f)) for f in os.listdir(os.path.join(d, f"m{layers}")))
             print(f"| {layers} | {size / GiB:.2f} GiB | {peak / GiB:.2f} GiB |")
@@ -104,7 +104,7 @@ def main(argv=None):
         overhead = peaks[2] - layer_bytes - act
         rows = mixtral_projection()
         print("projected peak for Mixtral-8x7B, 128 x 2048 calibration tokens (moe-pruner):")
-        print(f"| term | GiB |\n|---|---|")
+        print("| term | GiB |\n|---|---|")
         print(f"| measured overhead (interpreter, torch, buffers) | {overhead / GiB:.2f} |")
         for k, v in rows.items():
             print(f"| {k} | {v / GiB:.2f} |")

@@ -301,7 +301,7 @@ def check_args(args, config, nm):
             if n_in % nm[1]:
                 raise data.DataError(f"--nm {nm[0]}:{nm[1]}: M={nm[1]} does not divide the {n_in} inputs of {what}")
         if args.method == "sparsegpt" and 128 % nm[1]:
-            raise data.DataError(f"--nm with sparsegpt needs M dividing the block size 128")
+            raise data.DataError("--nm with sparsegpt needs M dividing the block size 128")
 
 
 def prune_checkpoint(args, log=print):
