@@ -127,6 +127,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
         log(f"stage {stage}: resumed at step {start}/{steps}")
     k = model.config.num_experts_per_tok
     per_layer = tc.balance == "per-layer"
+    is_moe = model.config.num_local_experts > 1  # the dense stage has no router to balance
     t0, seen = time.time(), 0
     for step in range(start, steps):
         starts = rng.integers(0, len(tokens) - tc.seqlen, size=tc.batch_size)
@@ -135,7 +136,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
             g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps)
         logits, router_logits = model(x, return_router_logits=True)
         ce = mm.next_token_nll(logits, x)
-        aux = mm.load_balancing_loss(router_logits, k, per_layer) if model.config.num_local_experts > 1 else torch.zeros(())
+        aux = mm.load_balancing_loss(router_logits, k, per_layer) if is_moe else torch.zeros(())
         loss = ce + tc.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,7 +146,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
         if step % 20 == 0 or step == steps - 1:
             rate = seen / (time.time() - t0)
             eta = (steps - step - 1) * x.numel() / rate
-            cv = [round(batch_load_cv(r), 2) for r in router_logits] if model.config.num_local_experts > 1 else []
+            cv = [round(batch_load_cv(r), 2) for r in router_logits] if is_moe else []
             log(f"stage {stage} step {step + 1}/{steps}: ce {ce.item():.3f} aux {aux.item():.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} tok/s, eta {eta / 60:.1f} min"
                 + (f", batch load CV {cv}" if cv else ""))
@@ -221,22 +222,24 @@ def main(argv=None):
     log(f"corpus: {data.corpus_id()}")
     previous = None
     if args.init_from:  # a continued MoE stage: shape and tokenizer come from the checkpoint
-        init = mm.load_model(args.init_from)
-        tok = data.load_tokenizer(args.init_from)
+        try:
+            c = mm.read_config(args.init_from)
+            if c.num_local_experts < 2:
+                raise mm.CheckpointError(f"{args.init_from} is not an MoE checkpoint (num_local_experts "
+                                         f"{c.num_local_experts})")
+            init = mm.load_model(args.init_from)
+            tok = data.load_tokenizer(args.init_from)
+        except (mm.CheckpointError, data.DataError) as e:
+            sys.exit(f"error: {e}")
         fn = os.path.join(args.init_from, "report.json")
         previous = json.load(open(fn)) if os.path.isfile(fn) else None
-        c = init.config
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts"):
             setattr(tc, f, getattr(c, f))
         tc.dense_tokens = 0  # no dense stage in this run; the previous one is in report.json's "previous"
-        if c.num_local_experts < 2:
-            sys.exit(f"error: {args.init_from} is not an MoE checkpoint (num_local_experts {c.num_local_experts})")
-    if state is not None:
+    if state is not None:  # a resumed run keeps the tokenizer it started with
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(state["tokenizer"])
-    elif args.init_from:
-        pass
-    else:
+    elif not args.init_from:
         log(f"stage 1: byte-level BPE tokenizer, vocab {tc.vocab_size}")
         tok = data.train_tokenizer(data.stdlib_texts("train"), tc.vocab_size)
     train_ids = data.encode(tok, data.stdlib_text("train"))

@@ -31,9 +31,13 @@ def test_batch_load_cv_counts_top1_choices():
     assert pt.batch_load_cv(logits) == pytest.approx(3 ** 0.5)
 
 
-def test_init_from_a_dense_checkpoint_is_an_error(tmp_path, capsys):
+def test_init_from_a_dense_or_missing_checkpoint_is_an_error(tmp_path):
     src = write_checkpoint(tmp_path / "dense", num_local_experts=1, num_experts_per_tok=1)
     with pytest.raises(SystemExit) as e:
         pt.main(["--init-from", src, "--out", str(tmp_path / "out")])
     assert "not an MoE checkpoint" in str(e.value.code)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        pt.main(["--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert "no such checkpoint directory" in str(e.value.code)
     assert not (tmp_path / "out").exists()
