@@ -167,6 +167,8 @@ def train_dense_and_upcycle(tc: TrainConfig, train_ids, eval_ids, state, save_st
         state = None
     else:
         dense_ppl = state.get("dense_ppl")
+    if tc.moe_tokens == 0:  # dense stage only: the dense model is the output (an --init-from for stage 3)
+        return dense, dense_ppl
     moe_cfg = model_config(tc, tc.num_local_experts, tc.num_experts_per_tok)
     moe = upcycle(dense, moe_cfg, tc.seed + 1).train()
     save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})  # keep the dense ppl across a resume
@@ -199,6 +201,9 @@ def main(argv=None):
     p.add_argument("--init-from", default=None,
                    help="continue the MoE stage from this upcycled checkpoint (its tokenizer and shape) "
                         "for --moe-tokens more tokens, instead of training tokenizer + dense + upcycling")
+    p.add_argument("--tokenizer", default=None,
+                   help="reuse this checkpoint directory's tokenizer.json instead of training one (stage 1), so a "
+                        "new model shares the shipped model's tokenizer")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     tc = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)})
@@ -239,6 +244,15 @@ def main(argv=None):
     if state is not None:  # a resumed run keeps the tokenizer it started with
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(state["tokenizer"])
+    elif args.tokenizer and not args.init_from:
+        try:
+            tok = data.load_tokenizer(args.tokenizer)
+        except data.DataError as e:
+            sys.exit(f"error: {e}")
+        if tok.get_vocab_size() != tc.vocab_size:
+            sys.exit(f"error: {args.tokenizer}'s tokenizer has {tok.get_vocab_size()} tokens, not --vocab-size "
+                     f"{tc.vocab_size}")
+        log(f"stage 1 skipped: tokenizer of {args.tokenizer}")
     elif not args.init_from:
         log(f"stage 1: byte-level BPE tokenizer, vocab {tc.vocab_size}")
         tok = data.train_tokenizer(data.stdlib_texts("train"), tc.vocab_size)
