@@ -17,6 +17,12 @@ import time
 import torch
 
 import mini_mixtral as mm
+from checkpoint import load_model, save_model
+
+try:  # test-only dependency: the reference this benchmark compares against
+    import transformers
+except ImportError:
+    transformers = None
 
 
 def timed(fn, x):
@@ -38,9 +44,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed runs per model (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
-    try:
-        import transformers
-    except ImportError:
+    if transformers is None:
         raise SystemExit("error: bench_forward.py compares against transformers: pip install -r requirements-test.txt")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,8 +54,8 @@ def main(argv=None):
                            max_position_embeddings=args.seqlen, torch_dtype="float32")
     ours = mm.init_weights(mm.Mixtral(cfg), std=0.02, seed=0).eval()
     with tempfile.TemporaryDirectory() as d:
-        mm.save_model(ours, d + "/ck")
-        models = {"mini_mixtral": mm.load_model(d + "/ck")}
+        save_model(ours, d + "/ck")
+        models = {"mini_mixtral": load_model(d + "/ck")}
         for impl in ("grouped_mm", "eager"):  # transformers' default experts path, and its plain loop
             try:
                 models[f"transformers ({impl} experts)"] = transformers.MixtralForCausalLM.from_pretrained(

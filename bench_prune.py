@@ -21,11 +21,13 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 import data
 import mini_mixtral as mm
 import prune
+from checkpoint import CheckpointWriter, expected_shapes, layer_shapes
 
 GiB = 1024**3
 
@@ -34,12 +36,11 @@ def make_checkpoint(path, layers, hidden, intermediate):
     cfg = mm.MixtralConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate,
                            num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
                            max_position_embeddings=4096, rope_theta=1e4, torch_dtype="bfloat16")
-    w = mm.CheckpointWriter(path, cfg, max_shard_bytes=512 * 1024**2)
     g = torch.Generator().manual_seed(0)
-    for name, shape in mm.expected_shapes(cfg).items():  # written tensor by tensor: never the whole model
-        t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
-        w.add(name, t.to(torch.bfloat16))
-    w.close()
+    with CheckpointWriter(path, cfg, max_shard_bytes=512 * 1024**2) as w:
+        for name, shape in expected_shapes(cfg).items():  # written tensor by tensor: never the whole model
+            t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
+            w.add(name, t.to(torch.bfloat16))
     return cfg
 
 
@@ -62,7 +63,7 @@ def run_prune(model, out, method, nsamples, seqlen, extra=()):
 def mixtral_projection():
     """Peak bytes for Mixtral-8x7B, 128 x 2048 calibration tokens, moe-pruner, float32 compute."""
     c = mm.MixtralConfig()  # Mixtral-8x7B-v0.1 defaults
-    layer = sum(torch.Size(s).numel() for s in mm.layer_shapes(c, 0).values()) * 4  # float32 compute copy
+    layer = sum(torch.Size(s).numel() for s in layer_shapes(c, 0).values()) * 4  # float32 compute copy
     tokens = 128 * 2048
     rows = {"one decoder layer (float32)": layer}
     for dtype, size in (("float32", 4), ("bfloat16", 2)):
@@ -79,8 +80,6 @@ def main(argv=None):
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     args = p.parse_args(argv)
-    import numpy as np
-
     with tempfile.TemporaryDirectory() as d:
         peaks = {}
         for layers in (2, 8):
@@ -90,7 +89,7 @@ def main(argv=None):
                     np.random.default_rng(0).integers(0, 4096, size=(args.nsamples, args.seqlen)))
             peaks[layers], report = run_prune(path, os.path.join(d, f"o{layers}"), "moe-pruner",
                                               args.nsamples, args.seqlen)
-        layer_bytes = sum(torch.Size(s).numel() for s in mm.layer_shapes(cfg, 0).values()) * 4
+        layer_bytes = sum(torch.Size(s).numel() for s in layer_shapes(cfg, 0).values()) * 4
         print(f"peak RSS of prune.py --method moe-pruner, {args.nsamples} x {args.seqlen} calibration tokens, "
               f"hidden {args.hidden}, 8 experts x {args.intermediate} (one layer = {layer_bytes / GiB:.2f} GiB "
               f"in float32):")

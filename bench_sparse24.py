@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import mini_mixtral as mm
+import prune
 import sparse24
+from checkpoint import DTYPES
 
 
 def cuda_time(fn, iters, warmup=3):
@@ -41,7 +43,6 @@ def cuda_time(fn, iters, warmup=3):
 
 def prune_nm(w):
     """2:4 by magnitude, with prune.py's N:M mask (the benchmark needs a valid pattern, not a good one)."""
-    import prune
     return w.masked_fill(prune.nm_mask(w.abs().float(), 2, 4), 0)
 
 
@@ -57,7 +58,7 @@ def main(argv=None):
     except sparse24.SparsityError as e:
         print(f"bench_sparse24.py: {e}; nothing measured")
         return 0
-    dtype = mm.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     backends = ["cutlass"] + (["cusparselt"] if torch.backends.cusparselt.is_available() else [])
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, backends: {', '.join(backends)}")

@@ -25,6 +25,7 @@ import sysconfig
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # The trained tiny Mixtral shipped with the repo (see pretrain_tiny.py); every script's default.
@@ -132,9 +133,7 @@ def read_text(path: str) -> str:
 # Tokenizer
 
 
-def load_tokenizer(model_dir: str):
-    from tokenizers import Tokenizer
-
+def load_tokenizer(model_dir: str) -> Tokenizer:
     fn = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(fn):
         raise DataError(f"{model_dir}: no tokenizer.json")
@@ -144,8 +143,6 @@ def load_tokenizer(model_dir: str):
 def train_tokenizer(text_iter, vocab_size: int):
     """Byte-level BPE (GPT-2 style pre-tokenisation), trained with `tokenizers`; no special tokens
     are added to encoded text, so a window's tokens are the text's tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -207,3 +204,49 @@ def load_token_file(path: str, vocab_size: int) -> torch.Tensor:
 def text_source(spec: str, split: str) -> str:
     """--data / --calib-data: a path, or 'stdlib' for the embedded corpus's `split`."""
     return stdlib_text(split) if spec in (None, "stdlib") else read_text(spec)
+
+
+def resolve_wikitext(spec: str, split: str) -> str:
+    """A WikiText directory (wikitext-2-raw/) resolves to its wiki.test.raw or wiki.valid.raw."""
+    if spec not in (None, "stdlib") and os.path.isdir(spec):
+        fn = os.path.join(spec, {"test": "wiki.test.raw", "validation": "wiki.valid.raw"}[split])
+        if not os.path.isfile(fn):
+            raise DataError(f"{spec}: no {os.path.basename(fn)} (a WikiText raw directory was expected)")
+        return fn
+    return spec
+
+
+# -----------------------------------------------------------------------------
+# Calibration tokens, the same for every script that needs them
+
+
+def add_calibration_args(p, nsamples_help: str = "calibration windows (paper: 128)"):
+    """The calibration flags of prune.py and expert_prune.py."""
+    p.add_argument("--calib-data", default="stdlib",
+                   help="calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
+                        "for the embedded corpus's calibration split (default)")
+    p.add_argument("--calib-tokens", help="an int .npy array [nsamples, seqlen] of token ids, used verbatim")
+    p.add_argument("--nsamples", type=int, default=128, help=nsamples_help)
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per window (default 2048 as in the paper's protocol, capped at the model's "
+                        "max_position_embeddings: 512 for the embedded model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+
+
+def calibration_tokens(model_dir: str, vocab_size: int, max_positions: int, calib_data: str = "stdlib",
+                       calib_tokens: str = None, nsamples: int = 128, seqlen: int = None, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] token ids: verbatim from the .npy file calib_tokens, else nsamples random
+    windows of calib_data tokenised with model_dir's tokenizer (seqlen default: 2048, the
+    literature's, capped at max_positions)."""
+    if calib_tokens:
+        tokens = load_token_file(calib_tokens, vocab_size)
+    else:
+        seqlen = seqlen or min(2048, max_positions)
+        ids = encode(load_tokenizer(model_dir), text_source(calib_data, "calib"))
+        if len(ids) and ids.max() >= vocab_size:
+            raise DataError(f"tokenizer produced id {ids.max()} >= vocab_size {vocab_size}")
+        tokens = calibration_windows(ids, nsamples, seqlen, seed)
+    if tokens.shape[1] > max_positions:
+        raise DataError(f"calibration windows of {tokens.shape[1]} tokens exceed max_position_embeddings "
+                        f"{max_positions}")
+    return tokens

@@ -42,6 +42,9 @@ import torch.nn.functional as F
 
 import data
 import mini_mixtral as mm
+from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, load_layer, load_model, read_config
+from layerwise import embed_windows, layers, run_layer
+from progress import log
 
 
 @dataclass
@@ -180,14 +183,14 @@ def distill_full(teacher, student, windows, cfg: DistillConfig, device, log):
 
 def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, writer, device, log):
     """Layer by layer: teacher activations forward, each student expert regressed on its teacher
-    expert's outputs for the tokens the teacher routes to it; the layer is then written."""
-    t_reader, s_reader = mm.CheckpointReader(teacher_dir), mm.CheckpointReader(student_dir)
+    expert's outputs for the tokens the teacher routes to it; the layer is then written. Holds one
+    decoder layer of each model (the teacher's only while it runs) and the cached expert data."""
+    t_reader, s_reader = CheckpointReader(teacher_dir), CheckpointReader(student_dir)
     config = t_reader.config
-    x, cos, sin, mask = mm.embed_windows(t_reader, windows, device)  # x: [n, T, hidden] teacher activations
-    mm.copy_outside_layers(s_reader, writer)
+    x, pos = embed_windows(t_reader, windows, device)  # x: [n, T, hidden] teacher activations
     history = []
-    for l in range(config.num_hidden_layers):
-        t_layer = mm.load_layer(t_reader, l, torch.float32, device)
+    for l, s_layer in layers(s_reader, writer, device):
+        t_layer = load_layer(t_reader, l, torch.float32, device)
         inputs = {e: [] for e in range(config.num_local_experts)}
         targets = {e: [] for e in range(config.num_local_experts)}
 
@@ -195,9 +198,8 @@ def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, wr
             inputs[c.expert].append(c.x)
             targets[c.expert].append(c.y)
 
-        x = mm.run_layer(t_layer, x, cos, sin, mask, cfg.batch_size, observer)  # teacher activations feed l+1
+        x = run_layer(t_layer, x, pos, cfg.batch_size, observer)  # teacher activations feed l+1
         del t_layer
-        s_layer = mm.load_layer(s_reader, l, torch.float32, device)
         layer_hist = []
         for e, expert in enumerate(s_layer.block_sparse_moe.experts):
             if not inputs[e]:
@@ -208,11 +210,6 @@ def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, wr
         history.append({"layer": l, "experts": layer_hist})
         log(f"layer {l}: expert MSE {sum(h['mse_before'] for h in layer_hist):.5f} -> "
             f"{sum(h['mse_after'] for h in layer_hist):.5f}")
-        for name, p in s_layer.named_parameters():
-            full = f"model.layers.{l}.{name}"
-            writer.add(full, p.data.to(s_reader.dtype_of(full)) if ".experts." in name else s_reader.get(full))
-        writer.flush()
-        del s_layer
     return {"layers": history}
 
 
@@ -249,12 +246,49 @@ def train_expert(expert, x, y, cfg: DistillConfig):
 
 
 def check_pair(teacher_dir, student_dir):
-    t, s = mm.read_config(teacher_dir), mm.read_config(student_dir)
+    t, s = read_config(teacher_dir), read_config(student_dir)
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim"):
         if getattr(t, f) != getattr(s, f):
             raise data.DataError(f"teacher and student configs differ: {f} {getattr(t, f)} vs {getattr(s, f)}")
     return s
+
+
+def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: DistillConfig, mode: str = "full",
+                       text: str = "stdlib", device: str = "cpu", overwrite: bool = False, log=log) -> dict:
+    """Distil the pruned student_dir from the dense teacher_dir on text (Eq. 10), write out; returns the report."""
+    config = check_pair(teacher_dir, student_dir)
+    if os.path.abspath(out) in (os.path.abspath(student_dir), os.path.abspath(teacher_dir)):
+        raise data.DataError("--out is an input checkpoint; choose another directory")
+    if cfg.seqlen > config.max_position_embeddings or cfg.seqlen < 2:
+        raise data.DataError(f"--seqlen {cfg.seqlen} outside [2, max_position_embeddings "
+                             f"{config.max_position_embeddings}]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
+    ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(text, "train"))
+    windows = data.calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+    device = torch.device(device)
+    with CheckpointWriter(out, config, overwrite=overwrite, src_dir=student_dir) as writer:
+        torch.manual_seed(cfg.seed)
+        t0 = time.time()
+        if mode == "full":
+            teacher = load_model(teacher_dir, torch.float32, device).requires_grad_(False)
+            student = load_model(student_dir, torch.float32, device)
+            before = zero_masks(student)
+            student, report = distill_full(teacher, student, windows, cfg, device, log)
+            after = zero_masks(student)
+            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+            s_reader = CheckpointReader(student_dir)
+            for name, p_ in student.state_dict().items():
+                if not (name == "lm_head.weight" and config.tie_word_embeddings):
+                    writer.add(name, p_.to(s_reader.dtype_of(name)))
+        else:
+            report = distill_per_expert(teacher_dir, student_dir, windows, cfg, writer, device, log)
+        report.update({"mode": mode, "teacher": teacher_dir, "student": student_dir, "data": text,
+                       "settings": asdict(cfg), "tokens": windows.numel(), "seconds": time.time() - t0})
+        writer.extra_files["distill_report.json"] = report
+    log(f"wrote {out} ({report['seconds']:.0f}s)")
+    return report
 
 
 def main(argv=None):
@@ -274,47 +308,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
     args = p.parse_args(argv)
     cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
-    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)
     try:
-        teacher_dir = args.teacher or data.default_model_dir()
-        config = check_pair(teacher_dir, args.student)
-        if os.path.abspath(args.out) in (os.path.abspath(args.student), os.path.abspath(teacher_dir)):
-            raise data.DataError("--out is an input checkpoint; choose another directory")
-        if cfg.seqlen > config.max_position_embeddings or cfg.seqlen < 2:
-            raise data.DataError(f"--seqlen {cfg.seqlen} outside [2, max_position_embeddings "
-                                 f"{config.max_position_embeddings}]")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
-        ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(args.data, "train"))
-        windows = data.calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
-        writer = mm.CheckpointWriter(args.out, config, overwrite=args.overwrite, src_dir=args.student)
-    except (mm.CheckpointError, data.DataError) as e:
+        return distill_checkpoint(args.teacher or data.default_model_dir(), args.student, args.out, cfg, args.mode,
+                                  args.data, args.device, args.overwrite)
+    except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
-    device = torch.device(args.device)
-    torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    try:
-        if args.mode == "full":
-            teacher = mm.load_model(teacher_dir, torch.float32, device).requires_grad_(False)
-            student = mm.load_model(args.student, torch.float32, device)
-            before = zero_masks(student)
-            student, report = distill_full(teacher, student, windows, cfg, device, log)
-            after = zero_masks(student)
-            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-            s_reader = mm.CheckpointReader(args.student)
-            for name, p_ in student.state_dict().items():
-                if not (name == "lm_head.weight" and config.tie_word_embeddings):
-                    writer.add(name, p_.to(s_reader.dtype_of(name)))
-        else:
-            report = distill_per_expert(teacher_dir, args.student, windows, cfg, writer, device, log)
-        report.update({"mode": args.mode, "teacher": teacher_dir, "student": args.student, "data": args.data,
-                       "settings": asdict(cfg), "tokens": windows.numel(), "seconds": time.time() - t0})
-        writer.close(extra_files={"distill_report.json": report})
-    except BaseException:
-        writer.abort()
-        raise
-    log(f"wrote {args.out} ({report['seconds']:.0f}s)")
-    return report
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ routing weight (the "hint" MoE-Pruner's metric multiplies in).
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
@@ -27,30 +26,42 @@ import torch
 
 import data
 import mini_mixtral as mm
+from checkpoint import CheckpointError, DTYPES, read_config
+from expert_prune import load_model
+from progress import Progress
 
 
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 8, device="cpu", progress=False):
     """Summed next-token NLL (float64) and the number of predicted tokens over [n, seqlen] windows."""
     total, count, t0 = 0.0, 0, time.time()
+    bar = Progress(len(windows), "windows") if progress else None
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size].to(device)  # [b, seqlen]
         logits = model(x)  # [b, seqlen, vocab]
         nll = mm.next_token_nll(logits, x, reduction="sum")
         total += nll.item()
         count += x[:, 1:].numel()
-        if progress:
+        if bar:
             done = min(i + batch_size, len(windows))
-            print(f"\r  {done}/{len(windows)} windows, {done * windows.shape[1] / (time.time() - t0):.0f} tok/s",
-                  end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+            bar.update(done, f"{done * windows.shape[1] / (time.time() - t0):.0f} tok/s")
+    if bar:
+        bar.close()
     return total, count
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device="cpu", progress=False) -> float:
     total, count = window_nll(model, windows, batch_size, device, progress)
     return math.exp(total / count)
+
+
+def expert_load_cv(top1_counts: torch.Tensor) -> float:
+    """MoE-Pruner Eq. 4-5: coefficient of variation sigma / mu of how often each expert of a layer
+    is a token's top-1 choice (population std, as in the paper's definition). 0 = perfectly
+    balanced; sqrt(n_experts - 1) = every token picks the same expert."""
+    c = top1_counts.double()
+    mu = c.mean()
+    return float(torch.sqrt(((c - mu) ** 2).mean()) / mu)
 
 
 @torch.no_grad()
@@ -73,48 +84,47 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
         if not gates[l]:
             continue
         g = torch.cat(gates[l])
-        out.append({"layer": l, "load_cv": mm.expert_load_cv(counts[l]), "top1_counts": counts[l].tolist(),
+        out.append({"layer": l, "load_cv": expert_load_cv(counts[l]), "top1_counts": counts[l].tolist(),
                     "top1_gate_mean": g.mean().item(), "top1_gate_std": g.std().item()})
     return out
 
 
-def resolve_data(spec: str, split: str) -> str:
-    """A WikiText directory (wikitext-2-raw/) resolves to its wiki.test.raw or wiki.valid.raw."""
-    if spec not in (None, "stdlib") and os.path.isdir(spec):
-        fn = os.path.join(spec, {"test": "wiki.test.raw", "validation": "wiki.valid.raw"}[split])
-        if not os.path.isfile(fn):
-            raise data.DataError(f"{spec}: no {os.path.basename(fn)} (a WikiText raw directory was expected)")
-        return fn
-    return spec
-
-
-def evaluate(model_dir, args, windows_cache):
-    """Perplexity (and router statistics) of one checkpoint; windows are shared between models
-    with the same tokenizer, so every model sees exactly the same tokens."""
-    config = mm.read_config(model_dir)
-    seqlen = args.seqlen or min(2048, config.max_position_embeddings)
+def evaluation_windows(model_dir: str, text: str = "stdlib", split: str = "test", seqlen: int = None,
+                       max_windows: int = None, cache: dict = None) -> torch.Tensor:
+    """[n, seqlen] windows of text tokenised with model_dir's tokenizer (seqlen default: 2048, the
+    literature's, capped at the model's context). cache shares them between models with the same
+    tokenizer, so every model sees exactly the same tokens."""
+    config = read_config(model_dir)
+    seqlen = seqlen or min(2048, config.max_position_embeddings)
     if seqlen > config.max_position_embeddings:
         raise data.DataError(f"--seqlen {seqlen} exceeds {model_dir}'s max_position_embeddings "
                              f"{config.max_position_embeddings}")
     if seqlen < 2:
         raise data.DataError("--seqlen must be at least 2")
     tok = data.load_tokenizer(model_dir)
+    cache = {} if cache is None else cache
     key = (tok.to_str(), seqlen)
-    if key not in windows_cache:
-        ids = data.encode(tok, data.text_source(resolve_data(args.data, args.split), "eval"))
-        windows_cache[key] = data.eval_windows(ids, seqlen)[: args.max_windows]
-    windows = windows_cache[key]
+    if key not in cache:
+        ids = data.encode(tok, data.text_source(data.resolve_wikitext(text, split), "eval"))
+        cache[key] = data.eval_windows(ids, seqlen)[:max_windows]
+    windows = cache[key]
     if windows.max() >= config.vocab_size:
         raise data.DataError(f"{model_dir}: tokenizer produced id {windows.max()} >= vocab_size {config.vocab_size}")
-    model = mm.load_model(model_dir, mm.DTYPES[args.dtype], args.device)
-    print(f"{model_dir}: {len(windows)} windows x {seqlen} tokens", file=sys.stderr)
+    return windows
+
+
+def evaluate(model_dir: str, windows: torch.Tensor, dtype: str = "float32", device: str = "cpu",
+             batch_size: int = 8, router: bool = False) -> dict:
+    """Perplexity (and router statistics) of one checkpoint on the given windows."""
+    model = load_model(model_dir, DTYPES[dtype], device)
+    print(f"{model_dir}: {len(windows)} windows x {windows.shape[1]} tokens", file=sys.stderr)
     t0 = time.time()
-    ppl = perplexity(model, windows, args.batch_size, args.device, progress=True)
+    ppl = perplexity(model, windows, batch_size, device, progress=True)
     dt = time.time() - t0
-    result = {"model": model_dir, "data": args.data, "ppl": ppl, "windows": len(windows),
-              "tokens": windows.numel(), "seqlen": seqlen, "tokens_per_s": windows.numel() / dt}
-    if args.router_stats:
-        result["router"] = router_stats(model, windows, args.batch_size, args.device)
+    result = {"model": model_dir, "ppl": ppl, "windows": len(windows), "tokens": windows.numel(),
+              "seqlen": windows.shape[1], "tokens_per_s": windows.numel() / dt}
+    if router:
+        result["router"] = router_stats(model, windows, batch_size, device)
         result["load_cv_mean"] = sum(r["load_cv"] for r in result["router"]) / len(result["router"])
     return result
 
@@ -147,7 +157,7 @@ def main(argv=None):
                         "max_position_embeddings if that is smaller, e.g. 512 for the embedded model)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--dtype", default="float32", choices=list(mm.DTYPES), help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda when available, else cpu")
     p.add_argument("--router-stats", action="store_true",
@@ -160,8 +170,10 @@ def main(argv=None):
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
         for model_dir in args.model or [data.default_model_dir()]:
-            results.append(evaluate(model_dir, args, cache))
-    except (mm.CheckpointError, data.DataError) as e:
+            windows = evaluation_windows(model_dir, args.data, args.split, args.seqlen, args.max_windows, cache)
+            results.append({**evaluate(model_dir, windows, args.dtype, args.device, args.batch_size,
+                                       args.router_stats), "data": args.data})
+    except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
     print(markdown_table(results, args.router_stats))
     if args.router_stats:

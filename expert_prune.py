@@ -10,10 +10,10 @@ NAEE, "Not All Experts are Equal" (Lu et al. 2024, arXiv 2402.14800):
     experts re-indexed) in the official layout, which transformers loads too.
   - dynamic skipping (Section 3.2): with top-2 weights g0 >= g1, skip the second expert when
     g1 < beta * g0; beta per layer = the median of g1 / g0 over calibration tokens (so about half
-    the tokens skip). Stored as config.json's dynamic_skip_beta, honoured by mini_mixtral.py
-    (transformers ignores the field).
-Layers are processed one at a time as in prune.py: the calibration activations go through the
-pruned layer l to make the inputs of layer l+1.
+    the tokens skip). Stored as config.json's dynamic_skip_beta; load_model below installs a
+    SkippingMoeBlock where a checkpoint asks for it (transformers ignores the field).
+Layers are processed one at a time as in prune.py (layerwise.py): the calibration activations
+go through the pruned layer l to make the inputs of layer l+1.
 
 CD-MoE, "Condense, Don't Just Prune" (Cao et al. 2024, arXiv 2412.00069), adapted to Mixtral,
 which has no shared experts: a condensed layer runs k fixed routed experts on every token, each
@@ -21,8 +21,9 @@ weighted by its average gate over all calibration tokens (0 where not routed), a
 router. The k experts are chosen greedily per layer, each step adding the expert that minimises
 the Jensen-Shannon divergence between the original and condensed layer outputs (softmax over the
 hidden dimension, averaged over tokens); the layers to condense are chosen greedily by the same
-divergence at the final hidden state. Stored as config.json's condensed_layers (the official
-tensors are kept whole; the report counts the dropped experts as removed).
+divergence at the final hidden state. Stored as config.json's condensed_layers, run by a
+CondensedMoeBlock (the official tensors are kept whole; the report counts the dropped experts as
+removed).
 
     python expert_prune.py --r 6 --out out/naee-r6
     python expert_prune.py --r 6 --skip --out out/naee-r6-skip
@@ -36,10 +37,85 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import mini_mixtral as mm
+from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, save_model
+from checkpoint import load_model as load_plain_model
+from layerwise import Positions, embed_windows, layers, run_layer
+from progress import log
+
+
+# -----------------------------------------------------------------------------
+# The variants' MoE blocks, installed where a checkpoint's config asks for them
+
+
+def skip_second(weights: torch.Tensor, beta: float) -> torch.Tensor:
+    """NAEE dynamic skipping (arXiv 2402.14800, Section 3.2): with top-2 weights g0 >= g1, a token
+    skips its second expert when g1 < beta * g0. Returns the [N] bool mask of skipping tokens."""
+    return weights[:, 1] < beta * weights[:, 0]
+
+
+class SkippingMoeBlock(mm.SparseMoeBlock):
+    """A top-2 MoE block with NAEE's dynamic skipping: a skipping token's second expert is not run
+    and its first gets weight 1. Shares the router and experts of the block it wraps."""
+
+    def __init__(self, block: mm.SparseMoeBlock, beta: float):
+        nn.Module.__init__(self)
+        self.top_k, self.gate, self.experts, self.beta = block.top_k, block.gate, block.experts, beta
+
+    def forward(self, x, observer=None):
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)  # [N, hidden]
+        router_logits = self.gate(x)  # [N, n_experts]
+        weights, experts = mm.route(router_logits, self.top_k)  # [N, 2] each
+        skip = skip_second(weights, self.beta)  # [N]
+        weights = torch.where(skip[:, None], torch.tensor([1.0, 0.0], device=x.device), weights)
+        keep = torch.stack([torch.ones_like(skip), ~skip], dim=1)  # [N, 2]: a skipper's second choice is not run
+        return self.run_experts(x, weights, experts, observer, keep).view(B, T, H), router_logits
+
+
+class CondensedMoeBlock(nn.Module):
+    """A CD-MoE condensed layer: fixed experts with fixed weights on every token, no router.
+    Holds the whole router and expert list of the block it replaces (the checkpoint stores them)."""
+
+    def __init__(self, block: mm.SparseMoeBlock, experts: list, weights: list):
+        super().__init__()
+        self.gate, self.experts = block.gate, block.experts
+        self.always_on, self.weights = list(experts), list(weights)
+
+    def forward(self, x, observer=None):
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)  # [N, hidden]
+        out = torch.zeros_like(x)
+        tokens = torch.arange(x.shape[0], device=x.device)
+        for e, w in zip(self.always_on, self.weights):
+            expert = self.experts[e]
+            h = expert.hidden(x)  # [N, intermediate]
+            y = expert.w2(h)  # [N, hidden]
+            if observer is not None:
+                observer(mm.ExpertCall(e, tokens, x, torch.full((x.shape[0],), float(w), device=x.device), h, y))
+            out += (y * w).to(x.dtype)
+        return out.view(B, T, H), None  # no router logits
+
+
+def install_variants(model: mm.Mixtral) -> mm.Mixtral:
+    """Replace the MoE blocks that the config marks as condensed or skipping, in place."""
+    cfg = model.config
+    for l, layer in enumerate(model.model.layers):
+        c = (cfg.condensed_layers or {}).get(str(l))
+        if c:
+            layer.block_sparse_moe = CondensedMoeBlock(layer.block_sparse_moe, c["experts"], c["weights"])
+        elif cfg.dynamic_skip_beta:
+            layer.block_sparse_moe = SkippingMoeBlock(layer.block_sparse_moe, cfg.dynamic_skip_beta[l])
+    return model
+
+
+def load_model(path: str, dtype=torch.float32, device="cpu") -> mm.Mixtral:
+    """checkpoint.load_model, with the expert-level variants a checkpoint's config asks for."""
+    return install_variants(load_plain_model(path, dtype, device))
 
 
 # -----------------------------------------------------------------------------
@@ -55,7 +131,7 @@ def masked_route(router_logits, keep, top_k):
 
 
 @torch.no_grad()
-def subset_errors(layer: mm.DecoderLayer, x, cos, sin, mask, r: int, batch_size: int):
+def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: int, batch_size: int):
     """Squared Frobenius error of the MoE block's output for every r-subset of experts, summed over
     all calibration windows; also the g1/g0 ratios of the top-2 routing (for skipping's beta)."""
     block = layer.block_sparse_moe
@@ -63,7 +139,7 @@ def subset_errors(layer: mm.DecoderLayer, x, cos, sin, mask, r: int, batch_size:
     subsets = list(itertools.combinations(range(n), r))
     errors = torch.zeros(len(subsets), dtype=torch.float64)
     for i in range(0, len(x), batch_size):
-        h = layer.post_attention_layernorm(layer.attend(x[i:i + batch_size].float(), cos, sin, mask))
+        h = layer.post_attention_layernorm(layer.attend(x[i:i + batch_size].float(), *pos))
         h = h.reshape(-1, h.shape[-1])  # [N, hidden] the MoE block's input
         y, logits = block(h[None])  # [1, N, hidden] the original output
         y = y[0]
@@ -75,36 +151,26 @@ def subset_errors(layer: mm.DecoderLayer, x, cos, sin, mask, r: int, batch_size:
     return subsets, errors
 
 
-def slice_layer(layer: mm.DecoderLayer, keep, config_r: mm.MixtralConfig, l: int) -> mm.DecoderLayer:
-    """The layer with only the kept experts (re-indexed in order) and the matching router rows."""
-    small = mm.DecoderLayer(config_r, l)
-    sd = layer.state_dict()
-    new = {}
-    for k, v in sd.items():
-        if ".experts." in k:
-            e = int(k.split(".experts.")[1].split(".")[0])
-            if e in keep:
-                new[k.replace(f".experts.{e}.", f".experts.{keep.index(e)}.")] = v
-        elif k == "block_sparse_moe.gate.weight":
-            new[k] = v[list(keep)]
-        else:
-            new[k] = v
-    small.load_state_dict(new)
-    return small
+def slice_experts(block: mm.SparseMoeBlock, keep: list):
+    """In place: only the kept experts (re-indexed in order) and the matching router rows."""
+    gate = nn.Linear(block.gate.in_features, len(keep), bias=False, device="meta")
+    gate.weight = nn.Parameter(block.gate.weight.data[list(keep)])
+    block.gate, block.experts = gate, nn.ModuleList(block.experts[e] for e in keep)
 
 
-def skip_ratios(layer, x, cos, sin, mask, batch_size):
+def skip_ratios(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_size: int):
     """g1 / g0 of every calibration token's top-2 routing at this layer."""
     ratios = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            h = layer.post_attention_layernorm(layer.attend(x[i:i + batch_size].float(), cos, sin, mask))
+            h = layer.post_attention_layernorm(layer.attend(x[i:i + batch_size].float(), *pos))
             w, _ = mm.route(layer.block_sparse_moe.gate(h.reshape(-1, h.shape[-1])), 2)  # h as [N, hidden]
             ratios.append(w[:, 1] / w[:, 0])
     return torch.cat(ratios)
 
 
-def naee(reader, tokens, r, skip, out, overwrite, batch_size, device, log):
+def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out: str, overwrite: bool = False,
+         batch_size: int = 8, device="cpu", log=log) -> dict:
     """NAEE expert pruning to r experts per layer (r = n: none) and optional dynamic skipping."""
     config = reader.config
     n, k = config.num_local_experts, config.num_experts_per_tok
@@ -113,40 +179,31 @@ def naee(reader, tokens, r, skip, out, overwrite, batch_size, device, log):
     if skip and k != 2:
         raise data.DataError(f"dynamic skipping is defined for top-2 routing; this model routes to {k}")
     new = mm.MixtralConfig.from_dict({**config.to_dict(), "num_local_experts": r})
-    x, cos, sin, mask = mm.embed_windows(reader, tokens, device)
-    kept, betas, layers = [], [], []
-    writer = mm.CheckpointWriter(out, new, overwrite=overwrite, src_dir=reader.path)
-    try:
-        mm.copy_outside_layers(reader, writer)
-        for l in range(config.num_hidden_layers):
+    x, pos = embed_windows(reader, tokens, device)
+    kept, betas, per_layer = [], [], []
+    with CheckpointWriter(out, new, overwrite=overwrite, src_dir=reader.path) as writer:
+        for l, layer in layers(reader, writer, device):
             t0 = time.time()
-            layer = mm.load_layer(reader, l, torch.float32, device)
             if r < n:
-                subsets, errors = subset_errors(layer, x, cos, sin, mask, r, batch_size)
+                subsets, errors = subset_errors(layer, x, pos, r, batch_size)
                 best = int(errors.argmin())
                 keep = list(subsets[best])
-                layer = slice_layer(layer, keep, new, l)
-                layers.append({"layer": l, "keep": keep, "error": errors[best].item(),
-                               "worst_error": errors.max().item(), "subsets": len(subsets)})
+                slice_experts(layer.block_sparse_moe, keep)
+                per_layer.append({"layer": l, "keep": keep, "error": errors[best].item(),
+                                  "worst_error": errors.max().item(), "subsets": len(subsets)})
             else:
                 keep = list(range(n))
             if skip:
-                betas.append(skip_ratios(layer, x, cos, sin, mask, batch_size).median().item())
+                betas.append(skip_ratios(layer, x, pos, batch_size).median().item())
             kept.append(keep)
-            x = mm.run_layer(layer, x, cos, sin, mask, batch_size)  # the pruned layer feeds layer l+1
-            for name, p in layer.named_parameters():
-                writer.add(f"model.layers.{l}.{name}", p.data.to(reader.stored_dtype()))
-            writer.flush()
+            x = run_layer(layer, x, pos, batch_size)  # the pruned layer feeds layer l+1
             log(f"layer {l}: keep experts {keep}" + (f", skip beta {betas[-1]:.3f}" if skip else "")
                 + f" ({time.time() - t0:.1f}s)")
         if skip:
             writer.config = mm.MixtralConfig.from_dict({**new.to_dict(), "dynamic_skip_beta": betas})
         report = {"method": "naee", "r": r, "skip": skip, "kept_experts": kept, "skip_beta": betas or None,
-                  "layers": layers, "calibration_tokens": tokens.numel()}
-        writer.close(extra_files={"expert_prune_report.json": report})
-    except BaseException:
-        writer.abort()
-        raise
+                  "layers": per_layer, "calibration_tokens": tokens.numel()}
+        writer.extra_files["expert_prune_report.json"] = report
     return report
 
 
@@ -174,17 +231,17 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
 
     def hidden(condensed):
         """Final hidden states (after the final norm) with `condensed` layers."""
-        old = [l.block_sparse_moe.condensed for l in model.model.layers]
-        for l, c in condensed.items():
-            model.model.layers[l].block_sparse_moe.condensed = c
+        blocks = [layer.block_sparse_moe for layer in model.model.layers]
+        for l, (experts, weights) in condensed.items():
+            model.model.layers[l].block_sparse_moe = CondensedMoeBlock(blocks[l], experts, weights)
         outs = []
         for i in range(0, len(tokens), batch_size):
             h = model.model.embed_tokens(tokens[i:i + batch_size])
             for layer in model.model.layers:
                 h, _ = layer(h, cos, sin, mask)
             outs.append(model.model.norm(h))
-        for layer, c in zip(model.model.layers, old):
-            layer.block_sparse_moe.condensed = c
+        for layer, block in zip(model.model.layers, blocks):
+            layer.block_sparse_moe = block
         return torch.cat(outs)
 
     # per layer: the experts to keep, on that layer's own (original-model) inputs
@@ -221,6 +278,22 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
     return {str(l): {"experts": e, "weights": w} for l, (e, w) in sorted(condensed.items())}
 
 
+def cd_moe(model_dir: str, tokens: torch.Tensor, n_layers: int, n_experts: int, out: str, overwrite: bool = False,
+           batch_size: int = 8, device="cpu", log=log) -> dict:
+    """CD-MoE: condense n_layers layers to n_experts always-on experts each; write the checkpoint."""
+    config = CheckpointReader(model_dir).config
+    if not (1 <= n_layers <= config.num_hidden_layers and 1 <= n_experts <= config.num_local_experts):
+        raise data.DataError(f"--condense-layers must lie in [1, {config.num_hidden_layers}] and "
+                             f"--condense-experts in [1, {config.num_local_experts}]")
+    model = load_plain_model(model_dir, torch.float32, device)
+    condensed = condense(model, tokens.to(device), n_layers, n_experts, batch_size, log)
+    model.config = mm.MixtralConfig.from_dict({**config.to_dict(), "condensed_layers": condensed})
+    report = {"method": "cd-moe", "condensed_layers": condensed, "calibration_tokens": tokens.numel()}
+    save_model(model, out, dtype=CheckpointReader(model_dir).stored_dtype(), overwrite=overwrite, src_dir=model_dir,
+               extra_files={"expert_prune_report.json": report})
+    return report
+
+
 # -----------------------------------------------------------------------------
 # Bookkeeping: what each variant stores and computes
 
@@ -254,7 +327,7 @@ def skip_fraction(model: mm.Mixtral, windows, batch_size=8) -> float:
             if rl is None:
                 continue
             w, _ = mm.route(rl, cfg.num_experts_per_tok)
-            skipped += mm.skip_second(w, cfg.dynamic_skip_beta[l]).sum().item()
+            skipped += skip_second(w, cfg.dynamic_skip_beta[l]).sum().item()
             calls += w.numel()
     return skipped / calls
 
@@ -268,46 +341,30 @@ def main(argv=None):
     p.add_argument("--skip", action="store_true", help="NAEE dynamic skipping, beta = median g1/g0 per layer")
     p.add_argument("--condense-layers", type=int, default=0, help="CD-MoE: how many layers to condense")
     p.add_argument("--condense-experts", type=int, default=2, help="CD-MoE: always-on experts per condensed layer")
-    p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py)")
-    p.add_argument("--calib-tokens", help="an int .npy array [nsamples, seqlen], used verbatim")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (NAEE: 128)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048 capped at the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    data.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
-    log = lambda m: print(m, file=sys.stderr, flush=True)
     try:
         model_dir = args.model or data.default_model_dir()
-        reader = mm.CheckpointReader(model_dir)
+        reader = CheckpointReader(model_dir)
         config = reader.config
         if args.condense_layers and (args.r is not None or args.skip):
             raise data.DataError("CD-MoE (--condense-layers) and NAEE (--r, --skip) are separate runs")
         if not args.condense_layers and args.r is None and not args.skip:
             raise data.DataError("nothing to do: give --r, --skip or --condense-layers")
-        if args.condense_layers and not (1 <= args.condense_layers <= config.num_hidden_layers
-                                         and 1 <= args.condense_experts <= config.num_local_experts):
-            raise data.DataError(f"--condense-layers must lie in [1, {config.num_hidden_layers}] and "
-                                 f"--condense-experts in [1, {config.num_local_experts}]")
         if args.r is not None and args.r < 1:
             raise data.DataError(f"--r {args.r}: must be at least 1")
         if os.path.abspath(args.out) == os.path.abspath(model_dir):
             raise data.DataError("--out is the input checkpoint; choose another directory")
-        import prune
-        tokens = prune.calibration_tokens(args, model_dir, config)
+        tokens = data.calibration_tokens(model_dir, config.vocab_size, config.max_position_embeddings, args.calib_data,
+                                         args.calib_tokens, args.nsamples, args.seqlen, args.seed)
         if args.condense_layers:
-            model = mm.load_model(model_dir, torch.float32, args.device)
-            layers = condense(model, tokens.to(args.device), args.condense_layers, args.condense_experts,
-                              args.batch_size, log)
-            new = mm.MixtralConfig.from_dict({**config.to_dict(), "condensed_layers": layers})
-            model.config = new
-            mm.save_model(model, args.out, dtype=reader.stored_dtype(), overwrite=args.overwrite, src_dir=model_dir,
-                          extra_files={"expert_prune_report.json": {"method": "cd-moe", "condensed_layers": layers,
-                                                                    "calibration_tokens": tokens.numel()}})
-            return {"condensed_layers": layers}
+            return cd_moe(model_dir, tokens, args.condense_layers, args.condense_experts, args.out, args.overwrite,
+                          args.batch_size, args.device)
         return naee(reader, tokens, args.r if args.r is not None else config.num_local_experts, args.skip,
-                    args.out, args.overwrite, args.batch_size, args.device, log)
-    except (mm.CheckpointError, data.DataError) as e:
+                    args.out, args.overwrite, args.batch_size, args.device)
+    except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -42,10 +42,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 import data
 import mini_mixtral as mm
-from eval_ppl import perplexity, router_stats
+from checkpoint import CheckpointError, load_model, read_config, save_model
+from eval_ppl import expert_load_cv, perplexity, router_stats
+from progress import log
 
 
 @dataclass
@@ -104,10 +108,31 @@ def upcycle(dense: mm.Mixtral, config: mm.MixtralConfig, seed: int) -> mm.Mixtra
     return moe
 
 
+def load_balancing_loss(router_logits: list, top_k: int, per_layer: bool = False) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss: n_experts * sum_e f_e * P_e.
+
+    f_e = fraction of (token, slot) assignments that go to expert e, P_e = mean router
+    probability of e. Minimal (= top_k) when both are uniform. per_layer=False pools every
+    layer's tokens first, exactly as transformers' load_balancing_loss_func does: that balances
+    only the experts' total over layers, so one layer can send most tokens to experts that
+    another layer avoids. per_layer=True is Switch Transformers' form (Fedus et al. 2021, Eq. 4,
+    applied in every MoE layer): the mean over layers of each layer's own loss.
+    """
+    if per_layer:
+        return torch.stack([load_balancing_loss([l], top_k) for l in router_logits]).mean()
+    logits = torch.cat(router_logits)  # [layers * N, n_experts]
+    n_experts = logits.shape[-1]
+    probs = F.softmax(logits.float(), dim=-1)
+    _, chosen = torch.topk(probs, top_k, dim=-1)  # [M, k]
+    f = F.one_hot(chosen, n_experts).float().mean(dim=0)  # [k, n_experts]
+    p = probs.mean(dim=0)  # [n_experts]
+    return n_experts * (f * p).sum()
+
+
 def batch_load_cv(router_logits: torch.Tensor) -> float:
     """Eq. 4-5's load CV of one layer on the current batch (top-1 counts), to watch balance live."""
     n_experts = router_logits.shape[-1]
-    return mm.expert_load_cv(torch.bincount(router_logits.detach().argmax(-1), minlength=n_experts))
+    return expert_load_cv(torch.bincount(router_logits.detach().argmax(-1), minlength=n_experts))
 
 
 def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save_fn, save_every, log):
@@ -136,7 +161,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
             g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps)
         logits, router_logits = model(x, return_router_logits=True)
         ce = mm.next_token_nll(logits, x)
-        aux = mm.load_balancing_loss(router_logits, k, per_layer) if is_moe else torch.zeros(())
+        aux = load_balancing_loss(router_logits, k, per_layer) if is_moe else torch.zeros(())
         loss = ce + tc.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,9 +240,6 @@ def main(argv=None):
     state_path = out + ".train_state.pt"
     state = torch.load(state_path, weights_only=False) if args.resume and os.path.isfile(state_path) else None
 
-    def log(msg):
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
     def save_state(s):
         torch.save({**s, "tokenizer": tok.to_str()}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
@@ -228,13 +250,13 @@ def main(argv=None):
     previous = None
     if args.init_from:  # a continued MoE stage: shape and tokenizer come from the checkpoint
         try:
-            c = mm.read_config(args.init_from)
+            c = read_config(args.init_from)
             if c.num_local_experts < 2:
-                raise mm.CheckpointError(f"{args.init_from} is not an MoE checkpoint (num_local_experts "
+                raise CheckpointError(f"{args.init_from} is not an MoE checkpoint (num_local_experts "
                                          f"{c.num_local_experts})")
-            init = mm.load_model(args.init_from)
+            init = load_model(args.init_from)
             tok = data.load_tokenizer(args.init_from)
-        except (mm.CheckpointError, data.DataError) as e:
+        except (CheckpointError, data.DataError) as e:
             sys.exit(f"error: {e}")
         fn = os.path.join(args.init_from, "report.json")
         previous = json.load(open(fn)) if os.path.isfile(fn) else None
@@ -242,7 +264,6 @@ def main(argv=None):
             setattr(tc, f, getattr(c, f))
         tc.dense_tokens = 0  # no dense stage in this run; the previous one is in report.json's "previous"
     if state is not None:  # a resumed run keeps the tokenizer it started with
-        from tokenizers import Tokenizer
         tok = Tokenizer.from_str(state["tokenizer"])
     elif args.tokenizer and not args.init_from:
         try:
@@ -283,7 +304,7 @@ def main(argv=None):
               "init_from": args.init_from, "previous": previous}
     log(f"upcycled MoE: held-out ppl {ppl:.2f} (dense {dense_ppl:.2f}, unigram {report['unigram_ppl']:.1f}); "
         f"load CV per layer {[round(s['load_cv'], 3) for s in stats]}")
-    mm.save_model(moe, out, dtype=torch.float16, overwrite=args.overwrite,
+    save_model(moe, out, dtype=torch.float16, overwrite=args.overwrite,
                   extra_files={"tokenizer.json": tok.to_str(pretty=True), "report.json": report})
     if os.path.isfile(state_path):
         os.remove(state_path)

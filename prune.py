@@ -22,12 +22,13 @@ routed tokens) and w2 (input: silu(w1 x) * (w3 x) of the routed tokens). Router 
 stay dense and bitwise unchanged unless --prune-attention, which prunes q/k/v/o with the
 method's router-free form (gate = 1 over all tokens).
 
-Protocol (Wanda/SparseGPT reference code): embed the calibration windows; for each layer l:
-read it from the checkpoint, run the calibration activations through it once with dense
-weights collecting every matrix's statistics, prune all its matrices, run it again with the
-pruned weights to make the inputs of layer l+1, write it to the output, free it. With
---dense-forward the dense outputs feed layer l+1 instead (Algorithm 1 read literally). Only one
-decoder layer's weights and the calibration activations are ever in memory.
+Protocol: MoE-Pruner's Algorithm 1, in `prune_layers`, as Wanda's and SparseGPT's reference
+code run it: embed the calibration windows; for each layer l: read it from the checkpoint, run
+the calibration activations through it once with dense weights collecting every matrix's
+statistics, prune all its matrices, run it again with the pruned weights to make the inputs of
+layer l+1, write it to the output, free it (layerwise.py). With --dense-forward the dense
+outputs feed layer l+1 instead (Algorithm 1 read literally). Only one decoder layer's weights
+and the calibration activations are ever in memory.
 
     python prune.py --method moe-pruner --sparsity 0.5 --out out/moe-pruner-50
     python prune.py --model DIR --method wanda --sparsity 0.5 --nm 2:4 --out out/wanda-24
@@ -38,11 +39,16 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
 import data
 import mini_mixtral as mm
+from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DTYPES, expected_shapes
+from layerwise import Positions, embed_windows, layers, run_layer
+from progress import Laps, log
 
 METHODS = ("moe-pruner", "wanda", "sparsegpt", "magnitude")
 
@@ -221,7 +227,8 @@ def matrices(layer: mm.DecoderLayer, prune_attention: bool):
 
 
 @torch.no_grad()
-def collect_stats(layer, x, cos, sin, mask, method, prune_attention, batch_size):
+def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, method: str, prune_attention: bool,
+                  batch_size: int):
     """One dense calibration pass through the layer: every matrix's input statistics, the tokens
     routed to each expert, and the dense outputs."""
     n_experts = len(layer.block_sparse_moe.experts)
@@ -235,7 +242,7 @@ def collect_stats(layer, x, cos, sin, mask, method, prune_attention, batch_size)
 
     hooks = attention_inputs(layer, stats) if prune_attention else []
     try:
-        dense_out = mm.run_layer(layer, x, cos, sin, mask, batch_size, observer)
+        dense_out = run_layer(layer, x, pos, batch_size, observer)
     finally:
         for h in hooks:
             h.remove()
@@ -243,8 +250,9 @@ def collect_stats(layer, x, cos, sin, mask, method, prune_attention, batch_size)
 
 
 @torch.no_grad()
-def prune_layer(layer, stats, method, sparsity, nm, prune_attention):
-    """Prune the layer's matrices in place; returns {name: (zeros, numel)} and fallback names."""
+def prune_layer(layer: mm.DecoderLayer, stats: dict, method: str, sparsity: float, nm, prune_attention: bool) -> dict:
+    """Prune the layer's matrices in place. Returns {"counts": {name: (zeros, numel)},
+    "fallbacks": [names pruned by magnitude for want of calibration tokens], "routed": [tokens per expert]}."""
     counts, fallbacks = {}, []
     for name, module, key in matrices(layer, prune_attention):
         w, fell_back = prune_matrix(module.weight.data, method, stats[key], sparsity, nm)
@@ -252,11 +260,52 @@ def prune_layer(layer, stats, method, sparsity, nm, prune_attention):
         counts[name] = ((w == 0).sum().item(), w.numel())
         if fell_back:
             fallbacks.append(name)
-    return counts, fallbacks
+    routed = [stats[f"expert.{e}.x"].tokens for e in range(len(layer.block_sparse_moe.experts))]
+    return {"counts": counts, "fallbacks": fallbacks, "routed": routed}
 
 
 # -----------------------------------------------------------------------------
-# The whole model, one layer at a time
+# Algorithm 1
+
+
+def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, method: str, sparsity: float, nm=None,
+                 prune_attention: bool = False, dense_forward: bool = False, batch_size: int = 8, laps: Laps = None):
+    """MoE-Pruner Algorithm 1, the layer-wise loop every method here shares. decoder_layers yields
+    (l, decoder layer l) in order (layerwise.layers); x [n, T, hidden] are layer 0's inputs.
+    Yields (l, prune_layer's summary) once layer l is pruned; laps times the three phases."""
+    laps = laps or Laps()
+    for l, layer in decoder_layers:
+        stats, dense_out = collect_stats(layer, x, pos, method, prune_attention, batch_size)  # X and Gate per expert
+        laps.lap("stats_forward_s")
+        pruned = prune_layer(layer, stats, method, sparsity, nm, prune_attention)  # S_ij by Eq. 9 (or 8), per row
+        laps.lap("prune_s")
+        x = dense_out if dense_forward else run_layer(layer, x, pos, batch_size)  # the inputs of layer l+1
+        laps.lap("next_forward_s")
+        del stats, dense_out  # nothing of layer l stays in memory while layer l+1 is read
+        yield l, pruned
+
+
+# -----------------------------------------------------------------------------
+# The checkpoint: calibration, Algorithm 1, report, output
+
+
+@dataclass
+class PruneArgs:
+    """Everything that decides a pruning run's output (recorded as the report's "args")."""
+
+    method: str = "moe-pruner"
+    sparsity: float = 0.5  # fraction of each expert matrix row pruned; N:M overrides it with (M - N) / M
+    nm: Optional[str] = None  # "N:M" semi-structured sparsity, e.g. "2:4"
+    calib_data: str = "stdlib"  # a text file, or the embedded corpus's calibration split
+    calib_tokens: Optional[str] = None  # an int .npy [nsamples, seqlen] used verbatim instead
+    nsamples: int = 128  # paper: 128 calibration sequences
+    seqlen: Optional[int] = None  # None: 2048 (Wanda's; the paper does not say), capped at the model's context
+    seed: int = 0
+    prune_attention: bool = False
+    dense_forward: bool = False
+    batch_size: int = 8  # calibration windows per forward pass; does not change the result (float64 sums)
+    act_dtype: str = "float32"
+    device: str = "cpu"
 
 
 def parse_nm(s):
@@ -271,24 +320,7 @@ def parse_nm(s):
     return n, m
 
 
-def calibration_tokens(args, model_dir, config):
-    """[nsamples, seqlen] token ids: verbatim from --calib-tokens, else random windows of text."""
-    if args.calib_tokens:
-        tokens = data.load_token_file(args.calib_tokens, config.vocab_size)
-    else:
-        seqlen = args.seqlen or min(2048, config.max_position_embeddings)
-        tok = data.load_tokenizer(model_dir)
-        ids = data.encode(tok, data.text_source(args.calib_data, "calib"))
-        if len(ids) and ids.max() >= config.vocab_size:
-            raise data.DataError(f"tokenizer produced id {ids.max()} >= vocab_size {config.vocab_size}")
-        tokens = data.calibration_windows(ids, args.nsamples, seqlen, args.seed)
-    if tokens.shape[1] > config.max_position_embeddings:
-        raise data.DataError(f"calibration windows of {tokens.shape[1]} tokens exceed max_position_embeddings "
-                             f"{config.max_position_embeddings}")
-    return tokens
-
-
-def check_args(args, config, nm):
+def check_args(args: PruneArgs, config: mm.MixtralConfig, nm):
     if args.method not in METHODS:
         raise data.DataError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
     if not 0 <= args.sparsity < 1:
@@ -302,69 +334,47 @@ def check_args(args, config, nm):
                 raise data.DataError(f"--nm {nm[0]}:{nm[1]}: M={nm[1]} does not divide the {n_in} inputs of {what}")
         if args.method == "sparsegpt" and 128 % nm[1]:
             raise data.DataError("--nm with sparsegpt needs M dividing the block size 128")
-
-
-def prune_checkpoint(args, log=print):
-    """Read args.model, prune it layer by layer, write args.out. Returns the report."""
-    nm = parse_nm(args.nm)
-    model_dir = args.model or data.default_model_dir()
-    reader = mm.CheckpointReader(model_dir)
-    config = reader.config
-    check_args(args, config, nm)
-    out_abs, in_abs = os.path.abspath(args.out), os.path.abspath(model_dir)
-    if out_abs == in_abs:
-        raise data.DataError("--out is the input checkpoint; choose another directory")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
-    tokens = calibration_tokens(args, model_dir, config)
+
+
+def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool = False, log=log) -> dict:
+    """Read model_dir, prune it layer by layer (Algorithm 1), write out. Returns the report."""
+    nm = parse_nm(args.nm)
+    reader = CheckpointReader(model_dir)
+    config = reader.config
+    check_args(args, config, nm)
+    if os.path.abspath(out) == os.path.abspath(model_dir):
+        raise data.DataError("--out is the input checkpoint; choose another directory")
+    tokens = data.calibration_tokens(model_dir, config.vocab_size, config.max_position_embeddings, args.calib_data,
+                                     args.calib_tokens, args.nsamples, args.seqlen, args.seed)
     sparsity = (nm[1] - nm[0]) / nm[1] if nm is not None else args.sparsity  # N:M fixes it at (M - N) / M
-    act_dtype = mm.DTYPES[args.act_dtype]
     dev = torch.device(args.device)
-    writer = mm.CheckpointWriter(args.out, config, overwrite=args.overwrite, src_dir=model_dir)
-    try:
+    with CheckpointWriter(out, config, overwrite=overwrite, src_dir=model_dir) as writer:
         t_start = time.time()
-        log(f"{model_dir} -> {args.out}: {args.method}, sparsity {sparsity:.3f}"
+        log(f"{model_dir} -> {out}: {args.method}, sparsity {sparsity:.3f}"
             f"{f' ({nm[0]}:{nm[1]})' if nm else ''}, {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
-        x, cos, sin, mask = mm.embed_windows(reader, tokens, dev, act_dtype)  # x: [n, T, hidden]
-        mm.copy_outside_layers(reader, writer)  # untouched: written bitwise as stored
-        per_matrix, layers, fallbacks, routed = {}, [], [], []
-        for l in range(config.num_hidden_layers):
-            t0 = time.time()
-            layer = mm.load_layer(reader, l, torch.float32, dev)
-            stats, dense_out = collect_stats(layer, x, cos, sin, mask, args.method, args.prune_attention,
-                                             args.batch_size)
-            t1 = time.time()
-            counts, fb = prune_layer(layer, stats, args.method, sparsity, nm, args.prune_attention)
-            t2 = time.time()
-            x = dense_out if args.dense_forward else mm.run_layer(layer, x, cos, sin, mask, args.batch_size)
-            del dense_out
-            t3 = time.time()
-            prefix = f"model.layers.{l}."
-            for name, p in layer.named_parameters():
-                full = prefix + name
-                # pruned matrices go back in their stored dtype; the rest is copied bitwise
-                writer.add(full, p.data.to(reader.dtype_of(full)) if name in counts else reader.get(full))
-            writer.flush()  # one shard per layer: nothing of layer l stays in memory
-            del layer
+        x, pos = embed_windows(reader, tokens, dev, DTYPES[args.act_dtype])  # x: [n, T, hidden]
+        per_matrix, per_layer, fallbacks, routed, laps = {}, [], [], [], Laps()
+        for l, pruned in prune_layers(layers(reader, writer, dev), x, pos, args.method, sparsity, nm,
+                                      args.prune_attention, args.dense_forward, args.batch_size, laps):
+            prefix, counts = f"model.layers.{l}.", pruned["counts"]
             per_matrix.update({prefix + k: z / n for k, (z, n) in counts.items()})
-            fallbacks += [prefix + f for f in fb]
-            routed.append([stats[f"expert.{e}.x"].tokens for e in range(config.num_local_experts)])
-            layers.append({"layer": l, "stats_forward_s": t1 - t0, "prune_s": t2 - t1, "next_forward_s": t3 - t2,
-                           "expert_sparsity": sum(z for k, (z, n) in counts.items() if "experts" in k)
-                           / sum(n for k, (z, n) in counts.items() if "experts" in k)})
-            log(f"layer {l}: stats {t1 - t0:.1f}s, prune {t2 - t1:.2f}s, next {t3 - t2:.1f}s, "
-                f"expert sparsity {layers[-1]['expert_sparsity']:.4f}")
-        report = {"args": {k: v for k, v in vars(args).items()}, "model": model_dir, "method": args.method,
-                  "sparsity_target": sparsity, "nm": args.nm,
+            fallbacks += [prefix + f for f in pruned["fallbacks"]]
+            routed.append(pruned["routed"])
+            experts = [k for k in counts if "experts" in k]
+            per_layer.append({"layer": l, **laps.times, "expert_sparsity": sum(counts[k][0] for k in experts)
+                              / sum(counts[k][1] for k in experts)})
+            log(f"layer {l}: stats {laps.times['stats_forward_s']:.1f}s, prune {laps.times['prune_s']:.2f}s, "
+                f"next {laps.times['next_forward_s']:.1f}s, expert sparsity {per_layer[-1]['expert_sparsity']:.4f}")
+        report = {"args": {"model": model_dir, "out": out, "overwrite": overwrite, **asdict(args)},
+                  "model": model_dir, "method": args.method, "sparsity_target": sparsity, "nm": args.nm,
                   "calibration": {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "tokens": tokens.numel()},
                   "routed_tokens_per_expert": routed, "magnitude_fallback": fallbacks,
-                  "layers": layers, "seconds": time.time() - t_start}
+                  "layers": per_layer, "seconds": time.time() - t_start}
         report.update(sparsity_summary(config, per_matrix))
         report["per_matrix_sparsity"] = per_matrix
-        writer.close(extra_files={"prune_report.json": report})
-    except BaseException:
-        writer.abort()
-        raise
+        writer.extra_files["prune_report.json"] = report
     log(f"expert sparsity {report['expert_sparsity']:.4f}, all decoder linear layers "
         f"{report['decoder_linear_sparsity']:.4f}, whole model {report['overall_sparsity']:.4f} "
         f"({report['seconds']:.1f}s)")
@@ -374,7 +384,7 @@ def prune_checkpoint(args, log=print):
 def sparsity_summary(config, per_matrix):
     """Expert-only, decoder-linear (experts + attention + router, Wanda's check) and whole-model
     sparsity, computed from the pruned matrices' sparsity and the config's shapes."""
-    shapes = mm.expected_shapes(config)
+    shapes = expected_shapes(config)
     numel = {k: math.prod(s) for k, s in shapes.items()}
     zeros = {k: per_matrix.get(k, 0.0) * numel[k] for k in numel}
     experts = [k for k in numel if ".experts." in k]
@@ -390,15 +400,7 @@ def main(argv=None):
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
     p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
-    p.add_argument("--calib-data", default="stdlib",
-                   help="calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
-                        "for the embedded corpus's calibration split (default)")
-    p.add_argument("--calib-tokens", help="an int .npy array [nsamples, seqlen] of token ids, used verbatim")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
-    p.add_argument("--seqlen", type=int, default=None,
-                   help="tokens per window (default 2048 as in the paper's protocol, capped at the model's "
-                        "max_position_embeddings: 512 for the embedded model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    data.add_calibration_args(p)
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--prune-attention", action="store_true",
@@ -407,15 +409,16 @@ def main(argv=None):
                    help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
                         "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
-    p.add_argument("--act-dtype", default="float32", choices=list(mm.DTYPES),
+    p.add_argument("--act-dtype", default="float32", choices=list(DTYPES),
                    help="dtype the calibration activations are kept in between layers (half precision halves memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available, else cpu")
-    args = p.parse_args(argv)
-    if args.calib_tokens and args.calib_data != "stdlib":
+    a = p.parse_args(argv)
+    if a.calib_tokens and a.calib_data != "stdlib":
         p.error("give --calib-data or --calib-tokens, not both")
+    args = PruneArgs(**{k: v for k, v in vars(a).items() if k not in ("model", "out", "overwrite")})
     try:
-        return prune_checkpoint(args, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (mm.CheckpointError, data.DataError) as e:
+        return prune_checkpoint(a.model or data.default_model_dir(), a.out, args, a.overwrite)
+    except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
 
 

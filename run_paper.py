@@ -36,19 +36,25 @@ import numpy as np
 import torch
 
 import data
+import distill
 import eval_ppl
-import mini_mixtral as mm
+import expert_prune
 import prune
+from checkpoint import CheckpointError, CheckpointReader, read_config
+from progress import log
+
+try:  # optional: the plots
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")
 CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
 # MoE-Pruner Table 2, WikiText perplexity of Mixtral-8x7B (for the side-by-side table).
 PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.97, ("moe-pruner", "50%"): 4.68,
                 ("sparsegpt", "2:4"): 7.09, ("wanda", "2:4"): 6.98, ("moe-pruner", "2:4"): 5.88}
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -72,14 +78,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         model = args.model or data.default_model_dir()
-        config = mm.read_config(model)
-    except (mm.CheckpointError, data.DataError) as e:
+        config = read_config(model)
+    except (CheckpointError, data.DataError) as e:
         sys.exit(f"error: {e}")
     seqlen = args.seqlen or min(2048, config.max_position_embeddings)
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, "checkpoints") if args.keep else tempfile.mkdtemp(prefix="run_paper-")
     os.makedirs(work, exist_ok=True)
-    dev = ["--device", args.device] if args.device else []
 
     # one set of calibration windows for every method (and its prefixes for the calibration sweep)
     try:
@@ -91,14 +96,14 @@ def main(argv=None):
     calib_file = os.path.join(args.out, "calib_tokens.npy")
     np.save(calib_file, calib)
     try:  # one set of evaluation windows for every model
-        ids = data.encode(tok, data.text_source(eval_ppl.resolve_data(args.eval_data, "test"), "eval"))
+        ids = data.encode(tok, data.text_source(data.resolve_wikitext(args.eval_data, "test"), "eval"))
         windows = data.eval_windows(ids, seqlen)[: args.eval_windows or None]
     except data.DataError as e:
         sys.exit(f"error: {e}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def evaluate(path):
-        model_ = mm.load_model(path, torch.float32, device)
+        model_ = expert_prune.load_model(path, torch.float32, device)
         return {"ppl": eval_ppl.perplexity(model_, windows, 8, device), "windows": len(windows),
                 "tokens": windows.numel()}
 
@@ -125,9 +130,8 @@ def main(argv=None):
         calib_n = os.path.join(work, f"calib-{n}.npy")
         np.save(calib_n, calib[:n])
         t0 = time.time()
-        report = prune.main(["--model", model, "--method", method, "--sparsity", str(sparsity),
-                             *(["--nm", nm] if nm else []), "--calib-tokens", calib_n, "--out", out, "--overwrite",
-                             *dev])
+        report = prune.prune_checkpoint(model, out, prune.PruneArgs(method, sparsity, nm, calib_tokens=calib_n,
+                                                                     device=device), overwrite=True)
         prune_s = time.time() - t0
         ev = evaluate(out)
         done[key] = {"method": method, "sparsity": sparsity, "nm": nm, "nsamples": n, "ppl": ev["ppl"],
@@ -139,9 +143,9 @@ def main(argv=None):
         elapsed = time.time() - t_start
         log(f"[{i + 1}/{len(plan)}] {method} {nm or f'{sparsity:.0%}'} n={n}: ppl {ev['ppl']:.3f}, "
             f"pruned in {prune_s:.1f}s; {elapsed / 60:.1f} min elapsed, ~{elapsed / (i + 1) * (len(plan) - i - 1) / 60:.1f} left")
-    experts = expert_level(model, config, calib_file, work, evaluate, dev, args.keep) if args.only in (
+    experts = expert_level(model, config, calib_file, work, evaluate, device, args.keep) if args.only in (
         None, "experts") else []
-    distilled = distill_part(model, dense["ppl"], calib_file, work, evaluate, dev, args.keep) if (
+    distilled = distill_part(model, dense["ppl"], calib_file, work, evaluate, device, args.keep) if (
         args.only == "distill") else []
     if not args.keep:
         shutil.rmtree(work)
@@ -158,32 +162,32 @@ def main(argv=None):
     plots(results, args.out)
 
 
-def expert_level(model, config, calib_file, work, evaluate, dev, keep):
+def expert_level(model, config, calib_file, work, evaluate, device, keep):
     """NAEE / CD-MoE variants and MoE-Pruner at several budgets, on the same calibration windows."""
-    import expert_prune
     n = config.num_local_experts
-    variants = [("dense", None, None), (f"NAEE r={n - 2}", "expert", ["--r", str(n - 2)]),
-                (f"NAEE r={n // 2}", "expert", ["--r", str(n // 2)]), ("NAEE skipping", "expert", ["--skip"]),
-                (f"NAEE r={n - 2} + skipping", "expert", ["--r", str(n - 2), "--skip"]),
-                ("CD-MoE 1 layer x 2 experts", "expert", ["--condense-layers", "1", "--condense-experts", "2"]),
-                ("CD-MoE 2 layers x 2 experts", "expert", ["--condense-layers", "2", "--condense-experts", "2"]),
-                ("CD-MoE 2 layers x 4 experts", "expert", ["--condense-layers", "2", "--condense-experts", "4"]),
-                ("MoE-Pruner 25%", "prune", ["--sparsity", "0.25"]), ("MoE-Pruner 50%", "prune", ["--sparsity", "0.5"]),
-                ("MoE-Pruner 2:4", "prune", ["--nm", "2:4"])]
+    tokens = torch.from_numpy(np.load(calib_file))
+    variants = [("dense", None, None), (f"NAEE r={n - 2}", "naee", (n - 2, False)), (f"NAEE r={n // 2}", "naee", (n // 2, False)),
+                ("NAEE skipping", "naee", (n, True)), (f"NAEE r={n - 2} + skipping", "naee", (n - 2, True)),
+                ("CD-MoE 1 layer x 2 experts", "cd-moe", (1, 2)), ("CD-MoE 2 layers x 2 experts", "cd-moe", (2, 2)),
+                ("CD-MoE 2 layers x 4 experts", "cd-moe", (2, 4)),
+                ("MoE-Pruner 25%", "prune", (0.25, None)), ("MoE-Pruner 50%", "prune", (0.5, None)),
+                ("MoE-Pruner 2:4", "prune", (0.5, "2:4"))]
     rows = []
     for name, kind, extra in variants:
         out = model if kind is None else os.path.join(work, name.replace(" ", "_").replace(":", "of").replace("%", ""))
         t0 = time.time()
-        if kind == "expert":
-            expert_prune.main(["--model", model, "--calib-tokens", calib_file, "--out", out, "--overwrite", *extra])
+        if kind == "naee":
+            expert_prune.naee(CheckpointReader(model), tokens, *extra, out, overwrite=True)
+        elif kind == "cd-moe":
+            expert_prune.cd_moe(model, tokens, *extra, out, overwrite=True)
         elif kind == "prune":
-            prune.main(["--model", model, "--method", "moe-pruner", "--calib-tokens", calib_file, "--out", out,
-                        "--overwrite", *extra, *dev])
+            prune.prune_checkpoint(model, out, prune.PruneArgs("moe-pruner", *extra, calib_tokens=calib_file,
+                                                               device=device), overwrite=True)
         seconds = time.time() - t0
         ev = evaluate(out)
-        m = mm.load_model(out)
+        m = expert_prune.load_model(out)
         cfg = m.config
-        skip = expert_prune.skip_fraction(m, torch.from_numpy(np.load(calib_file))[:16])
+        skip = expert_prune.skip_fraction(m, tokens[:16])
         nonzero = 1.0
         if kind == "prune":
             nonzero = 1 - json.load(open(os.path.join(out, "prune_report.json")))["expert_sparsity"]
@@ -200,21 +204,20 @@ def expert_level(model, config, calib_file, work, evaluate, dev, keep):
     return rows
 
 
-def distill_part(model, dense_ppl, calib_file, work, evaluate, dev, keep):
+def distill_part(model, dense_ppl, calib_file, work, evaluate, device, keep):
     """Prune (moe-pruner, wanda; 50% and 2:4), distill with distill.py's defaults, evaluate."""
-    import distill
     rows = []
     for method in ("moe-pruner", "wanda"):
-        for label, extra in (("50%", ["--sparsity", "0.5"]), ("2:4", ["--nm", "2:4"])):
+        for label, sparsity, nm in (("50%", 0.5, None), ("2:4", 0.5, "2:4")):
             pruned = os.path.join(work, f"kd-{method}-{label.replace(':', 'of').replace('%', '')}")
-            prune.main(["--model", model, "--method", method, *extra, "--calib-tokens", calib_file, "--out", pruned,
-                        "--overwrite", *dev])
+            prune.prune_checkpoint(model, pruned, prune.PruneArgs(method, sparsity, nm, calib_tokens=calib_file,
+                                                                  device=device), overwrite=True)
             pruned_ppl = evaluate(pruned)["ppl"]
             for mode in ("full", "per-expert") if method == "moe-pruner" else ("full",):
                 out = pruned + f"-{mode}"
                 t0 = time.time()
-                report = distill.main(["--teacher", model, "--student", pruned, "--out", out, "--overwrite",
-                                       "--mode", mode, *dev])
+                report = distill.distill_checkpoint(model, pruned, out, distill.DistillConfig(), mode, device=device,
+                                                    overwrite=True)
                 ppl = evaluate(out)["ppl"]
                 rows.append({"method": method, "sparsity": label, "mode": mode, "dense_ppl": dense_ppl,
                              "pruned_ppl": pruned_ppl, "distilled_ppl": ppl,
@@ -274,11 +277,7 @@ def markdown(res):
 
 
 def plots(res, out_dir):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if plt is None:
         log("matplotlib not installed: no plots (pip install matplotlib)")
         return
     for part, x, xlabel, methods, fn in (("sparsity", "sparsity", "expert sparsity", METHODS, "sparsity_sweep.png"),

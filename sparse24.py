@@ -38,9 +38,14 @@ import json
 import sys
 
 import torch
+from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+from torch.sparse._semi_structured_conversions import (sparse_semi_structured_from_dense_cutlass,
+                                                       sparse_semi_structured_to_dense_cutlass)
 
 import data
 import mini_mixtral as mm
+import prune
+from checkpoint import CheckpointError, CheckpointReader, DTYPES, load_model, read_config
 
 HALF = (torch.float16, torch.bfloat16)
 MIN_ROWS, MIN_COLS = 32, 64  # CUTLASS fp16/bf16 tile (cuSPARSELt's 16 x 16 divides it)
@@ -78,8 +83,6 @@ def convertible(w: torch.Tensor):
 def compress(w: torch.Tensor):
     """Dense 2:4 matrix [rows, cols] -> (values [rows, cols/2], metadata [rows, cols/16] int16)
     in CUTLASS's layout, on whatever device w is (CPU included)."""
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
-
     reason = convertible(w)
     if reason:
         raise SparsityError(f"cannot compress a matrix of {reason}")
@@ -87,8 +90,6 @@ def compress(w: torch.Tensor):
 
 
 def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
-
     return sparse_semi_structured_to_dense_cutlass(values, meta)
 
 
@@ -99,7 +100,7 @@ def nbytes(t: torch.Tensor) -> int:
 def storage_report(model_dir: str, dtype=None, include_attention=False, log=print):
     """Check, compress and round-trip every pruned matrix, one at a time from the checkpoint.
     Returns {"matrices": {name: {...}}, "model": {...}}."""
-    reader = mm.CheckpointReader(model_dir)
+    reader = CheckpointReader(model_dir)
     dtype = dtype or (reader.stored_dtype() if reader.stored_dtype() in HALF else torch.float16)
     matrices, total_dense, total_sparse = {}, 0, 0
     for name in sorted(reader.weight_map, key=lambda k: (len(k), k)):
@@ -144,8 +145,6 @@ def require_cuda():
 
 def backend_class(backend: str):
     """The SparseSemiStructuredTensor subclass of a backend, chosen explicitly."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
     if backend == "cusparselt":
         if not torch.backends.cusparselt.is_available():
             raise SparsityError("cuSPARSELt is not available in this torch build; use --backend cutlass")
@@ -184,7 +183,7 @@ def sparsify_experts(model: mm.Mixtral, backend: str, include_attention=False):
 def compare_logits(model_dir, backend, dtype, windows, include_attention=False):
     """Max |logits difference| between the masked dense model and the semi-structured one."""
     require_cuda()
-    dense = mm.load_model(model_dir, dtype, "cuda")
+    dense = load_model(model_dir, dtype, "cuda")
     ref = dense(windows.cuda()).float()
     kept = sparsify_experts(dense, backend, include_attention)
     out = dense(windows.cuda()).float()
@@ -212,15 +211,15 @@ def main(argv=None):
         if args.run:
             require_cuda()  # before any work
         if args.prune_from:
-            import prune
             if not args.out:
                 raise data.DataError("--prune-from needs --out")
-            prune.main(["--model", args.prune_from, "--method", args.method, "--nm", "2:4", "--out", args.out,
-                        *(["--prune-attention"] if args.include_attention else [])])
+            prune.prune_checkpoint(args.prune_from, args.out, prune.PruneArgs(
+                method=args.method, nm="2:4", prune_attention=args.include_attention,
+                device="cuda" if torch.cuda.is_available() else "cpu"))
             model_dir = args.out
         else:
             model_dir = args.model or data.default_model_dir()
-        dtype = mm.DTYPES[args.dtype] if args.dtype else None
+        dtype = DTYPES[args.dtype] if args.dtype else None
         report = storage_report(model_dir, dtype, args.include_attention)
         m = report["model"]
         print(f"{model_dir}: every pruned matrix is 2:4; {m['converted_matrices']} matrices compressed and "
@@ -234,7 +233,7 @@ def main(argv=None):
         for k, why in m["kept_dense"].items():
             print(f"kept dense: {k}: {why}")
         if args.run:
-            cfg = mm.read_config(model_dir)
+            cfg = read_config(model_dir)
             ids = data.encode(data.load_tokenizer(model_dir), data.stdlib_text("eval"))
             windows = data.eval_windows(ids, min(512, cfg.max_position_embeddings))[:4]
             run = compare_logits(model_dir, args.backend, dtype or torch.float16, windows, args.include_attention)
@@ -244,7 +243,7 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
-    except (mm.CheckpointError, data.DataError, SparsityError) as e:
+    except (CheckpointError, data.DataError, SparsityError) as e:
         sys.exit(f"error: {e}")
     return report
 

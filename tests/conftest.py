@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import checkpoint  # noqa: E402
 import mini_mixtral as mm  # noqa: E402
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
@@ -30,7 +31,7 @@ def write_checkpoint(path, model=None, dtype=None, max_shard_bytes=60_000, token
     """A random checkpoint, sharded (small shards) with an index unless max_shard_bytes is large."""
     model = model or random_model(**overrides)
     extra = {"tokenizer.json": small_tokenizer(model.config.vocab_size).to_str()} if tokenizer else None
-    mm.save_model(model, str(path), dtype=dtype, max_shard_bytes=max_shard_bytes, extra_files=extra)
+    checkpoint.save_model(model, str(path), dtype=dtype, max_shard_bytes=max_shard_bytes, extra_files=extra)
     return str(path)
 
 

@@ -10,7 +10,6 @@ import torch
 
 import data
 import eval_ppl
-import mini_mixtral as mm
 from conftest import TEXT, random_model, small_tokenizer, write_checkpoint
 
 
@@ -133,7 +132,7 @@ def test_several_models_share_windows_and_make_one_table(tmp_path, text_file, ca
     assert [r["windows"] for r in json.load(open(out))] == [5, 5, 5]
     cv = res[0]["router"][0]
     assert sum(cv["top1_counts"]) == 5 * 32 and cv["load_cv"] == pytest.approx(
-        mm.expert_load_cv(torch.tensor(cv["top1_counts"])))
+        eval_ppl.expert_load_cv(torch.tensor(cv["top1_counts"])))
 
 
 def test_wikitext_directory_and_split(tmp_path, ckpt, capsys):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import data
 import distill
-import mini_mixtral as mm
+import checkpoint
 import prune
 from conftest import random_model, small_tokenizer, TEXT, write_checkpoint
 
@@ -29,11 +29,11 @@ def test_full_mode_keeps_the_mask_bitwise_and_learns(tmp_path, pair, text_file):
     teacher, student = pair
     out = str(tmp_path / "kd")
     rep = distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", out, *ARGS])
-    before = distill.zero_masks(mm.load_model(student))
-    after = distill.zero_masks(mm.load_model(out))
+    before = distill.zero_masks(checkpoint.load_model(student))
+    after = distill.zero_masks(checkpoint.load_model(out))
     assert before.keys() == after.keys() and len(before) == 2 * 4 * 3  # every expert matrix, nothing else
     assert all(torch.equal(before[k], after[k]) for k in before)
-    changed = [k for k, v in mm.load_model(out).state_dict().items() if not torch.equal(v, mm.load_model(student).state_dict()[k])]
+    changed = [k for k, v in checkpoint.load_model(out).state_dict().items() if not torch.equal(v, checkpoint.load_model(student).state_dict()[k])]
     assert any("self_attn" in k for k in changed) and any(".experts." in k for k in changed)  # full-parameter
     assert rep["epochs"][1]["ce"] < rep["epochs"][0]["ce"]
     saved = json.load(open(os.path.join(out, "distill_report.json")))
@@ -48,7 +48,7 @@ def test_lambda_is_ce_over_expert_loss_on_the_first_batch(tmp_path, pair, text_f
     ids = data.encode(small_tokenizer(300), TEXT)
     windows = data.calibration_windows(ids, 16, 32, 0)
     first = windows[torch.randperm(16, generator=torch.Generator().manual_seed(0))[:4]]
-    teacher, student = mm.load_model(teacher_dir), mm.load_model(student_dir)
+    teacher, student = checkpoint.load_model(teacher_dir), checkpoint.load_model(student_dir)
     t_cap, s_cap = distill.Capture(teacher), distill.Capture(student, inputs=True)
     with torch.no_grad():
         teacher(first, observers=t_cap.observers)
@@ -84,7 +84,7 @@ def test_per_expert_mode(tmp_path, pair, text_file):
                         "--mode", "per-expert", *ARGS])
     experts = [e for l in rep["layers"] for e in l["experts"]]
     assert experts and all(e["mse_after"] < e["mse_before"] for e in experts)
-    s, o = mm.CheckpointReader(student), mm.CheckpointReader(out)
+    s, o = checkpoint.CheckpointReader(student), checkpoint.CheckpointReader(out)
     for k in s.weight_map:
         a, b = s.get(k), o.get(k)
         if ".experts." in k:

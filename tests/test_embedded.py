@@ -8,13 +8,13 @@ import torch
 
 import data
 import eval_ppl
-import mini_mixtral as mm
+import checkpoint
 
 MODEL = data.SHIPPED_MODEL
 
 
 def test_shipped_model_is_an_official_layout_half_precision_mixtral():
-    reader = mm.CheckpointReader(MODEL)  # checks every key and shape against config.json
+    reader = checkpoint.CheckpointReader(MODEL)  # checks every key and shape against config.json
     assert reader.stored_dtype() == torch.float16
     assert data.default_model_dir() == MODEL
     size = sum(os.path.getsize(os.path.join(MODEL, f)) for f in os.listdir(MODEL))
@@ -29,7 +29,7 @@ def test_shipped_model_reproduces_its_report():
         pytest.skip(f"trained on {report['corpus']}, this interpreter has {data.corpus_id()}")
     ids = data.encode(data.load_tokenizer(MODEL), data.stdlib_text("eval"))
     windows = data.eval_windows(ids, report["train_config"]["seqlen"])[: report["eval_windows"]]
-    ppl = eval_ppl.perplexity(mm.load_model(MODEL), windows)
+    ppl = eval_ppl.perplexity(checkpoint.load_model(MODEL), windows)
     assert ppl == pytest.approx(report["ppl"], rel=1e-4)
     assert ppl < report["unigram_ppl"] / 5
 
@@ -39,7 +39,7 @@ def test_shipped_model_matches_transformers():
     idx = torch.randint(0, 4096, (1, 64), generator=torch.Generator().manual_seed(0))
     hf = transformers.MixtralForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (hf(idx).logits - mm.load_model(MODEL)(idx)).abs().max() <= 1e-4
+        assert (hf(idx).logits - checkpoint.load_model(MODEL)(idx)).abs().max() <= 1e-4
 
 
 def test_shipped_model_experts_are_balanced():
@@ -48,7 +48,7 @@ def test_shipped_model_experts_are_balanced():
     tok = data.load_tokenizer(MODEL)
     windows = data.calibration_windows(data.encode(tok, data.stdlib_text("calib")), 32, 512, seed=0)
     with torch.no_grad():
-        stats = eval_ppl.router_stats(mm.load_model(MODEL), windows)
+        stats = eval_ppl.router_stats(checkpoint.load_model(MODEL), windows)
     assert len(stats) == 4
     for s in stats:
         assert s["load_cv"] <= 0.5, s

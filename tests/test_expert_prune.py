@@ -1,5 +1,6 @@
 """expert_prune.py: NAEE expert pruning and dynamic skipping, CD-MoE condensing."""
 
+import copy
 import itertools
 import json
 import os
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 import expert_prune as ep
+import checkpoint
 import mini_mixtral as mm
 from conftest import random_model, small_config
+from layerwise import Positions
 
 
 def layer_inputs(seed=0):
@@ -19,16 +22,22 @@ def layer_inputs(seed=0):
     return m, m.model.layers[0], x, cos, sin
 
 
+def sliced(layer, keep):
+    """A copy of the layer with only the kept experts."""
+    small = copy.deepcopy(layer)
+    ep.slice_experts(small.block_sparse_moe, keep)
+    return small
+
+
 def test_enumeration_matches_brute_force_on_whole_layers():
     m, layer, x, cos, sin = layer_inputs()
-    subsets, errors = ep.subset_errors(layer, x, cos, sin, None, r=3, batch_size=2)
+    subsets, errors = ep.subset_errors(layer, x, Positions(cos, sin, None), r=3, batch_size=2)
     assert len(subsets) == 20  # C(6, 3)
     with torch.no_grad():
         ref = layer(x, cos, sin)[0]
-        cfg3 = mm.MixtralConfig.from_dict({**m.config.to_dict(), "num_local_experts": 3})
         brute = []
         for s in itertools.combinations(range(6), 3):  # the whole smaller layer, run for real
-            out = ep.slice_layer(layer, list(s), cfg3, 0)(x, cos, sin)[0]
+            out = sliced(layer, list(s))(x, cos, sin)[0]
             brute.append((out - ref).pow(2).sum())
     assert int(torch.stack(brute).argmin()) == int(errors.argmin())
     assert torch.allclose(torch.stack(brute).double(), errors, rtol=1e-3, atol=1e-5)
@@ -37,8 +46,7 @@ def test_enumeration_matches_brute_force_on_whole_layers():
 def test_rerouting_after_dropping_equals_minus_inf_logits():
     m, layer, x, cos, sin = layer_inputs(1)
     keep = [0, 2, 5]
-    cfg3 = mm.MixtralConfig.from_dict({**m.config.to_dict(), "num_local_experts": 3})
-    small = ep.slice_layer(layer, keep, cfg3, 0).block_sparse_moe
+    small = sliced(layer, keep).block_sparse_moe
     block = layer.block_sparse_moe
     h = torch.randn(1, 12, 64)
     with torch.no_grad():
@@ -57,8 +65,8 @@ def test_naee_checkpoint_is_a_smaller_mixtral_that_transformers_loads(tmp_path, 
                    "--out", out])
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["num_local_experts"] == 3 and len(rep["kept_experts"]) == 2
-    r = mm.CheckpointReader(out)
-    src = mm.CheckpointReader(ckpt)
+    r = checkpoint.CheckpointReader(out)
+    src = checkpoint.CheckpointReader(ckpt)
     for l, keep in enumerate(rep["kept_experts"]):
         assert torch.equal(r.get(f"model.layers.{l}.block_sparse_moe.gate.weight"),
                            src.get(f"model.layers.{l}.block_sparse_moe.gate.weight")[keep])
@@ -68,7 +76,7 @@ def test_naee_checkpoint_is_a_smaller_mixtral_that_transformers_loads(tmp_path, 
     idx = torch.randint(0, 300, (1, 20))
     hf = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (hf(idx).logits - mm.load_model(out)(idx)).abs().max() < 1e-4
+        assert (hf(idx).logits - checkpoint.load_model(out)(idx)).abs().max() < 1e-4
 
 
 def test_skipping_beta_zero_changes_nothing_and_beta_one_keeps_the_top_expert():
@@ -78,9 +86,11 @@ def test_skipping_beta_zero_changes_nothing_and_beta_one_keeps_the_top_expert():
         ref, logits = m(x, return_router_logits=True)
         m0 = mm.Mixtral(small_config(dynamic_skip_beta=[0.0, 0.0])).eval()
         m0.load_state_dict(m.state_dict())
+        ep.install_variants(m0)
         assert torch.equal(m0(x), ref)
         m1 = mm.Mixtral(small_config(dynamic_skip_beta=[1.0, 1.0])).eval()
         m1.load_state_dict(m.state_dict())
+        ep.install_variants(m1)
         top1 = mm.Mixtral(small_config(num_experts_per_tok=1)).eval()  # top-1 routing: weight 1 on the top expert
         top1.load_state_dict(m.state_dict())
         assert torch.allclose(m1(x), top1(x), atol=1e-5)
@@ -92,7 +102,8 @@ def test_skip_betas_are_medians_and_honoured_after_loading(tmp_path, ckpt, text_
     out = str(tmp_path / "skip")
     rep = ep.main(["--model", ckpt, "--skip", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
                    "--out", out])
-    model = mm.load_model(out)
+    model = ep.load_model(out)
+    assert isinstance(model.model.layers[0].block_sparse_moe, ep.SkippingMoeBlock)
     assert model.config.dynamic_skip_beta == rep["skip_beta"] and all(0 < b <= 1 for b in rep["skip_beta"])
     toks = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     assert 0.2 < ep.skip_fraction(model, toks) / 0.5 < 1.8  # median: about half the tokens skip (of 2 calls)
@@ -103,6 +114,8 @@ def test_condensed_layer_runs_fixed_experts_without_router():
     c = {"0": {"experts": [1, 3], "weights": [0.3, 0.2]}}
     cm = mm.Mixtral(small_config(condensed_layers=c)).eval()
     cm.load_state_dict(m.state_dict())
+    ep.install_variants(cm)
+    assert set(cm.state_dict()) == set(m.state_dict())  # the checkpoint keys stay the official ones
     block = cm.model.layers[0].block_sparse_moe
     h = torch.randn(1, 7, 64)
     with torch.no_grad():
@@ -123,7 +136,8 @@ def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
                    "--nsamples", "4", "--seqlen", "32", "--out", out])
     (layer, entry), = rep["condensed_layers"].items()
     assert len(entry["experts"]) == 2 and all(0 < w < 1 for w in entry["weights"])
-    assert mm.load_model(out).config.condensed_layers == rep["condensed_layers"]
+    assert checkpoint.load_model(out).config.condensed_layers == rep["condensed_layers"]
+    assert isinstance(ep.load_model(out).model.layers[int(layer)].block_sparse_moe, ep.CondensedMoeBlock)
 
 
 @pytest.mark.parametrize("argv,msg", [(["--r", "0"], "must be at least 1"), (["--r", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),

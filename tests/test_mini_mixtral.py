@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import checkpoint
 import mini_mixtral as mm
 from conftest import random_model, write_checkpoint
 
@@ -28,7 +29,7 @@ def test_logits_match_transformers(tmp_path, overrides):
     path = write_checkpoint(tmp_path / "ck", **overrides)
     idx = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = mm.load_model(path)(idx)
+        ours = checkpoint.load_model(path)(idx)
     theirs = hf_logits(path, idx)
     assert ours.abs().max() > 1.0  # non-trivial logits
     assert (ours - theirs).abs().max().item() <= 1e-4
@@ -55,18 +56,18 @@ def test_loads_a_checkpoint_written_by_transformers(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     idx = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
-        assert (mm.load_model(str(tmp_path / "hf"))(idx) - hf(idx).logits).abs().max() <= 1e-5
+        assert (checkpoint.load_model(str(tmp_path / "hf"))(idx) - hf(idx).logits).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_save_load_round_trip_is_bitwise(tmp_path, dtype):
     m = random_model()
     a = write_checkpoint(tmp_path / "a", m, dtype=dtype)
-    loaded = mm.load_model(a, dtype=dtype)
+    loaded = checkpoint.load_model(a, dtype=dtype)
     b = write_checkpoint(tmp_path / "b", loaded, dtype=dtype)
     for name, p in m.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p.to(dtype)), name
-    ra, rb = mm.CheckpointReader(a), mm.CheckpointReader(b)
+    ra, rb = checkpoint.CheckpointReader(a), checkpoint.CheckpointReader(b)
     assert ra.weight_map == rb.weight_map and len(set(ra.weight_map.values())) > 1  # really sharded
     assert ra.stored_dtype() == dtype
     assert json.load(open(os.path.join(a, "config.json"))) == json.load(open(os.path.join(b, "config.json")))
@@ -74,30 +75,30 @@ def test_save_load_round_trip_is_bitwise(tmp_path, dtype):
 
 
 def test_compute_dtype_is_the_callers(ckpt):
-    m = mm.load_model(ckpt, dtype=torch.bfloat16)
+    m = checkpoint.load_model(ckpt, dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
 
 
 def test_load_layer_reads_only_that_layer(ckpt, monkeypatch):
-    reader = mm.CheckpointReader(ckpt)
+    reader = checkpoint.CheckpointReader(ckpt)
     read = []
     orig = reader.get
     monkeypatch.setattr(reader, "get", lambda name, *a, **k: read.append(name) or orig(name, *a, **k))
-    layer = mm.load_layer(reader, 1)
+    layer = checkpoint.load_layer(reader, 1)
     assert read and all(n.startswith("model.layers.1.") for n in read)
-    full = mm.load_model(ckpt)
+    full = checkpoint.load_model(ckpt)
     for name, p in layer.state_dict().items():
         assert torch.equal(p, full.state_dict()["model.layers.1." + name])
 
 
 def test_layer_runs_alone_like_inside_the_model(ckpt):
-    full = mm.load_model(ckpt)
-    reader = mm.CheckpointReader(ckpt)
+    full = checkpoint.load_model(ckpt)
+    reader = checkpoint.CheckpointReader(ckpt)
     idx = torch.randint(0, 300, (2, 16))
     cos, sin = mm.rope_cos_sin(reader.config, 16)
-    x = mm.load_embedding(reader)(idx)
+    x = checkpoint.load_embedding(reader)(idx)
     for l in range(reader.config.num_hidden_layers):
-        x, _ = mm.load_layer(reader, l)(x, cos, sin)
+        x, _ = checkpoint.load_layer(reader, l)(x, cos, sin)
     with torch.no_grad():
         ref = full.lm_head(full.model.norm(x))
         assert torch.equal(ref, full(idx))
@@ -129,31 +130,12 @@ def test_observer_sees_every_routed_token_once_and_reproduces_the_output():
     assert torch.allclose(rebuilt, out.reshape(20, 64), atol=1e-6)
 
 
-def test_load_balancing_loss_and_load_cv():
-    uniform = [torch.zeros(64, 8)]  # equal logits: topk picks arbitrary experts but probs are uniform
-    assert mm.load_balancing_loss(uniform, 2).item() == pytest.approx(2.0)  # sum_k f = 2 (k slots), P = 1/8
-    collapsed = torch.full((64, 8), -10.0)
-    collapsed[:, 0] = 10.0
-    assert mm.load_balancing_loss([collapsed], 2).item() > 4.0
-    # two layers that each collapse onto a different expert: pooled, the two layers look balanced
-    # between experts 0 and 1; per layer (Switch's form) each layer is collapsed and pays for it.
-    a = torch.full((64, 2), -10.0)
-    a[:, 0] = 10.0
-    b = a.flip(1)
-    pooled = mm.load_balancing_loss([a, b], 1).item()
-    assert pooled == pytest.approx(1.0, abs=1e-3)  # f = P = [1/2, 1/2]: the balanced value
-    assert mm.load_balancing_loss([a, b], 1, per_layer=True).item() == pytest.approx(2.0, abs=1e-3)
-    assert mm.load_balancing_loss([a], 1, per_layer=True).item() == pytest.approx(mm.load_balancing_loss([a], 1).item())
-    assert mm.expert_load_cv(torch.tensor([5, 5, 5, 5])) == 0.0
-    assert mm.expert_load_cv(torch.tensor([8, 0, 0, 0])) == pytest.approx(3 ** 0.5)  # sqrt(n - 1)
-
-
 # --- bad checkpoints: one-line errors --------------------------------------------------------
 
 
 def error_of(path):
-    with pytest.raises(mm.CheckpointError) as e:
-        mm.CheckpointReader(str(path))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.CheckpointReader(str(path))
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -191,7 +173,7 @@ def test_error_unreadable_safetensors(tmp_path):
 
 def single_file_checkpoint(tmp_path, edit):
     path = write_checkpoint(tmp_path / "ck", max_shard_bytes=10**9)
-    sd = mm.load_model(path).state_dict()
+    sd = checkpoint.load_model(path).state_dict()
     edit(sd)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
@@ -209,11 +191,11 @@ def test_error_missing_unexpected_and_misshapen_keys(tmp_path):
 
 
 def test_writer_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, ckpt):
-    m = mm.load_model(ckpt)
-    with pytest.raises(mm.CheckpointError, match="exists"):
-        mm.save_model(m, ckpt)
+    m = checkpoint.load_model(ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match="exists"):
+        checkpoint.save_model(m, ckpt)
     out = tmp_path / "out"
-    w = mm.CheckpointWriter(str(out), m.config)
+    w = checkpoint.CheckpointWriter(str(out), m.config)
     w.add("model.embed_tokens.weight", m.model.embed_tokens.weight)
     w.abort()  # what an interrupted run does
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith("out")]

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+import eval_ppl
 import pretrain_tiny as pt
 from conftest import random_model, write_checkpoint
 
@@ -41,3 +42,22 @@ def test_init_from_a_dense_or_missing_checkpoint_is_an_error(tmp_path):
         pt.main(["--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert "no such checkpoint directory" in str(e.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def test_load_balancing_loss_and_load_cv():
+    uniform = [torch.zeros(64, 8)]  # equal logits: topk picks arbitrary experts but probs are uniform
+    assert pt.load_balancing_loss(uniform, 2).item() == pytest.approx(2.0)  # sum_k f = 2 (k slots), P = 1/8
+    collapsed = torch.full((64, 8), -10.0)
+    collapsed[:, 0] = 10.0
+    assert pt.load_balancing_loss([collapsed], 2).item() > 4.0
+    # two layers that each collapse onto a different expert: pooled, the two layers look balanced
+    # between experts 0 and 1; per layer (Switch's form) each layer is collapsed and pays for it.
+    a = torch.full((64, 2), -10.0)
+    a[:, 0] = 10.0
+    b = a.flip(1)
+    pooled = pt.load_balancing_loss([a, b], 1).item()
+    assert pooled == pytest.approx(1.0, abs=1e-3)  # f = P = [1/2, 1/2]: the balanced value
+    assert pt.load_balancing_loss([a, b], 1, per_layer=True).item() == pytest.approx(2.0, abs=1e-3)
+    assert pt.load_balancing_loss([a], 1, per_layer=True).item() == pytest.approx(pt.load_balancing_loss([a], 1).item())
+    assert eval_ppl.expert_load_cv(torch.tensor([5, 5, 5, 5])) == 0.0
+    assert eval_ppl.expert_load_cv(torch.tensor([8, 0, 0, 0])) == pytest.approx(3 ** 0.5)  # sqrt(n - 1)

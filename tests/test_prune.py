@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import checkpoint
 import mini_mixtral as mm
 import prune
 from conftest import random_model, write_checkpoint
@@ -209,7 +210,7 @@ def run_prune(tmp_path, ckpt, text_file, name, *extra):
 
 
 def tensors(path):
-    r = mm.CheckpointReader(path)
+    r = checkpoint.CheckpointReader(path)
     return {k: r.get(k) for k in r.weight_map}
 
 
@@ -260,7 +261,7 @@ def test_pruned_checkpoint_loads_in_transformers(tmp_path, ckpt, text_file):
     idx = torch.randint(0, 300, (1, 20))
     hf = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (hf(idx).logits - mm.load_model(out)(idx)).abs().max() < 1e-4
+        assert (hf(idx).logits - checkpoint.load_model(out)(idx)).abs().max() < 1e-4
     after = tensors(out)
     assert (after["model.layers.0.self_attn.o_proj.weight"] == 0).float().mean() == 0.5
     assert torch.equal(after["model.layers.0.block_sparse_moe.gate.weight"],

@@ -1,0 +1,306 @@
+"""
+Checkpoints in the official Hugging Face layout: config.json, model.safetensors or sharded
+model-0000i-of-0000n.safetensors + model.safetensors.index.json, tokenizer files beside them.
+
+  - read_config / CheckpointReader: lazy, memory-mapped reading. Opening a checkpoint reads only
+    the shards' headers and checks, from them alone, that the key set and every shape match the
+    config one for one (as nanoGPT's from_pretrained does); load_layer then materialises one
+    decoder layer of Mixtral-8x7B (~93 GB in all) without touching the rest.
+  - CheckpointWriter / save_model: streaming writing, one shard at a time, into a temporary
+    sibling folder that becomes the output only when the whole checkpoint is written.
+  - load_model: the whole model, for evaluation and distillation.
+
+Every problem with a checkpoint raises CheckpointError with a one-line message naming it.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mini_mixtral import DecoderLayer, Mixtral, MixtralConfig
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message is one line naming the problem."""
+
+
+def expected_shapes(config: MixtralConfig) -> dict:
+    """Every tensor name of an official Mixtral checkpoint with its shape, from the config alone."""
+    h = config.hidden_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for l in range(config.num_hidden_layers):
+        shapes.update(layer_shapes(config, l))
+    return shapes
+
+
+def layer_shapes(config: MixtralConfig, l: int) -> dict:
+    h, i, d = config.hidden_size, config.intermediate_size, config.dim_head
+    p = f"model.layers.{l}."
+    s = {
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (config.num_attention_heads * d, h),
+        p + "self_attn.k_proj.weight": (config.num_key_value_heads * d, h),
+        p + "self_attn.v_proj.weight": (config.num_key_value_heads * d, h),
+        p + "self_attn.o_proj.weight": (h, config.num_attention_heads * d),
+        p + "block_sparse_moe.gate.weight": (config.num_local_experts, h),
+    }
+    for e in range(config.num_local_experts):
+        q = f"{p}block_sparse_moe.experts.{e}."
+        s.update({q + "w1.weight": (i, h), q + "w3.weight": (i, h), q + "w2.weight": (h, i)})
+    return s
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def read_config(path: str) -> MixtralConfig:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    try:
+        return MixtralConfig.from_dict(d)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped view of a checkpoint directory: nothing is read until asked for.
+
+    Holds only the shards' headers, so a single decoder layer of Mixtral-8x7B (~93 GB) can be
+    materialised without touching the rest. On opening it checks, from headers alone, that the
+    key set and every shape match the config one for one (as nanoGPT's from_pretrained does).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.config = read_config(path)
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    self.weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        elif os.path.isfile(single):
+            self.weight_map = None
+        else:
+            raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+        if self.weight_map is None:
+            self.weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
+        else:
+            for shard in sorted(set(self.weight_map.values())):
+                # every shard named by the index must exist and hold the keys the index says it does
+                keys = set(self._open(shard).keys())
+                missing = [k for k, s in self.weight_map.items() if s == shard and k not in keys]
+                if missing:
+                    raise CheckpointError(f"{shard}: index names {missing[0]} but the shard does not hold it")
+        self._check_keys()
+
+    def _open(self, shard: str):
+        """A fresh handle on a shard. Not cached: a cached handle keeps every page it has read
+        mapped, so reading a 93 GB checkpoint layer by layer would grow the resident set."""
+        fn = os.path.join(self.path, shard)
+        if not os.path.isfile(fn):
+            raise CheckpointError(f"{self.path}: missing shard {shard}")
+        try:
+            return safe_open(fn, framework="pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{fn}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+
+    def _check_keys(self):
+        want = expected_shapes(self.config)
+        have = set(self.weight_map)
+        if self.config.tie_word_embeddings:
+            have.discard("lm_head.weight")  # some tied checkpoints still store it; it is the embedding
+        missing, unexpected = sorted(set(want) - have), sorted(have - set(want))
+        if missing:
+            raise CheckpointError(f"{self.path}: missing key {missing[0]} ({len(missing)} missing in all)")
+        if unexpected:
+            raise CheckpointError(f"{self.path}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)")
+        headers = {s: self._open(s) for s in set(self.weight_map.values())}  # headers only: no data is read
+        for k, shape in want.items():
+            got = tuple(headers[self.weight_map[k]].get_slice(k).get_shape())
+            if got != shape:
+                raise CheckpointError(f"{self.path}: {k} has shape {list(got)}, config implies {list(shape)}")
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype a tensor is stored in (read from the header, not the data)."""
+        code = self._open(self.weight_map[name]).get_slice(name).get_dtype()  # e.g. "BF16"
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the expert weights are stored in."""
+        return self.dtype_of("model.layers.0.block_sparse_moe.experts.0.w1.weight")
+
+    def get(self, name: str, dtype=None, device="cpu") -> torch.Tensor:
+        handle = self._open(self.weight_map[name])
+        try:
+            t = handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read {name} ({str(e).splitlines()[0]})") from None
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def load_into(self, module: nn.Module, prefix: str, dtype=None, device="cpu"):
+        """Fill module's parameters from the tensors named prefix + parameter name."""
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.data = self.get(prefix + name, dtype, device)
+        return module
+
+
+def load_layer(reader: CheckpointReader, l: int, dtype=torch.float32, device="cpu") -> DecoderLayer:
+    """Materialise decoder layer l alone (the rest of the checkpoint is not read)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(reader.config)
+    layer = layer.to_empty(device=device)
+    return reader.load_into(layer, f"model.layers.{l}.", dtype, device)
+
+
+def load_embedding(reader: CheckpointReader, dtype=torch.float32, device="cpu") -> nn.Embedding:
+    with torch.device("meta"):
+        emb = nn.Embedding(reader.config.vocab_size, reader.config.hidden_size)
+    return reader.load_into(emb.to_empty(device=device), "model.embed_tokens.", dtype, device)
+
+
+def load_model(path: str, dtype=torch.float32, device="cpu") -> Mixtral:
+    """The whole model from an official-layout checkpoint, computing in `dtype` on `device`."""
+    reader = CheckpointReader(path)
+    with torch.device("meta"):
+        model = Mixtral(reader.config)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "lm_head.weight" and reader.config.tie_word_embeddings:
+                continue  # to_empty() untied it; it is re-tied to the embedding below
+            p.data = reader.get(name, dtype, device)
+        if reader.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+class CheckpointWriter:
+    """Streams tensors into an official-layout checkpoint, a shard at a time.
+
+    Everything goes to a temporary sibling folder that is renamed to `path` by close(), so an
+    interrupted run leaves `path` untouched. An existing `path` is an error unless overwrite.
+    Shards are named model-0000i-of-0000n.safetensors with model.safetensors.index.json, as the
+    official checkpoints are (a single shard is written as model.safetensors).
+    """
+
+    def __init__(self, path: str, config: MixtralConfig, overwrite: bool = False, src_dir: Optional[str] = None,
+                 max_shard_bytes: int = 2 * 1024**3):  # 2 GB shards: 47 files for Mixtral-8x7B in bf16
+        path = os.path.abspath(path)
+        if os.path.exists(path) and not overwrite:
+            raise CheckpointError(f"{path} exists (pass --overwrite to replace it)")
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        self.path, self.config, self.overwrite, self.src_dir = path, config, overwrite, src_dir
+        self.max_shard_bytes = max_shard_bytes
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        self.pending, self.pending_bytes, self.shards, self.weight_map, self.total = {}, 0, [], {}, 0
+        self.extra_files = {}  # {file name: str or JSON-able object} written beside the weights by close()
+
+    def add(self, name: str, tensor: torch.Tensor):
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = t
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def flush(self):
+        """Write what is pending as a shard now (prune.py calls this after every layer, so that no
+        more than one layer is ever held)."""
+        if not self.pending:
+            return
+        fn = f"shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.tmp, fn), metadata={"format": "pt"})
+        self.shards.append(fn)
+        self.weight_map.update({k: fn for k in self.pending})
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        """Finish the checkpoint: shard names, index, config.json, tokenizer files, then rename."""
+        self.flush()
+        n = len(self.shards)
+        final = {s: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                 for i, s in enumerate(self.shards)}
+        for s, f in final.items():
+            os.rename(os.path.join(self.tmp, s), os.path.join(self.tmp, f))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: final[s] for k, s in sorted(self.weight_map.items())}}
+            with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(self.tmp, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        if self.src_dir:
+            for fn in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(self.src_dir, fn)):
+                    shutil.copy(os.path.join(self.src_dir, fn), os.path.join(self.tmp, fn))
+        for fn, content in self.extra_files.items():
+            with open(os.path.join(self.tmp, fn), "w") as f:
+                f.write(content if isinstance(content, str) else json.dumps(content, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is an ordinary folder
+        for fn in os.listdir(self.tmp):
+            os.chmod(os.path.join(self.tmp, fn), 0o666 & ~umask)
+        if os.path.exists(self.path):  # only reachable with overwrite=True
+            old = self.path + ".old"
+            os.rename(self.path, old)
+            os.rename(self.tmp, self.path)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.tmp, self.path)
+
+    def abort(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_model(model: Mixtral, path: str, dtype=None, overwrite=False, src_dir=None, max_shard_bytes=2 * 1024**3,
+               extra_files=None):
+    """Write model in the official layout (tied lm_head is not stored, as transformers does)."""
+    config = model.config
+    if dtype is not None:
+        config = MixtralConfig.from_dict({**config.to_dict(), "torch_dtype": dtype_name(dtype)})
+    with CheckpointWriter(path, config, overwrite, src_dir, max_shard_bytes) as w:
+        for name, p in model.state_dict().items():
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            w.add(name, p.to(dtype) if dtype is not None else p)
+        w.extra_files.update(extra_files or {})

@@ -1,0 +1,79 @@
+"""
+One decoder layer at a time: the loop that prune.py, distill.py (per-expert mode) and
+expert_prune.py share, so that a model far larger than memory can be processed.
+
+The calibration windows are embedded once; then each decoder layer is read from the checkpoint
+alone, the caller does its work on it (collect statistics, prune, distil, slice experts) and
+runs the activations through it to make the next layer's inputs, and the layer is written to
+the output checkpoint and freed. Only one decoder layer's weights and the calibration
+activations [n, T, hidden] are ever in memory. This is the layer-wise protocol of SparseGPT's
+and Wanda's reference code, and the shape of MoE-Pruner's Algorithm 1.
+
+    with CheckpointWriter(out, reader.config, src_dir=reader.path) as writer:
+        x, pos = embed_windows(reader, tokens)
+        for l, layer in layers(reader, writer):
+            ...                                   # change layer's weights in place
+            x = run_layer(layer, x, pos, batch_size)
+"""
+
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+import mini_mixtral as mm
+from checkpoint import CheckpointReader, CheckpointWriter, load_embedding, load_layer
+
+
+class Positions(NamedTuple):
+    """What every layer needs besides its input: the rotary tables and the attention mask."""
+
+    cos: torch.Tensor  # [T, head_dim]
+    sin: torch.Tensor  # [T, head_dim]
+    mask: Optional[torch.Tensor]  # [T, T] bool with a sliding window shorter than T, else None (causal)
+
+
+@torch.no_grad()
+def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device="cpu", act_dtype=torch.float32):
+    """Calibration windows [n, T] -> (activations [n, T, hidden] in act_dtype, Positions)."""
+    emb = load_embedding(reader, torch.float32, device)
+    x = emb(tokens.to(device)).to(act_dtype)
+    cos, sin = mm.rope_cos_sin(reader.config, tokens.shape[1], device)
+    return x, Positions(cos, sin, mm.attention_mask(tokens.shape[1], reader.config.sliding_window, device))
+
+
+@torch.no_grad()
+def run_layer(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_size: int, observer=None):
+    """The layer's outputs for all windows, x [n, T, hidden] -> [n, T, hidden] in x's dtype,
+    computed in float32, batch_size windows at a time."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), batch_size):
+        out[i:i + batch_size] = layer(x[i:i + batch_size].float(), pos.cos, pos.sin, pos.mask, observer)[0].to(x.dtype)
+    return out
+
+
+def copy_outside_layers(reader: CheckpointReader, writer: CheckpointWriter):
+    """Embedding, final norm and lm_head, written bitwise as stored."""
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        if name in reader.weight_map and not (name == "lm_head.weight" and reader.config.tie_word_embeddings):
+            writer.add(name, reader.get(name))
+
+
+def layers(reader: CheckpointReader, writer: CheckpointWriter, device="cpu") -> Iterator[tuple]:
+    """Yield (l, decoder layer l) for every layer in turn, each read alone in float32 on device.
+
+    The embedding, final norm and lm_head are copied to writer first. When the caller moves on
+    from layer l, its weights are written in the dtype the checkpoint stores each of them in (a
+    float16/bfloat16 value survives the float32 round trip exactly, so an unchanged weight is
+    written bitwise as stored), one shard per layer is flushed, and the layer's weights are freed,
+    even if the caller still holds the module. Parameter names come from the layer as it is then,
+    so a caller may replace its MoE block (expert_prune.py writes fewer experts).
+    """
+    copy_outside_layers(reader, writer)
+    for l in range(reader.config.num_hidden_layers):
+        layer = load_layer(reader, l, torch.float32, device)
+        yield l, layer
+        for name, p in layer.named_parameters():
+            full = f"model.layers.{l}.{name}"
+            writer.add(full, p.data.to(reader.dtype_of(full)))
+        writer.flush()  # one shard per layer: nothing of layer l stays in memory
+        layer.to("meta")
