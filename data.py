@@ -39,6 +39,15 @@ class DataError(Exception):
     """Input text or tokens cannot be used; the message is one line naming the problem."""
 
 
+def shown_path(path: str) -> str:
+    """How reports and results name a path: relative to the repository when inside it (so results
+    read the same on every machine), else as given."""
+    if path is None:
+        return None
+    rel = os.path.relpath(os.path.abspath(path), REPO)
+    return path if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
 def default_model_dir() -> str:
     """The embedded default: the shipped model, else one trained on this machine by pretrain_tiny.py."""
     for d in (SHIPPED_MODEL, CACHE_MODEL):

@@ -82,6 +82,11 @@ def expert_mse(teacher_calls: dict, student_inputs: dict, student: mm.Mixtral) -
     return total
 
 
+def kd_lambda(ce: torch.Tensor, l_expert: torch.Tensor) -> float:
+    """Eq. 10's lambda, set to L_CE / L_expert (the paper) so that both terms start equal."""
+    return (ce / l_expert).item()
+
+
 def zero_masks(model: torch.nn.Module) -> dict:
     """{parameter name: bool mask of its exact zeros} for every matrix that has any (the pruned ones)."""
     return {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2 and bool((p == 0).any())}
@@ -153,7 +158,7 @@ def distill_full(teacher, student, windows, cfg: DistillConfig, device, log):
                 l_exp = expert_mse(t_cap.calls, s_cap.inputs, student)
             starts_step = sums["n"] % cfg.grad_accum == 0
             if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):
-                lam = (ce / l_exp).item()  # Eq. 10: lambda = L_CE / L_expert, on the first batch
+                lam = kd_lambda(ce, l_exp)  # on the first batch (and every rebalance_every steps)
             loss = (ce + lam * l_exp) / cfg.grad_accum
             loss.backward()
             sums["ce"] += ce.item()
@@ -284,7 +289,8 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
                     writer.add(name, p_.to(s_reader.dtype_of(name)))
         else:
             report = distill_per_expert(teacher_dir, student_dir, windows, cfg, writer, device, log)
-        report.update({"mode": mode, "teacher": teacher_dir, "student": student_dir, "data": text,
+        report.update({"mode": mode, "teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
+                       "data": text,
                        "settings": asdict(cfg), "tokens": windows.numel(), "seconds": time.time() - t0})
         writer.extra_files["distill_report.json"] = report
     log(f"wrote {out} ({report['seconds']:.0f}s)")

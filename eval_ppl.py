@@ -66,11 +66,14 @@ def expert_load_cv(top1_counts: torch.Tensor) -> float:
 
 @torch.no_grad()
 def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu") -> list:
-    """Per layer: expert-load CV of top-1 choices (Eq. 4-5), top-1 counts, and the renormalised
-    top-1 gate's mean and standard deviation over all tokens of the windows."""
+    """Per layer: expert-load CV of top-1 choices (Eq. 4-5), top-1 counts, the renormalised top-1
+    gate's mean and standard deviation, and the mean top-k probability mass (the router's softmax
+    probability of the k chosen experts before renormalisation: k / n_experts for a flat router,
+    1 for a decisive one), over all tokens of the windows."""
     cfg = model.config
     counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
     gates = [[] for _ in range(cfg.num_hidden_layers)]
+    mass = [[] for _ in range(cfg.num_hidden_layers)]
     for i in range(0, len(windows), batch_size):
         _, router_logits = model(windows[i:i + batch_size].to(device), return_router_logits=True)
         for l, rl in enumerate(router_logits):
@@ -79,13 +82,15 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
             w, e = mm.route(rl, cfg.num_experts_per_tok)  # [N, k]
             counts[l] += torch.bincount(e[:, 0].cpu(), minlength=cfg.num_local_experts)
             gates[l].append(w[:, 0].cpu())
+            mass[l].append(torch.softmax(rl.float(), -1).topk(cfg.num_experts_per_tok, dim=-1).values.sum(-1).cpu())
     out = []
     for l in range(cfg.num_hidden_layers):
         if not gates[l]:
             continue
         g = torch.cat(gates[l])
         out.append({"layer": l, "load_cv": expert_load_cv(counts[l]), "top1_counts": counts[l].tolist(),
-                    "top1_gate_mean": g.mean().item(), "top1_gate_std": g.std().item()})
+                    "top1_gate_mean": g.mean().item(), "top1_gate_std": g.std().item(),
+                    "topk_mass": torch.cat(mass[l]).mean().item()})
     return out
 
 
@@ -121,7 +126,7 @@ def evaluate(model_dir: str, windows: torch.Tensor, dtype: str = "float32", devi
     t0 = time.time()
     ppl = perplexity(model, windows, batch_size, device, progress=True)
     dt = time.time() - t0
-    result = {"model": model_dir, "ppl": ppl, "windows": len(windows), "tokens": windows.numel(),
+    result = {"model": data.shown_path(model_dir), "ppl": ppl, "windows": len(windows), "tokens": windows.numel(),
               "seqlen": windows.shape[1], "tokens_per_s": windows.numel() / dt}
     if router:
         result["router"] = router_stats(model, windows, batch_size, device)
@@ -180,7 +185,8 @@ def main(argv=None):
         for r in results:
             for x in r["router"]:
                 print(f"{r['model']} layer {x['layer']}: load CV {x['load_cv']:.3f}, top-1 gate "
-                      f"{x['top1_gate_mean']:.3f} +- {x['top1_gate_std']:.3f}", file=sys.stderr)
+                      f"{x['top1_gate_mean']:.3f} +- {x['top1_gate_std']:.3f}, top-k probability mass "
+                      f"{x['topk_mass']:.3f}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=2)

@@ -76,6 +76,10 @@ class TrainConfig:
     balance: str = "per-layer"  # Switch's per-layer loss; "pooled" = transformers' all-layers-pooled form
     grad_clip: float = 1.0
     eval_windows: int = 64  # held-out windows for the final report
+    # Levers for a decisive router (all off by default, which is how the shipped model was trained):
+    upcycle_noise: float = 0.0  # relative std of Gaussian noise added to each upcycled expert copy (breaks symmetry)
+    router_lr_mult: float = 1.0  # the router's learning rate = moe_lr x this
+    router_weight_decay: float = -1.0  # the router's weight decay; -1: the same as weight_decay
 
 
 def cosine_lr(step, total, peak, warmup):
@@ -94,15 +98,20 @@ def model_config(tc: TrainConfig, experts: int, top_k: int) -> mm.MixtralConfig:
         extra={"bos_token_id": None, "eos_token_id": 0, "router_aux_loss_coef": tc.aux_loss_coef})
 
 
-def upcycle(dense: mm.Mixtral, config: mm.MixtralConfig, seed: int) -> mm.Mixtral:
-    """Sparse upcycling: copy every dense weight; each of the n experts = the dense FFN; fresh router."""
+def upcycle(dense: mm.Mixtral, config: mm.MixtralConfig, seed: int, noise: float = 0.0) -> mm.Mixtral:
+    """Sparse upcycling: copy every dense weight; each of the n experts = the dense FFN; fresh router.
+    noise > 0 adds N(0, (noise * std of the matrix)^2) to every expert matrix, seeded per matrix, so
+    the copies differ from the start and the router has a reason to choose between them."""
     moe = mm.init_weights(mm.Mixtral(config), seed=seed)
     sd = dense.state_dict()
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in moe.named_parameters():
             if ".experts." in name:
                 src = name.split(".experts.")[0] + ".experts.0." + name.split(".experts.")[1].split(".", 1)[1]
                 p.copy_(sd[src])
+                if noise:
+                    p.add_(torch.randn(p.shape, generator=g) * (noise * sd[src].std()))
             elif not name.endswith("block_sparse_moe.gate.weight"):
                 p.copy_(sd[name])
     return moe
@@ -138,10 +147,15 @@ def batch_load_cv(router_logits: torch.Tensor) -> float:
 def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save_fn, save_every, log):
     """AdamW on random windows of the train tokens; returns when n_tokens have been seen."""
     steps = max(1, int(n_tokens // (tc.batch_size * tc.seqlen)))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    is_router = lambda n: n.endswith("block_sparse_moe.gate.weight")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not is_router(n)]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    router = [p for n, p in model.named_parameters() if is_router(n)]
+    router_wd = tc.weight_decay if tc.router_weight_decay < 0 else tc.router_weight_decay
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay, "lr_mult": 1.0},
+                             {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+                             {"params": router, "weight_decay": router_wd, "lr_mult": tc.router_lr_mult}],
+                            lr=lr, betas=(0.9, 0.95))
     rng = np.random.default_rng([tc.seed, stage])
     start = 0
     if state is not None and state["stage"] == stage:
@@ -158,7 +172,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
         starts = rng.integers(0, len(tokens) - tc.seqlen, size=tc.batch_size)
         x = torch.from_numpy(np.stack([tokens[s:s + tc.seqlen] for s in starts]).astype(np.int64))  # [B, T]
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps)
+            g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps) * g["lr_mult"]
         logits, router_logits = model(x, return_router_logits=True)
         ce = mm.next_token_nll(logits, x)
         aux = load_balancing_loss(router_logits, k, per_layer) if is_moe else torch.zeros(())
@@ -195,10 +209,21 @@ def train_dense_and_upcycle(tc: TrainConfig, train_ids, eval_ids, state, save_st
     if tc.moe_tokens == 0:  # dense stage only: the dense model is the output (an --init-from for stage 3)
         return dense, dense_ppl
     moe_cfg = model_config(tc, tc.num_local_experts, tc.num_experts_per_tok)
-    moe = upcycle(dense, moe_cfg, tc.seed + 1).train()
+    moe = upcycle(dense, moe_cfg, tc.seed + 1, tc.upcycle_noise).train()
     save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})  # keep the dense ppl across a resume
     moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, 3, state, save_fn, save_every, log)
     return moe, dense_ppl
+
+
+def start_from(init: mm.Mixtral, tc: TrainConfig):
+    """--init-from: (model to train, stage). A dense checkpoint is upcycled and trained as stage 3
+    would be after the dense stage; an MoE one is trained further as stage 4 (fresh AdamW state and
+    other random windows than stage 3)."""
+    if init.config.num_local_experts == 1:
+        moe = upcycle(init, model_config(tc, tc.num_local_experts, tc.num_experts_per_tok), tc.seed + 1,
+                      tc.upcycle_noise)
+        return moe.train(), 3
+    return init.train(), 4
 
 
 def unigram_ppl(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int) -> float:
@@ -216,7 +241,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from --out's .train_state.pt if present")
     p.add_argument("--save-every", type=int, default=100, help="save resumable state every N steps (0: never)")
     for f in ("seed", "dense_tokens", "moe_tokens", "batch_size", "seqlen", "lr", "moe_lr", "warmup_steps", "aux_loss_coef",
-              "intermediate_size", "hidden_size", "num_hidden_layers", "num_local_experts"):
+              "weight_decay", "intermediate_size", "hidden_size", "num_hidden_layers", "num_local_experts"):
         default = getattr(TrainConfig, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(default) if not isinstance(default, float) else float,
                        default=default, help=f"TrainConfig.{f} (default {default})")
@@ -224,8 +249,16 @@ def main(argv=None):
                    help="load-balancing loss form: per-layer (Switch Transformers, default) or pooled over "
                         "all layers (transformers' load_balancing_loss_func; balances only the layers' total)")
     p.add_argument("--init-from", default=None,
-                   help="continue the MoE stage from this upcycled checkpoint (its tokenizer and shape) "
-                        "for --moe-tokens more tokens, instead of training tokenizer + dense + upcycling")
+                   help="start from this checkpoint (its tokenizer and shape) instead of training tokenizer + dense "
+                        "model: a dense one (one expert, as --moe-tokens 0 writes) is upcycled and trained for "
+                        "--moe-tokens (stage 3); an MoE one is trained for --moe-tokens more (stage 4)")
+    p.add_argument("--upcycle-noise", type=float, default=TrainConfig.upcycle_noise,
+                   help="relative std of the noise added to each upcycled expert copy (default 0: exact copies)")
+    p.add_argument("--router-lr-mult", type=float, default=TrainConfig.router_lr_mult,
+                   help="the router's learning rate as a multiple of the stage's (default 1)")
+    p.add_argument("--router-weight-decay", type=float, default=TrainConfig.router_weight_decay,
+                   help="the router's weight decay (default: --weight-decay's 0.1; decay pulls router logits "
+                        "towards uniform routing)")
     p.add_argument("--tokenizer", default=None,
                    help="reuse this checkpoint directory's tokenizer.json instead of training one (stage 1), so a "
                         "new model shares the shipped model's tokenizer")
@@ -248,20 +281,19 @@ def main(argv=None):
     t_start = time.time()
     log(f"corpus: {data.corpus_id()}")
     previous = None
-    if args.init_from:  # a continued MoE stage: shape and tokenizer come from the checkpoint
+    if args.init_from:  # upcycle a dense checkpoint or continue an MoE one: shape and tokenizer come from it
         try:
             c = read_config(args.init_from)
-            if c.num_local_experts < 2:
-                raise CheckpointError(f"{args.init_from} is not an MoE checkpoint (num_local_experts "
-                                         f"{c.num_local_experts})")
             init = load_model(args.init_from)
             tok = data.load_tokenizer(args.init_from)
         except (CheckpointError, data.DataError) as e:
             sys.exit(f"error: {e}")
         fn = os.path.join(args.init_from, "report.json")
         previous = json.load(open(fn)) if os.path.isfile(fn) else None
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts"):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
             setattr(tc, f, getattr(c, f))
+        if c.num_local_experts > 1:
+            tc.num_local_experts = c.num_local_experts
         tc.dense_tokens = 0  # no dense stage in this run; the previous one is in report.json's "previous"
     if state is not None:  # a resumed run keeps the tokenizer it started with
         tok = Tokenizer.from_str(state["tokenizer"])
@@ -284,8 +316,7 @@ def main(argv=None):
 
     if args.init_from:
         dense_ppl = (previous or {}).get("dense_ppl")
-        moe = init.train()
-        stage = 4  # a stage of its own: fresh AdamW state and other random windows than stage 3
+        moe, stage = start_from(init, tc)
         save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})
         moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, stage, state, save_fn, args.save_every, log)
     else:
@@ -301,11 +332,11 @@ def main(argv=None):
               "eval_windows": len(ew), "dense_ppl": dense_ppl, "ppl": ppl,
               "unigram_ppl": unigram_ppl(train_ids, eval_ids, tc.vocab_size), "router_calib": stats,
               "minutes": (time.time() - t_start) / 60,
-              "init_from": args.init_from, "previous": previous}
-    log(f"upcycled MoE: held-out ppl {ppl:.2f} (dense {dense_ppl:.2f}, unigram {report['unigram_ppl']:.1f}); "
+              "init_from": data.shown_path(args.init_from), "previous": previous}
+    log(f"{'MoE' if moe.config.num_local_experts > 1 else 'dense model'}: held-out ppl {ppl:.2f} (dense {dense_ppl:.2f}, unigram {report['unigram_ppl']:.1f}); "
         f"load CV per layer {[round(s['load_cv'], 3) for s in stats]}")
     save_model(moe, out, dtype=torch.float16, overwrite=args.overwrite,
-                  extra_files={"tokenizer.json": tok.to_str(pretty=True), "report.json": report})
+               extra_files={"tokenizer.json": tok.to_str(pretty=True), "report.json": report})
     if os.path.isfile(state_path):
         os.remove(state_path)
     log(f"saved {out} ({report['minutes']:.1f} min)")

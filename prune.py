@@ -367,8 +367,9 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
                               / sum(counts[k][1] for k in experts)})
             log(f"layer {l}: stats {laps.times['stats_forward_s']:.1f}s, prune {laps.times['prune_s']:.2f}s, "
                 f"next {laps.times['next_forward_s']:.1f}s, expert sparsity {per_layer[-1]['expert_sparsity']:.4f}")
-        report = {"args": {"model": model_dir, "out": out, "overwrite": overwrite, **asdict(args)},
-                  "model": model_dir, "method": args.method, "sparsity_target": sparsity, "nm": args.nm,
+        shown = data.shown_path(model_dir)
+        report = {"args": {"model": shown, "out": data.shown_path(out), "overwrite": overwrite, **asdict(args)},
+                  "model": shown, "method": args.method, "sparsity_target": sparsity, "nm": args.nm,
                   "calibration": {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "tokens": tokens.numel()},
                   "routed_tokens_per_expert": routed, "magnitude_fallback": fallbacks,
                   "layers": per_layer, "seconds": time.time() - t_start}

@@ -14,7 +14,7 @@ The paper's experiments, in shape, on the embedded model (or any checkpoint): on
 
 Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy and
 passed to prune.py with --calib-tokens; the calibration sweep uses their first n rows) and
-every model the same evaluation windows. Results go to --out as results.json and tables.md,
+every model the same evaluation windows. Results go to --out as results.json and README.md (the tables),
 with sparsity_sweep.png and calibration_sweep.png when matplotlib is installed (optional:
 pip install matplotlib). Pruned checkpoints are written to a temporary folder and deleted after
 evaluation unless --keep.
@@ -60,7 +60,7 @@ PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.9
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
-    p.add_argument("--out", default="results", help="folder for results.json, tables.md and the plots")
+    p.add_argument("--out", default="results", help="folder for results.json, README.md (the tables) and the plots")
     p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
     p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --data)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
@@ -149,17 +149,19 @@ def main(argv=None):
         args.only == "distill") else []
     if not args.keep:
         shutil.rmtree(work)
-    results = {"model": model, "config": config.to_dict(), "seqlen": seqlen, "nsamples": args.nsamples,
+    results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": args.nsamples,
                "calib_data": args.calib_data, "eval_data": args.eval_data, "eval_windows": dense["windows"],
                "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs, "expert_level": experts, "distill": distilled,
                "minutes": (time.time() - t_start) / 60}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
+    command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
     tables = markdown(results)
-    with open(os.path.join(args.out, "tables.md"), "w") as f:
-        f.write(tables)
+    plotted = plots(results, args.out)
+    with open(os.path.join(args.out, "README.md"), "w") as f:
+        f.write(f"# Results\n\nWritten by `{command}` ({results['minutes']:.0f} minutes); results.json holds every "
+                f"number.\n\n{tables}\n" + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted))
     print(tables)
-    plots(results, args.out)
 
 
 def expert_level(model, config, calib_file, work, evaluate, device, keep):
@@ -276,10 +278,12 @@ def markdown(res):
     return "\n".join(out)
 
 
-def plots(res, out_dir):
+def plots(res, out_dir) -> list:
+    """The figures, as PNG files in out_dir; returns their names (none without matplotlib)."""
     if plt is None:
         log("matplotlib not installed: no plots (pip install matplotlib)")
-        return
+        return []
+    written = []
     for part, x, xlabel, methods, fn in (("sparsity", "sparsity", "expert sparsity", METHODS, "sparsity_sweep.png"),
                                          ("calibration", "nsamples", "calibration samples (50% sparsity)",
                                           CALIB_METHODS, "calibration_sweep.png")):
@@ -302,6 +306,7 @@ def plots(res, out_dir):
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, fn), dpi=110)
         plt.close(fig)
+        written.append(fn)
     if res.get("expert_level"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in res["expert_level"]:
@@ -316,6 +321,8 @@ def plots(res, out_dir):
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "expert_level.png"), dpi=110)
         plt.close(fig)
+        written.append("expert_level.png")
+    return written
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""pretrain_tiny.py: sparse upcycling is function-preserving; --init-from refuses a dense checkpoint."""
+"""pretrain_tiny.py: sparse upcycling is function-preserving; --init-from upcycles a dense checkpoint."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import torch
 
 import eval_ppl
 import pretrain_tiny as pt
-from conftest import random_model, write_checkpoint
+from conftest import random_model
 
 
 def test_upcycled_moe_computes_the_dense_model():
@@ -32,12 +32,34 @@ def test_batch_load_cv_counts_top1_choices():
     assert pt.batch_load_cv(logits) == pytest.approx(3 ** 0.5)
 
 
-def test_init_from_a_dense_or_missing_checkpoint_is_an_error(tmp_path):
-    src = write_checkpoint(tmp_path / "dense", num_local_experts=1, num_experts_per_tok=1)
-    with pytest.raises(SystemExit) as e:
-        pt.main(["--init-from", src, "--out", str(tmp_path / "out")])
-    assert "not an MoE checkpoint" in str(e.value.code)
-    assert not (tmp_path / "out").exists()
+def test_upcycle_noise_breaks_the_copies_symmetry_but_not_the_function():
+    dense = random_model(seed=3, num_local_experts=1, num_experts_per_tok=1)
+    cfg = dataclasses.replace(dense.config, num_local_experts=4, num_experts_per_tok=2)
+    moe = pt.upcycle(dense, cfg, seed=4, noise=0.01).eval()
+    experts = moe.model.layers[0].block_sparse_moe.experts
+    w = [e.w1.weight for e in experts]
+    assert not torch.equal(w[0], w[1])
+    rel = (w[0] - dense.model.layers[0].block_sparse_moe.experts[0].w1.weight).std() / w[0].std()
+    assert 0.005 < rel < 0.02  # noise of 1% of the matrix's std
+    assert torch.equal(pt.upcycle(dense, cfg, seed=4, noise=0.01).model.layers[0].block_sparse_moe.experts[2].w3.weight,
+                       experts[2].w3.weight)  # seeded
+    x = torch.randint(0, dense.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (moe(x) - dense(x)).abs().max() < 0.05 * dense(x).abs().max()
+
+
+def test_init_from_upcycles_a_dense_checkpoint_and_continues_an_moe_one():
+    tc = pt.TrainConfig(num_local_experts=4, num_experts_per_tok=2, upcycle_noise=0.0)
+    dense = random_model(seed=3, num_local_experts=1, num_experts_per_tok=1)
+    tc = dataclasses.replace(tc, **{f: getattr(dense.config, f) for f in ("vocab_size", "hidden_size",
+                                                                           "intermediate_size", "num_hidden_layers")})
+    moe, stage = pt.start_from(dense, tc)
+    assert stage == 3 and moe.config.num_local_experts == 4 and moe.training
+    again, stage = pt.start_from(moe, tc)
+    assert stage == 4 and again is moe
+
+
+def test_init_from_a_missing_checkpoint_is_an_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         pt.main(["--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert "no such checkpoint directory" in str(e.value.code)

@@ -25,5 +25,5 @@ def test_run_paper_small(tmp_path, ckpt, text_file, monkeypatch):
     assert len(shared) == 3 and len({r["ppl"] for r in shared}) == 1
     assert all(r["expert_sparsity"] == r["sparsity"] for r in runs if r["nm"] is None)
     assert np.load(out / "calib_tokens.npy").shape == (8, 32)
-    assert "| moe-pruner |" in (out / "tables.md").read_text()
+    assert "| moe-pruner |" in (out / "README.md").read_text()
     assert not [d for d in os.listdir(tmp_path) if d.startswith("run_paper-")]  # pruned checkpoints deleted
