@@ -13,6 +13,8 @@ model-0000i-of-0000n.safetensors + model.safetensors.index.json, tokenizer files
 Every problem with a checkpoint raises CheckpointError with a one-line message naming it.
 """
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mini_mixtral import DecoderLayer, Mixtral, MixtralConfig
@@ -63,6 +65,7 @@ def layer_shapes(config: MixtralConfig, l: int) -> dict:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors' names
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -91,11 +94,13 @@ class CheckpointReader:
 
     Holds only the shards' headers, so a single decoder layer of Mixtral-8x7B (~93 GB) can be
     materialised without touching the rest. On opening it checks, from headers alone, that the
-    key set and every shape match the config one for one (as nanoGPT's from_pretrained does).
+    key set and every shape match the config one for one (as nanoGPT's from_pretrained does) and
+    that every tensor is stored as float32, float16 or bfloat16. Every tensor read is checked to
+    be finite (a NaN or Inf weight is an error naming it) unless allow_nonfinite.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, allow_nonfinite: bool = False):
+        self.path, self.allow_nonfinite = path, allow_nonfinite
         self.config = read_config(path)
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
@@ -146,11 +151,14 @@ class CheckpointReader:
             got = tuple(headers[self.weight_map[k]].get_slice(k).get_shape())
             if got != shape:
                 raise CheckpointError(f"{self.path}: {k} has shape {list(got)}, config implies {list(shape)}")
+            code = headers[self.weight_map[k]].get_slice(k).get_dtype()
+            if code not in STORED_DTYPES:
+                raise CheckpointError(f"{self.path}: {k} is stored as {code}; only F32, F16 and BF16 weights "
+                                      f"are supported")
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The dtype a tensor is stored in (read from the header, not the data)."""
-        code = self._open(self.weight_map[name]).get_slice(name).get_dtype()  # e.g. "BF16"
-        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]
+        return STORED_DTYPES[self._open(self.weight_map[name]).get_slice(name).get_dtype()]  # e.g. "BF16"
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the expert weights are stored in."""
@@ -162,6 +170,8 @@ class CheckpointReader:
             t = handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read {name} ({str(e).splitlines()[0]})") from None
+        if not self.allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{self.path}: {name} has non-finite values (NaN or Inf)")
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def load_into(self, module: nn.Module, prefix: str, dtype=None, device="cpu"):
@@ -186,9 +196,9 @@ def load_embedding(reader: CheckpointReader, dtype=torch.float32, device="cpu") 
     return reader.load_into(emb.to_empty(device=device), "model.embed_tokens.", dtype, device)
 
 
-def load_model(path: str, dtype=torch.float32, device="cpu") -> Mixtral:
+def load_model(path: str, dtype=torch.float32, device="cpu", allow_nonfinite: bool = False) -> Mixtral:
     """The whole model from an official-layout checkpoint, computing in `dtype` on `device`."""
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, allow_nonfinite)
     with torch.device("meta"):
         model = Mixtral(reader.config)
     model = model.to_empty(device=device)
@@ -202,30 +212,197 @@ def load_model(path: str, dtype=torch.float32, device="cpu") -> Mixtral:
     return model.eval()
 
 
+# -----------------------------------------------------------------------------
+# Output safety: an output is complete or absent, never replaces an input, never replaces anything
+# without overwrite
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two paths name the same file system object, however spelled (symlinks, .., aliases)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(path: str, overwrite: bool = False, inputs=()):
+    """Refuse, before any work, an output that is one of the inputs (or contains one, which
+    --overwrite would delete), that exists without overwrite, or whose folder cannot be written."""
+    for src in inputs:
+        if not src:
+            continue
+        if same_place(path, src):
+            raise CheckpointError(f"--out {path} is the input checkpoint {src}; choose another directory")
+        real_out, real_src = os.path.realpath(path), os.path.realpath(src)
+        if os.path.lexists(path) and real_src.startswith(real_out + os.sep):
+            raise CheckpointError(f"--out {path} contains the input checkpoint {src}; choose another directory")
+    if os.path.lexists(path) and not overwrite:
+        raise CheckpointError(f"{path} exists (pass --overwrite to replace it)")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CheckpointError(f"cannot create {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create {path}: no permission to write in {ancestor}")
+
+
+def check_output_file(path: str, overwrite: bool = False):
+    """Refuse, before any work, a results file (--json) that names a folder, lies in a missing
+    folder, or exists without overwrite."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; name a file")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{path}: folder {folder} does not exist")
+    if os.path.lexists(path) and not overwrite:
+        raise CheckpointError(f"{path} exists (pass --overwrite to replace it)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create {path}: no permission to write in {folder}")
+
+
+def write_output_file(path: str, text: str, overwrite: bool = False):
+    """Write a results file whole or not at all: a temporary sibling, then one link (which fails
+    if path appeared meanwhile) or, with overwrite, one atomic replace."""
+    check_output_file(path, overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise CheckpointError(f"{path} appeared while this run was writing it; left as it is") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2) flags (Linux 3.15+)
+
+
+def rename2(src: str, dst: str, flags: int):
+    """renameat2(src, dst, flags): NOREPLACE fails with EEXIST instead of replacing dst (plain
+    rename silently replaces an empty directory); EXCHANGE swaps the two atomically."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    AT_FDCWD = -100
+    if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), dst)
+
+
+def remove(path: str):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def publish(tmp: str, path: str, overwrite: bool):
+    """Make the finished folder tmp the output at path. Without overwrite nothing is ever replaced,
+    not even a folder created at path during the run; with overwrite the old output is swapped out
+    in one atomic exchange and then deleted. Falls back to plain renames where renameat2 is missing."""
+    try:
+        rename2(tmp, path, RENAME_NOREPLACE)
+        return
+    except OSError as e:
+        if e.errno == errno.EEXIST and not overwrite:
+            raise CheckpointError(f"{path} appeared while this run was writing it (another run?); it was left "
+                                  f"as it is and this run's output discarded") from None
+        if e.errno == errno.EEXIST:
+            try:
+                rename2(tmp, path, RENAME_EXCHANGE)
+                remove(tmp)  # tmp now holds the old output
+                return
+            except OSError as e2:
+                if e2.errno not in (errno.ENOSYS, errno.EINVAL):
+                    raise
+        elif e.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+    if os.path.lexists(path):  # no renameat2 here: the old output moves aside for a moment
+        if not overwrite:
+            raise CheckpointError(f"{path} appeared while this run was writing it (another run?); it was left "
+                                  f"as it is and this run's output discarded")
+        old = f"{tmp}-old"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        remove(old)
+    else:
+        os.mkdir(path)  # atomic: fails if anything appeared meanwhile
+        for fn in os.listdir(tmp):
+            os.rename(os.path.join(tmp, fn), os.path.join(path, fn))
+        os.rmdir(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(parent: str, base: str):
+    """Delete BASE.tmp-PID-* folders left by runs that were killed (SIGKILL cannot be handled):
+    their process no longer exists."""
+    prefix = base + ".tmp-"
+    for fn in os.listdir(parent):
+        pid = fn[len(prefix):].split("-", 1)[0]
+        if fn.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            remove(os.path.join(parent, fn))
+
+
 class CheckpointWriter:
     """Streams tensors into an official-layout checkpoint, a shard at a time.
 
-    Everything goes to a temporary sibling folder that is renamed to `path` by close(), so an
-    interrupted run leaves `path` untouched. An existing `path` is an error unless overwrite.
+    Used as `with CheckpointWriter(...) as w:`. Everything goes to a temporary sibling folder
+    OUT.tmp-PID-XXXX that becomes `path` only when the block ends without an error (publish);
+    on an error, SIGINT or SIGTERM the temporary folder and any parent folders this writer
+    created are removed. An existing `path` (folder, file or link) is an error unless overwrite;
+    `path` may not be (or contain) any of `inputs`. No tensor with a NaN or Inf is written.
     Shards are named model-0000i-of-0000n.safetensors with model.safetensors.index.json, as the
     official checkpoints are (a single shard is written as model.safetensors).
     """
 
     def __init__(self, path: str, config: MixtralConfig, overwrite: bool = False, src_dir: Optional[str] = None,
-                 max_shard_bytes: int = 2 * 1024**3):  # 2 GB shards: 47 files for Mixtral-8x7B in bf16
+                 max_shard_bytes: int = 2 * 1024**3, inputs=()):  # 2 GB shards: 47 files for Mixtral-8x7B in bf16
         path = os.path.abspath(path)
-        if os.path.exists(path) and not overwrite:
-            raise CheckpointError(f"{path} exists (pass --overwrite to replace it)")
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
+        check_output(path, overwrite, (src_dir, *inputs))
         self.path, self.config, self.overwrite, self.src_dir = path, config, overwrite, src_dir
         self.max_shard_bytes = max_shard_bytes
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+        parent, self.created = os.path.dirname(path), []
+        missing = parent
+        while not os.path.exists(missing):
+            self.created.append(missing)
+            missing = os.path.dirname(missing)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            remove_stale_temps(parent, os.path.basename(path))
+            self.tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(path)}.tmp-{os.getpid()}-", dir=parent)
+        except OSError as e:
+            self._remove_created()
+            raise CheckpointError(f"cannot create {path} ({e.strerror})") from None
         self.pending, self.pending_bytes, self.shards, self.weight_map, self.total = {}, 0, [], {}, 0
         self.extra_files = {}  # {file name: str or JSON-able object} written beside the weights by close()
 
     def add(self, name: str, tensor: torch.Tensor):
         t = tensor.detach().to("cpu").contiguous()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name} has non-finite values (NaN or Inf); nothing was written")
         nbytes = t.numel() * t.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
@@ -234,71 +411,83 @@ class CheckpointWriter:
         self.total += nbytes
 
     def flush(self):
-        """Write what is pending as a shard now (prune.py calls this after every layer, so that no
-        more than one layer is ever held)."""
+        """Write what is pending as a shard now (layerwise.layers calls this after every layer, so
+        that no more than one layer is ever held)."""
         if not self.pending:
             return
         fn = f"shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, os.path.join(self.tmp, fn), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, os.path.join(self.tmp, fn), metadata={"format": "pt"})
+        except (OSError, SafetensorError) as e:  # no space left, quota, I/O error
+            raise CheckpointError(f"cannot write {self.path} ({str(e).splitlines()[0]})") from None
         self.shards.append(fn)
         self.weight_map.update({k: fn for k in self.pending})
         self.pending, self.pending_bytes = {}, 0
 
     def close(self):
-        """Finish the checkpoint: shard names, index, config.json, tokenizer files, then rename."""
+        """Finish the checkpoint: shard names, index, config.json, tokenizer files, then publish."""
         self.flush()
         n = len(self.shards)
         final = {s: "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
                  for i, s in enumerate(self.shards)}
-        for s, f in final.items():
-            os.rename(os.path.join(self.tmp, s), os.path.join(self.tmp, f))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total},
-                     "weight_map": {k: final[s] for k, s in sorted(self.weight_map.items())}}
-            with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2)
-        with open(os.path.join(self.tmp, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        if self.src_dir:
-            for fn in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(self.src_dir, fn)):
-                    shutil.copy(os.path.join(self.src_dir, fn), os.path.join(self.tmp, fn))
-        for fn, content in self.extra_files.items():
-            with open(os.path.join(self.tmp, fn), "w") as f:
-                f.write(content if isinstance(content, str) else json.dumps(content, indent=2))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is an ordinary folder
-        for fn in os.listdir(self.tmp):
-            os.chmod(os.path.join(self.tmp, fn), 0o666 & ~umask)
-        if os.path.exists(self.path):  # only reachable with overwrite=True
-            old = self.path + ".old"
-            os.rename(self.path, old)
-            os.rename(self.tmp, self.path)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.tmp, self.path)
+        try:
+            for s, f in final.items():
+                os.rename(os.path.join(self.tmp, s), os.path.join(self.tmp, f))
+            if n > 1:
+                index = {"metadata": {"total_size": self.total},
+                         "weight_map": {k: final[s] for k, s in sorted(self.weight_map.items())}}
+                with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump(index, f, indent=2)
+            with open(os.path.join(self.tmp, "config.json"), "w") as f:
+                json.dump(self.config.to_dict(), f, indent=2)
+            if self.src_dir:
+                for fn in TOKENIZER_FILES:
+                    if os.path.isfile(os.path.join(self.src_dir, fn)):
+                        shutil.copy(os.path.join(self.src_dir, fn), os.path.join(self.tmp, fn))
+            for fn, content in self.extra_files.items():
+                with open(os.path.join(self.tmp, fn), "w") as f:
+                    f.write(content if isinstance(content, str) else json.dumps(content, indent=2, allow_nan=False))
+            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint is an ordinary folder
+            for fn in os.listdir(self.tmp):
+                os.chmod(os.path.join(self.tmp, fn), 0o666 & ~_umask())
+        except OSError as e:
+            raise CheckpointError(f"cannot write {self.path} ({e.strerror})") from None
+        except ValueError as e:  # a report with a NaN
+            raise CheckpointError(f"cannot write {self.path}: {e}") from None
+        publish(self.tmp, self.path, self.overwrite)
 
     def abort(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove(self.tmp)
+        self._remove_created()
+
+    def _remove_created(self):
+        for d in self.created:  # deepest first; a folder something else has put files in stays
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def save_model(model: Mixtral, path: str, dtype=None, overwrite=False, src_dir=None, max_shard_bytes=2 * 1024**3,
-               extra_files=None):
+               extra_files=None, inputs=()):
     """Write model in the official layout (tied lm_head is not stored, as transformers does)."""
     config = model.config
     if dtype is not None:
         config = MixtralConfig.from_dict({**config.to_dict(), "torch_dtype": dtype_name(dtype)})
-    with CheckpointWriter(path, config, overwrite, src_dir, max_shard_bytes) as w:
+    with CheckpointWriter(path, config, overwrite, src_dir, max_shard_bytes, inputs) as w:
         for name, p in model.state_dict().items():
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue

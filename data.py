@@ -115,6 +115,8 @@ def read_text(path: str) -> str:
     newline, a blank line becomes ""), and rows are joined with "\\n\\n", as the pruning
     literature's evaluation code does (`"\\n\\n".join(testdata["text"])`).
     """
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a text file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     name = os.path.basename(path)
@@ -146,7 +148,10 @@ def load_tokenizer(model_dir: str) -> Tokenizer:
     fn = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(fn):
         raise DataError(f"{model_dir}: no tokenizer.json")
-    return Tokenizer.from_file(fn)
+    try:
+        return Tokenizer.from_file(fn)
+    except Exception as e:  # tokenizers raises plain Exceptions for a file it cannot parse
+        raise DataError(f"{fn}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
 
 
 def train_tokenizer(text_iter, vocab_size: int):
@@ -197,6 +202,9 @@ def load_token_file(path: str, vocab_size: int) -> torch.Tensor:
     """An int array [nsamples, seqlen] from a .npy file, checked and used verbatim."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":  # the .npy magic string
+            raise DataError(f"{path}: not a .npy file (save token ids with numpy.save)")
     try:
         a = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -227,19 +235,6 @@ def resolve_wikitext(spec: str, split: str) -> str:
 
 # -----------------------------------------------------------------------------
 # Calibration tokens, the same for every script that needs them
-
-
-def add_calibration_args(p, nsamples_help: str = "calibration windows (paper: 128)"):
-    """The calibration flags of prune.py and expert_prune.py."""
-    p.add_argument("--calib-data", default="stdlib",
-                   help="calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
-                        "for the embedded corpus's calibration split (default)")
-    p.add_argument("--calib-tokens", help="an int .npy array [nsamples, seqlen] of token ids, used verbatim")
-    p.add_argument("--nsamples", type=int, default=128, help=nsamples_help)
-    p.add_argument("--seqlen", type=int, default=None,
-                   help="tokens per window (default 2048 as in the paper's protocol, capped at the model's "
-                        "max_position_embeddings: 512 for the embedded model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
 
 
 def calibration_tokens(model_dir: str, vocab_size: int, max_positions: int, calib_data: str = "stdlib",

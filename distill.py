@@ -30,19 +30,19 @@ embedded model distils in a few minutes on 2 CPU cores.
     python distill.py --teacher models/tiny-mixtral --student out/moe-pruner-50 --out out/moe-pruner-50-kd
 """
 
-import argparse
+import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
 import mini_mixtral as mm
-from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, load_layer, load_model, read_config
+from checkpoint import CheckpointReader, CheckpointWriter, check_output, load_layer, load_model, read_config
 from layerwise import embed_windows, layers, run_layer
 from progress import log
 
@@ -84,12 +84,30 @@ def expert_mse(teacher_calls: dict, student_inputs: dict, student: mm.Mixtral) -
 
 def kd_lambda(ce: torch.Tensor, l_expert: torch.Tensor) -> float:
     """Eq. 10's lambda, set to L_CE / L_expert (the paper) so that both terms start equal."""
+    if not (torch.isfinite(ce) and torch.isfinite(l_expert)) or l_expert.item() == 0:
+        raise data.DataError(f"lambda = L_CE / L_expert is undefined on the first batch (L_CE {ce.item():.4g}, "
+                             f"L_expert {l_expert.item():.4g}): the student's experts compute the teacher's "
+                             f"exactly; is the student pruned?")
     return (ce / l_expert).item()
 
 
-def zero_masks(model: torch.nn.Module) -> dict:
-    """{parameter name: bool mask of its exact zeros} for every matrix that has any (the pruned ones)."""
-    return {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2 and bool((p == 0).any())}
+def pruned_matrices(student_dir: str, model: torch.nn.Module) -> list:
+    """The names of the matrices that pruning changed: those prune_report.json lists with sparsity
+    > 0 when the student has one, else every expert matrix. Only these keep a mask; an exact zero
+    elsewhere (the embedding has a few) is an ordinary weight."""
+    report = os.path.join(student_dir, "prune_report.json")
+    if os.path.isfile(report):
+        with open(report) as f:
+            return [n for n, s in json.load(f).get("per_matrix_sparsity", {}).items() if s > 0]
+    return [n for n, p in model.named_parameters() if ".experts." in n and p.dim() == 2]
+
+
+def zero_masks(model: torch.nn.Module, names=None) -> dict:
+    """{parameter name: bool mask of its exact zeros} for the named matrices (default: every
+    matrix of the module) that have any: the pruned weights, which must stay zero."""
+    params = dict(model.named_parameters())
+    names = [n for n, p in params.items() if p.dim() == 2] if names is None else names
+    return {n: params[n] == 0 for n in names if bool((params[n] == 0).any())}
 
 
 def apply_masks(model, masks, grads=False):
@@ -132,8 +150,7 @@ class Capture:
             h.remove()
 
 
-def distill_full(teacher, student, windows, cfg: DistillConfig, device, log):
-    masks = zero_masks(student)
+def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, device, log):
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
     total = steps_per_epoch * cfg.epochs
@@ -160,6 +177,9 @@ def distill_full(teacher, student, windows, cfg: DistillConfig, device, log):
             if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):
                 lam = kd_lambda(ce, l_exp)  # on the first batch (and every rebalance_every steps)
             loss = (ce + lam * l_exp) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise data.DataError(f"non-finite loss at step {step} (CE {ce.item():.4g}, expert MSE "
+                                     f"{l_exp.item():.4g}, lambda {lam:.4g}); nothing was written")
             loss.backward()
             sums["ce"] += ce.item()
             sums["expert"] += l_exp.item()
@@ -263,8 +283,8 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
                        text: str = "stdlib", device: str = "cpu", overwrite: bool = False, log=log) -> dict:
     """Distil the pruned student_dir from the dense teacher_dir on text (Eq. 10), write out; returns the report."""
     config = check_pair(teacher_dir, student_dir)
-    if os.path.abspath(out) in (os.path.abspath(student_dir), os.path.abspath(teacher_dir)):
-        raise data.DataError("--out is an input checkpoint; choose another directory")
+    CheckpointReader(teacher_dir), CheckpointReader(student_dir)  # every key, shape and shard, before any work
+    check_output(out, overwrite, [student_dir, teacher_dir])
     if cfg.seqlen > config.max_position_embeddings or cfg.seqlen < 2:
         raise data.DataError(f"--seqlen {cfg.seqlen} outside [2, max_position_embeddings "
                              f"{config.max_position_embeddings}]")
@@ -273,16 +293,19 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
     ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(text, "train"))
     windows = data.calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
     device = torch.device(device)
-    with CheckpointWriter(out, config, overwrite=overwrite, src_dir=student_dir) as writer:
+    with CheckpointWriter(out, config, overwrite=overwrite, src_dir=student_dir, inputs=[teacher_dir]) as writer:
         torch.manual_seed(cfg.seed)
         t0 = time.time()
         if mode == "full":
             teacher = load_model(teacher_dir, torch.float32, device).requires_grad_(False)
             student = load_model(student_dir, torch.float32, device)
-            before = zero_masks(student)
-            student, report = distill_full(teacher, student, windows, cfg, device, log)
-            after = zero_masks(student)
-            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+            masks = zero_masks(student, pruned_matrices(student_dir, student))
+            if not masks:
+                raise data.DataError(f"{student_dir}: no pruned weights (no exact zeros in its pruned matrices); "
+                                     f"distil a checkpoint written by prune.py")
+            student, report = distill_full(teacher, student, masks, windows, cfg, device, log)
+            after = zero_masks(student, list(masks))
+            assert masks.keys() == after.keys() and all(torch.equal(masks[k], after[k]) for k in masks)
             s_reader = CheckpointReader(student_dir)
             for name, p_ in student.state_dict().items():
                 if not (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -290,15 +313,21 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
         else:
             report = distill_per_expert(teacher_dir, student_dir, windows, cfg, writer, device, log)
         report.update({"mode": mode, "teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
-                       "data": text,
-                       "settings": asdict(cfg), "tokens": windows.numel(), "seconds": time.time() - t0})
+                       "data": text, "settings": asdict(cfg), "tokens": windows.numel(),
+                       "seconds": time.time() - t0})
         writer.extra_files["distill_report.json"] = report
     log(f"wrote {out} ({report['seconds']:.0f}s)")
     return report
 
 
+# DistillConfig field -> the argparse type that refuses bad values before any work
+FIELD_TYPES = {"samples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
+               "warmup_steps": cli.nonnegative_int, "batch_size": cli.positive_int, "grad_accum": cli.positive_int,
+               "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": int}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--teacher", help="the dense checkpoint (default: the embedded tiny Mixtral)")
     p.add_argument("--student", required=True, help="the pruned checkpoint (same config)")
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
@@ -309,16 +338,14 @@ def main(argv=None):
                    help="training text: a C4 json/json.gz shard, any text file, or 'stdlib' (the embedded corpus's "
                         "train split, default)")
     for f, default in asdict(DistillConfig()).items():
-        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default,
+        p.add_argument("--" + f.replace("_", "-"), type=FIELD_TYPES[f], default=default,
                        help=f"DistillConfig.{f} (default {default}; see the module docstring)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
     args = p.parse_args(argv)
     cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
-    try:
+    with cli.errors():
         return distill_checkpoint(args.teacher or data.default_model_dir(), args.student, args.out, cfg, args.mode,
                                   args.data, args.device, args.overwrite)
-    except (CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

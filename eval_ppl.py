@@ -16,7 +16,6 @@ routing weight (the "hint" MoE-Pruner's metric multiplies in).
     python eval_ppl.py --model DIR --data wiki.test.raw --seqlen 2048 --json out.json
 """
 
-import argparse
 import json
 import math
 import sys
@@ -24,9 +23,10 @@ import time
 
 import torch
 
+import cli
 import data
 import mini_mixtral as mm
-from checkpoint import CheckpointError, DTYPES, read_config
+from checkpoint import DTYPES, check_output_file, read_config, write_output_file
 from expert_prune import load_model
 from progress import Progress
 
@@ -121,7 +121,11 @@ def evaluation_windows(model_dir: str, text: str = "stdlib", split: str = "test"
 def evaluate(model_dir: str, windows: torch.Tensor, dtype: str = "float32", device: str = "cpu",
              batch_size: int = 8, router: bool = False) -> dict:
     """Perplexity (and router statistics) of one checkpoint on the given windows."""
-    model = load_model(model_dir, DTYPES[dtype], device)
+    model = load_model(model_dir, DTYPES[dtype], device, allow_nonfinite=True)
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        print(f"warning: {model_dir}: {len(bad)} weight tensors are not finite (first: {bad[0]}); the perplexity "
+              f"below is of those weights", file=sys.stderr)
     print(f"{model_dir}: {len(windows)} windows x {windows.shape[1]} tokens", file=sys.stderr)
     t0 = time.time()
     ppl = perplexity(model, windows, batch_size, device, progress=True)
@@ -147,7 +151,7 @@ def markdown_table(results, router=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--model", nargs="+", default=None,
                    help="one or more checkpoint directories (official layout), evaluated on the same windows and "
                         "printed as one table; default: the embedded tiny Mixtral")
@@ -157,11 +161,11 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=("test", "validation"),
                    help="with a WikiText directory: wiki.test.raw (Wanda's and SparseGPT's choice, default) or "
                         "wiki.valid.raw (what the MoE-Pruner paper says it used)")
-    p.add_argument("--seqlen", type=int, default=None,
+    p.add_argument("--seqlen", type=cli.seqlen, default=None,
                    help="window length in tokens (default 2048 as in the pruning literature, or the model's "
                         "max_position_embeddings if that is smaller, e.g. 512 for the embedded model)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-windows", type=cli.positive_int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda when available, else cpu")
@@ -169,17 +173,21 @@ def main(argv=None):
                    help="also report the expert load CV (Eq. 4-5) and top-1 gate statistics per layer")
     p.add_argument("--json", help="write the results to this file: {ppl, windows, tokens, ...} for one model, "
                                   "a list of them for several")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     args = p.parse_args(argv)
     results, cache = [], {}
-    try:
+    with cli.errors():
+        if args.json:
+            check_output_file(args.json, args.overwrite)
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
         for model_dir in args.model or [data.default_model_dir()]:
             windows = evaluation_windows(model_dir, args.data, args.split, args.seqlen, args.max_windows, cache)
             results.append({**evaluate(model_dir, windows, args.dtype, args.device, args.batch_size,
                                        args.router_stats), "data": args.data})
-    except (CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+        if args.json:
+            write_output_file(args.json, json.dumps(results[0] if len(results) == 1 else results, indent=2),
+                              args.overwrite)
     print(markdown_table(results, args.router_stats))
     if args.router_stats:
         for r in results:
@@ -187,9 +195,6 @@ def main(argv=None):
                 print(f"{r['model']} layer {x['layer']}: load CV {x['load_cv']:.3f}, top-1 gate "
                       f"{x['top1_gate_mean']:.3f} +- {x['top1_gate_std']:.3f}, top-k probability mass "
                       f"{x['topk_mass']:.3f}", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
     return results
 
 

@@ -30,19 +30,17 @@ removed).
     python expert_prune.py --condense-layers 2 --condense-experts 2 --out out/cdmoe-2x2
 """
 
-import argparse
 import itertools
-import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
 import mini_mixtral as mm
-from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, save_model
+from checkpoint import CheckpointReader, CheckpointWriter, check_output, save_model
 from checkpoint import load_model as load_plain_model
 from layerwise import Positions, embed_windows, layers, run_layer
 from progress import log
@@ -113,9 +111,9 @@ def install_variants(model: mm.Mixtral) -> mm.Mixtral:
     return model
 
 
-def load_model(path: str, dtype=torch.float32, device="cpu") -> mm.Mixtral:
+def load_model(path: str, dtype=torch.float32, device="cpu", allow_nonfinite: bool = False) -> mm.Mixtral:
     """checkpoint.load_model, with the expert-level variants a checkpoint's config asks for."""
-    return install_variants(load_plain_model(path, dtype, device))
+    return install_variants(load_plain_model(path, dtype, device, allow_nonfinite))
 
 
 # -----------------------------------------------------------------------------
@@ -333,19 +331,20 @@ def skip_fraction(model: mm.Mixtral, windows, batch_size=8) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--model", help="input checkpoint directory; default: the embedded tiny Mixtral")
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--r", type=int, default=None, help="NAEE: experts kept per layer (default: all)")
     p.add_argument("--skip", action="store_true", help="NAEE dynamic skipping, beta = median g1/g0 per layer")
-    p.add_argument("--condense-layers", type=int, default=0, help="CD-MoE: how many layers to condense")
-    p.add_argument("--condense-experts", type=int, default=2, help="CD-MoE: always-on experts per condensed layer")
-    data.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--condense-layers", type=cli.nonnegative_int, default=0, help="CD-MoE: how many layers to condense")
+    p.add_argument("--condense-experts", type=cli.positive_int, default=2,
+                   help="CD-MoE: always-on experts per condensed layer")
+    cli.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
-    try:
+    with cli.errors():
         model_dir = args.model or data.default_model_dir()
         reader = CheckpointReader(model_dir)
         config = reader.config
@@ -355,8 +354,7 @@ def main(argv=None):
             raise data.DataError("nothing to do: give --r, --skip or --condense-layers")
         if args.r is not None and args.r < 1:
             raise data.DataError(f"--r {args.r}: must be at least 1")
-        if os.path.abspath(args.out) == os.path.abspath(model_dir):
-            raise data.DataError("--out is the input checkpoint; choose another directory")
+        check_output(args.out, args.overwrite, [model_dir])
         tokens = data.calibration_tokens(model_dir, config.vocab_size, config.max_position_embeddings, args.calib_data,
                                          args.calib_tokens, args.nsamples, args.seqlen, args.seed)
         if args.condense_layers:
@@ -364,8 +362,6 @@ def main(argv=None):
                           args.batch_size, args.device)
         return naee(reader, tokens, args.r if args.r is not None else config.num_local_experts, args.skip,
                     args.out, args.overwrite, args.batch_size, args.device)
-    except (CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -32,11 +32,9 @@ with the per-layer loss at weight 1.0, which revived the collapsed experts:
         --moe-lr 3e-4 --aux-loss-coef 1.0 --threads 2
 """
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -45,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+import cli
 import data
 import mini_mixtral as mm
-from checkpoint import CheckpointError, load_model, read_config, save_model
+from checkpoint import check_output, load_model, read_config, save_model
 from eval_ppl import expert_load_cv, perplexity, router_stats
 from progress import log
 
@@ -234,17 +233,94 @@ def unigram_ppl(train_ids: np.ndarray, eval_ids: np.ndarray, vocab_size: int) ->
     return float(np.exp(-logp[eval_ids[1:]].mean()))
 
 
+def train(tc: TrainConfig, out: str, overwrite: bool = False, resume: bool = False, save_every: int = 100,
+          init_from: str = None, tokenizer: str = None):
+    """The whole run: tokenizer, dense stage and upcycled MoE stage (or the stage --init-from
+    asks for), then the report and the checkpoint at out."""
+    out = os.path.abspath(out)
+    check_output(out, overwrite, [init_from, tokenizer])
+    state_path = out + ".train_state.pt"
+    state = torch.load(state_path, weights_only=False) if resume and os.path.isfile(state_path) else None
+
+    def save_state(s):
+        torch.save({**s, "tokenizer": tok.to_str()}, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+
+    torch.manual_seed(tc.seed)
+    t_start = time.time()
+    previous = None
+    if init_from:  # upcycle a dense checkpoint or continue an MoE one: shape and tokenizer come from it
+        c = read_config(init_from)
+        init = load_model(init_from)
+        tok = data.load_tokenizer(init_from)
+        fn = os.path.join(init_from, "report.json")
+        previous = json.load(open(fn)) if os.path.isfile(fn) else None
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            setattr(tc, f, getattr(c, f))
+        if c.num_local_experts > 1:
+            tc.num_local_experts = c.num_local_experts
+        tc.dense_tokens = 0  # no dense stage in this run; the previous one is in report.json's "previous"
+    log(f"corpus: {data.corpus_id()}")
+    if state is not None:  # a resumed run keeps the tokenizer it started with
+        tok = Tokenizer.from_str(state["tokenizer"])
+    elif tokenizer and not init_from:
+        tok = data.load_tokenizer(tokenizer)
+        if tok.get_vocab_size() != tc.vocab_size:
+            raise data.DataError(f"{tokenizer}'s tokenizer has {tok.get_vocab_size()} tokens, not --vocab-size "
+                                 f"{tc.vocab_size}")
+        log(f"stage 1 skipped: tokenizer of {tokenizer}")
+    elif not init_from:
+        log(f"stage 1: byte-level BPE tokenizer, vocab {tc.vocab_size}")
+        tok = data.train_tokenizer(data.stdlib_texts("train"), tc.vocab_size)
+    train_ids = data.encode(tok, data.stdlib_text("train"))
+    eval_ids = data.encode(tok, data.stdlib_text("eval"))
+    calib_ids = data.encode(tok, data.stdlib_text("calib"))
+    log(f"tokens: train {len(train_ids):,}, calib {len(calib_ids):,}, eval {len(eval_ids):,}")
+
+    if init_from:
+        dense_ppl = (previous or {}).get("dense_ppl")
+        moe, stage = start_from(init, tc)
+        save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})
+        moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, stage, state, save_fn, save_every, log)
+    else:
+        moe, dense_ppl = train_dense_and_upcycle(tc, train_ids, eval_ids, state, save_state, save_every, log)
+    moe = moe.to(torch.float16).to(torch.float32).eval()  # report on exactly the weights that are shipped
+
+    ew = data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows]
+    cw = data.calibration_windows(calib_ids, 64, tc.seqlen, tc.seed)
+    ppl = perplexity(moe, ew)
+    stats = router_stats(moe, cw)
+    report = {"train_config": asdict(tc), "corpus": data.corpus_id(), "torch": torch.__version__,
+              "tokens": {"train": len(train_ids), "calib": len(calib_ids), "eval": len(eval_ids)},
+              "eval_windows": len(ew), "dense_ppl": dense_ppl, "ppl": ppl,
+              "unigram_ppl": unigram_ppl(train_ids, eval_ids, tc.vocab_size), "router_calib": stats,
+              "minutes": (time.time() - t_start) / 60,
+              "init_from": data.shown_path(init_from), "previous": previous}
+    log(f"{'MoE' if moe.config.num_local_experts > 1 else 'dense model'}: held-out ppl {ppl:.2f} (dense {dense_ppl:.2f}, unigram {report['unigram_ppl']:.1f}); "
+        f"load CV per layer {[round(s['load_cv'], 3) for s in stats]}")
+    save_model(moe, out, dtype=torch.float16, overwrite=overwrite, inputs=[init_from, tokenizer],
+               extra_files={"tokenizer.json": tok.to_str(pretty=True), "report.json": report})
+    if os.path.isfile(state_path):
+        os.remove(state_path)
+    log(f"saved {out} ({report['minutes']:.1f} min)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--out", default=data.CACHE_MODEL, help="output checkpoint directory (default: the cache folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true", help="continue from --out's .train_state.pt if present")
-    p.add_argument("--save-every", type=int, default=100, help="save resumable state every N steps (0: never)")
-    for f in ("seed", "dense_tokens", "moe_tokens", "batch_size", "seqlen", "lr", "moe_lr", "warmup_steps", "aux_loss_coef",
-              "weight_decay", "intermediate_size", "hidden_size", "num_hidden_layers", "num_local_experts"):
+    p.add_argument("--save-every", type=cli.nonnegative_int, default=100,
+                   help="save resumable state every N steps (0: never)")
+    types = {"seed": int, "dense_tokens": cli.nonnegative_float, "moe_tokens": cli.nonnegative_float,
+             "batch_size": cli.positive_int, "seqlen": cli.seqlen, "lr": cli.positive_float, "moe_lr": cli.positive_float,
+             "warmup_steps": cli.nonnegative_int, "aux_loss_coef": cli.nonnegative_float,
+             "weight_decay": cli.nonnegative_float, "intermediate_size": cli.positive_int,
+             "hidden_size": cli.positive_int, "num_hidden_layers": cli.positive_int,
+             "num_local_experts": cli.positive_int}
+    for f, type_ in types.items():
         default = getattr(TrainConfig, f)
-        p.add_argument("--" + f.replace("_", "-"), type=type(default) if not isinstance(default, float) else float,
-                       default=default, help=f"TrainConfig.{f} (default {default})")
+        p.add_argument("--" + f.replace("_", "-"), type=type_, default=default, help=f"TrainConfig.{f} (default {default})")
     p.add_argument("--balance", choices=["per-layer", "pooled"], default=TrainConfig.balance,
                    help="load-balancing loss form: per-layer (Switch Transformers, default) or pooled over "
                         "all layers (transformers' load_balancing_loss_func; balances only the layers' total)")
@@ -262,84 +338,13 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="reuse this checkpoint directory's tokenizer.json instead of training one (stage 1), so a "
                         "new model shares the shipped model's tokenizer")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     tc = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)})
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
-        sys.exit(f"error: {out} exists (pass --overwrite to replace it)")
-    state_path = out + ".train_state.pt"
-    state = torch.load(state_path, weights_only=False) if args.resume and os.path.isfile(state_path) else None
-
-    def save_state(s):
-        torch.save({**s, "tokenizer": tok.to_str()}, state_path + ".tmp")
-        os.replace(state_path + ".tmp", state_path)
-
-    torch.manual_seed(tc.seed)
-    t_start = time.time()
-    log(f"corpus: {data.corpus_id()}")
-    previous = None
-    if args.init_from:  # upcycle a dense checkpoint or continue an MoE one: shape and tokenizer come from it
-        try:
-            c = read_config(args.init_from)
-            init = load_model(args.init_from)
-            tok = data.load_tokenizer(args.init_from)
-        except (CheckpointError, data.DataError) as e:
-            sys.exit(f"error: {e}")
-        fn = os.path.join(args.init_from, "report.json")
-        previous = json.load(open(fn)) if os.path.isfile(fn) else None
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
-            setattr(tc, f, getattr(c, f))
-        if c.num_local_experts > 1:
-            tc.num_local_experts = c.num_local_experts
-        tc.dense_tokens = 0  # no dense stage in this run; the previous one is in report.json's "previous"
-    if state is not None:  # a resumed run keeps the tokenizer it started with
-        tok = Tokenizer.from_str(state["tokenizer"])
-    elif args.tokenizer and not args.init_from:
-        try:
-            tok = data.load_tokenizer(args.tokenizer)
-        except data.DataError as e:
-            sys.exit(f"error: {e}")
-        if tok.get_vocab_size() != tc.vocab_size:
-            sys.exit(f"error: {args.tokenizer}'s tokenizer has {tok.get_vocab_size()} tokens, not --vocab-size "
-                     f"{tc.vocab_size}")
-        log(f"stage 1 skipped: tokenizer of {args.tokenizer}")
-    elif not args.init_from:
-        log(f"stage 1: byte-level BPE tokenizer, vocab {tc.vocab_size}")
-        tok = data.train_tokenizer(data.stdlib_texts("train"), tc.vocab_size)
-    train_ids = data.encode(tok, data.stdlib_text("train"))
-    eval_ids = data.encode(tok, data.stdlib_text("eval"))
-    calib_ids = data.encode(tok, data.stdlib_text("calib"))
-    log(f"tokens: train {len(train_ids):,}, calib {len(calib_ids):,}, eval {len(eval_ids):,}")
-
-    if args.init_from:
-        dense_ppl = (previous or {}).get("dense_ppl")
-        moe, stage = start_from(init, tc)
-        save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})
-        moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, stage, state, save_fn, args.save_every, log)
-    else:
-        moe, dense_ppl = train_dense_and_upcycle(tc, train_ids, eval_ids, state, save_state, args.save_every, log)
-    moe = moe.to(torch.float16).to(torch.float32).eval()  # report on exactly the weights that are shipped
-
-    ew = data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows]
-    cw = data.calibration_windows(calib_ids, 64, tc.seqlen, tc.seed)
-    ppl = perplexity(moe, ew)
-    stats = router_stats(moe, cw)
-    report = {"train_config": asdict(tc), "corpus": data.corpus_id(), "torch": torch.__version__,
-              "tokens": {"train": len(train_ids), "calib": len(calib_ids), "eval": len(eval_ids)},
-              "eval_windows": len(ew), "dense_ppl": dense_ppl, "ppl": ppl,
-              "unigram_ppl": unigram_ppl(train_ids, eval_ids, tc.vocab_size), "router_calib": stats,
-              "minutes": (time.time() - t_start) / 60,
-              "init_from": data.shown_path(args.init_from), "previous": previous}
-    log(f"{'MoE' if moe.config.num_local_experts > 1 else 'dense model'}: held-out ppl {ppl:.2f} (dense {dense_ppl:.2f}, unigram {report['unigram_ppl']:.1f}); "
-        f"load CV per layer {[round(s['load_cv'], 3) for s in stats]}")
-    save_model(moe, out, dtype=torch.float16, overwrite=args.overwrite,
-               extra_files={"tokenizer.json": tok.to_str(pretty=True), "report.json": report})
-    if os.path.isfile(state_path):
-        os.remove(state_path)
-    log(f"saved {out} ({report['minutes']:.1f} min)")
+    with cli.errors():
+        train(tc, args.out, args.overwrite, args.resume, args.save_every, args.init_from, args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,17 @@ and the calibration activations are ever in memory.
     python prune.py --model DIR --method wanda --sparsity 0.5 --nm 2:4 --out out/wanda-24
 """
 
-import argparse
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
+import cli
 import data
 import mini_mixtral as mm
-from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, DTYPES, expected_shapes
+from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, check_output, expected_shapes
 from layerwise import Positions, embed_windows, layers, run_layer
 from progress import Laps, log
 
@@ -344,8 +342,7 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
     reader = CheckpointReader(model_dir)
     config = reader.config
     check_args(args, config, nm)
-    if os.path.abspath(out) == os.path.abspath(model_dir):
-        raise data.DataError("--out is the input checkpoint; choose another directory")
+    check_output(out, overwrite, [model_dir])
     tokens = data.calibration_tokens(model_dir, config.vocab_size, config.max_position_embeddings, args.calib_data,
                                      args.calib_tokens, args.nsamples, args.seqlen, args.seed)
     sparsity = (nm[1] - nm[0]) / nm[1] if nm is not None else args.sparsity  # N:M fixes it at (M - N) / M
@@ -396,12 +393,12 @@ def sparsity_summary(config, per_matrix):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--model", help="input checkpoint directory (official layout); default: the embedded tiny Mixtral")
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
     p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
-    data.add_calibration_args(p)
+    cli.add_calibration_args(p)
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--prune-attention", action="store_true",
@@ -409,7 +406,7 @@ def main(argv=None):
     p.add_argument("--dense-forward", action="store_true",
                    help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
                         "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="calibration windows per forward pass")
     p.add_argument("--act-dtype", default="float32", choices=list(DTYPES),
                    help="dtype the calibration activations are kept in between layers (half precision halves memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available, else cpu")
@@ -417,10 +414,8 @@ def main(argv=None):
     if a.calib_tokens and a.calib_data != "stdlib":
         p.error("give --calib-data or --calib-tokens, not both")
     args = PruneArgs(**{k: v for k, v in vars(a).items() if k not in ("model", "out", "overwrite")})
-    try:
+    with cli.errors():
         return prune_checkpoint(a.model or data.default_model_dir(), a.out, args, a.overwrite)
-    except (CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ evaluation unless --keep.
         --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --device cuda   # the paper's scale
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -35,12 +34,13 @@ import time
 import numpy as np
 import torch
 
+import cli
 import data
 import distill
 import eval_ppl
 import expert_prune
 import prune
-from checkpoint import CheckpointError, CheckpointReader, read_config
+from checkpoint import CheckpointReader, check_output_file, read_config, write_output_file
 from progress import log
 
 try:  # optional: the plots
@@ -58,15 +58,15 @@ PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.9
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
     p.add_argument("--out", default="results", help="folder for results.json, README.md (the tables) and the plots")
     p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
     p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --data)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (paper: 128)")
-    p.add_argument("--seqlen", type=int, default=None,
+    p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
+    p.add_argument("--seqlen", type=cli.seqlen, default=None,
                    help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
-    p.add_argument("--eval-windows", type=int, default=128,
+    p.add_argument("--eval-windows", type=cli.nonnegative_int, default=128,
                    help="evaluation windows per model (default 128: 65k tokens on the embedded model; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--sweep", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="sparsities of the Figure 5 sweep")
@@ -75,31 +75,34 @@ def main(argv=None):
                    help="run one part only (distill runs only when asked: it is the slowest part)")
     p.add_argument("--device", default=None, help="passed to prune.py and eval_ppl.py (default: theirs)")
     p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     args = p.parse_args(argv)
-    try:
+    with cli.errors():
         model = args.model or data.default_model_dir()
         config = read_config(model)
-    except (CheckpointError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    seqlen = args.seqlen or min(2048, config.max_position_embeddings)
-    os.makedirs(args.out, exist_ok=True)
-    work = os.path.join(args.out, "checkpoints") if args.keep else tempfile.mkdtemp(prefix="run_paper-")
-    os.makedirs(work, exist_ok=True)
-
-    # one set of calibration windows for every method (and its prefixes for the calibration sweep)
-    try:
+        if os.path.isdir(args.out):
+            check_output_file(os.path.join(args.out, "results.json"), args.overwrite)
+        # one set of calibration windows for every method (and its prefixes for the calibration sweep)
+        seqlen = args.seqlen or min(2048, config.max_position_embeddings)
         tok = data.load_tokenizer(model)
         ids = data.encode(tok, data.text_source(args.calib_data, "calib"))
         calib = data.calibration_windows(ids, args.nsamples, seqlen, args.seed).numpy()
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
-    calib_file = os.path.join(args.out, "calib_tokens.npy")
-    np.save(calib_file, calib)
-    try:  # one set of evaluation windows for every model
+        # one set of evaluation windows for every model
         ids = data.encode(tok, data.text_source(data.resolve_wikitext(args.eval_data, "test"), "eval"))
         windows = data.eval_windows(ids, seqlen)[: args.eval_windows or None]
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+        os.makedirs(args.out, exist_ok=True)
+        work = os.path.join(args.out, "checkpoints") if args.keep else tempfile.mkdtemp(prefix="run_paper-")
+        os.makedirs(work, exist_ok=True)
+        try:
+            experiments(args, model, config, seqlen, calib, windows, work, argv)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def experiments(args, model, config, seqlen, calib, windows, work, argv):
+    calib_file = os.path.join(args.out, "calib_tokens.npy")
+    np.save(calib_file, calib)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def evaluate(path):
@@ -147,20 +150,16 @@ def main(argv=None):
         None, "experts") else []
     distilled = distill_part(model, dense["ppl"], calib_file, work, evaluate, device, args.keep) if (
         args.only == "distill") else []
-    if not args.keep:
-        shutil.rmtree(work)
     results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": args.nsamples,
                "calib_data": args.calib_data, "eval_data": args.eval_data, "eval_windows": dense["windows"],
                "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs, "expert_level": experts, "distill": distilled,
                "minutes": (time.time() - t_start) / 60}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_output_file(os.path.join(args.out, "results.json"), json.dumps(results, indent=2), overwrite=True)
     command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
     tables = markdown(results)
     plotted = plots(results, args.out)
-    with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write(f"# Results\n\nWritten by `{command}` ({results['minutes']:.0f} minutes); results.json holds every "
-                f"number.\n\n{tables}\n" + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted))
+    write_output_file(os.path.join(args.out, "README.md"), (f"# Results\n\nWritten by `{command}` ({results['minutes']:.0f} minutes); results.json holds every "
+                f"number.\n\n{tables}\n" + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted)), overwrite=True)
     print(tables)
 
 

@@ -33,19 +33,18 @@ torch.sparse alone is used (torchao's sparsity module has been removed upstream)
     python sparse24.py --prune-from DIR --method wanda --out out/wanda-24   # prune to 2:4 first
 """
 
-import argparse
 import json
-import sys
 
 import torch
 from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 from torch.sparse._semi_structured_conversions import (sparse_semi_structured_from_dense_cutlass,
                                                        sparse_semi_structured_to_dense_cutlass)
 
+import cli
 import data
 import mini_mixtral as mm
 import prune
-from checkpoint import CheckpointError, CheckpointReader, DTYPES, load_model, read_config
+from checkpoint import CheckpointReader, DTYPES, check_output_file, load_model, read_config, write_output_file
 
 HALF = (torch.float16, torch.bfloat16)
 MIN_ROWS, MIN_COLS = 32, 64  # CUTLASS fp16/bf16 tile (cuSPARSELt's 16 x 16 divides it)
@@ -192,7 +191,7 @@ def compare_logits(model_dir, backend, dtype, windows, include_attention=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--model", help="a checkpoint pruned with prune.py --nm 2:4")
     p.add_argument("--prune-from", help="prune this checkpoint to 2:4 first (prune.py's functions) into --out")
     p.add_argument("--method", default="moe-pruner", help="with --prune-from: the pruning method")
@@ -206,16 +205,19 @@ def main(argv=None):
     p.add_argument("--backend", default="cutlass", choices=["cutlass", "cusparselt"],
                    help="torch's semi-structured backend for --run (explicit: torch's default changed across versions)")
     p.add_argument("--json", help="write the storage report (and the --run comparison) to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and --json if they exist")
     args = p.parse_args(argv)
-    try:
+    with cli.errors(SparsityError):
         if args.run:
             require_cuda()  # before any work
+        if args.json:
+            check_output_file(args.json, args.overwrite)
         if args.prune_from:
             if not args.out:
                 raise data.DataError("--prune-from needs --out")
             prune.prune_checkpoint(args.prune_from, args.out, prune.PruneArgs(
                 method=args.method, nm="2:4", prune_attention=args.include_attention,
-                device="cuda" if torch.cuda.is_available() else "cpu"))
+                device="cuda" if torch.cuda.is_available() else "cpu"), args.overwrite)
             model_dir = args.out
         else:
             model_dir = args.model or data.default_model_dir()
@@ -241,10 +243,7 @@ def main(argv=None):
             print(f"{args.backend} on {report['run']['gpu']}: max |logit difference| {run['max_abs_diff']:.4g} "
                   f"(max |logit| {run['max_abs_logit']:.3g})")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-    except (CheckpointError, data.DataError, SparsityError) as e:
-        sys.exit(f"error: {e}")
+            write_output_file(args.json, json.dumps(report, indent=2), args.overwrite)
     return report
 
 

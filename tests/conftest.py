@@ -55,3 +55,18 @@ def text_file(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text(TEXT)
     return str(p)
+
+
+def script_error(capsys, main, argv, alone=True) -> str:
+    """Run a script's main(argv) expecting the one-line error of cli.errors: a non-zero exit, no
+    traceback, the last stderr line `error: ...` (and, when alone, nothing else on stderr).
+    Returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code not in (0, None)
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert lines[-1].startswith("error: ") and "Traceback" not in "\n".join(lines), lines
+    if alone:
+        assert len(lines) == 1, lines
+    return lines[-1]

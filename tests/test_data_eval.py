@@ -10,7 +10,7 @@ import torch
 
 import data
 import eval_ppl
-from conftest import TEXT, random_model, small_tokenizer, write_checkpoint
+from conftest import TEXT, random_model, script_error, small_tokenizer, write_checkpoint
 
 
 def test_stdlib_splits_are_disjoint_deterministic_and_complete():
@@ -104,11 +104,7 @@ def test_eval_ppl_matches_transformers(tmp_path, text_file):
 
 
 def cli_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        eval_ppl.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg
-    return msg
+    return script_error(capsys, eval_ppl.main, argv)
 
 
 def test_eval_ppl_bad_input(tmp_path, ckpt, text_file, capsys):

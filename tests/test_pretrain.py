@@ -7,7 +7,7 @@ import torch
 
 import eval_ppl
 import pretrain_tiny as pt
-from conftest import random_model
+from conftest import random_model, script_error
 
 
 def test_upcycled_moe_computes_the_dense_model():
@@ -59,10 +59,9 @@ def test_init_from_upcycles_a_dense_checkpoint_and_continues_an_moe_one():
     assert stage == 4 and again is moe
 
 
-def test_init_from_a_missing_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        pt.main(["--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
-    assert "no such checkpoint directory" in str(e.value.code)
+def test_init_from_a_missing_checkpoint_is_an_error(tmp_path, capsys):
+    line = script_error(capsys, pt.main, ["--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert "no such checkpoint directory" in line
     assert not (tmp_path / "out").exists()
 
 

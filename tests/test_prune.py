@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import checkpoint
 import mini_mixtral as mm
 import prune
-from conftest import random_model, write_checkpoint
+from conftest import random_model, script_error, write_checkpoint
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -291,41 +291,37 @@ def test_expert_without_calibration_tokens_falls_back_to_magnitude(tmp_path):
 # --- bad input -------------------------------------------------------------------------------
 
 
-def prune_error(tmp_path, argv):
+def prune_error(capsys, tmp_path, argv):
     out = tmp_path / "bad-out"
-    with pytest.raises(SystemExit) as e:
-        prune.main([*argv, "--out", str(out)])
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg
+    msg = script_error(capsys, prune.main, [*argv, "--out", str(out)])
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith("bad-out")]
     return msg
 
 
-def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, ckpt, text_file):
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, ckpt, text_file, capsys):
     base = ["--model", ckpt, "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32"]
-    assert "outside [0, 1)" in prune_error(tmp_path, [*base, "--method", "wanda", "--sparsity", "1.0"])
-    assert "outside [0, 1)" in prune_error(tmp_path, [*base, "--method", "wanda", "--sparsity", "-0.1"])
-    assert "need 0 < N < M" in prune_error(tmp_path, [*base, "--method", "wanda", "--nm", "4:2"])
-    assert "M=5 does not divide the 64 inputs" in prune_error(tmp_path, [*base, "--method", "wanda", "--nm", "2:5"])
-    assert "unknown method 'obs'" in prune_error(tmp_path, [*base, "--method", "obs"])
+    assert "outside [0, 1)" in prune_error(capsys, tmp_path, [*base, "--method", "wanda", "--sparsity", "1.0"])
+    assert "outside [0, 1)" in prune_error(capsys, tmp_path, [*base, "--method", "wanda", "--sparsity", "-0.1"])
+    assert "need 0 < N < M" in prune_error(capsys, tmp_path, [*base, "--method", "wanda", "--nm", "4:2"])
+    assert "M=5 does not divide the 64 inputs" in prune_error(capsys, tmp_path, [*base, "--method", "wanda", "--nm", "2:5"])
+    assert "unknown method 'obs'" in prune_error(capsys, tmp_path, [*base, "--method", "obs"])
     (tmp_path / "short.txt").write_text("x = 1\n")
     assert "fewer than one window" in prune_error(
-        tmp_path, ["--model", ckpt, "--calib-data", str(tmp_path / "short.txt"), "--method", "wanda"])
+        capsys, tmp_path, ["--model", ckpt, "--calib-data", str(tmp_path / "short.txt"), "--method", "wanda"])
     np.save(tmp_path / "big.npy", np.full((2, 8), 300))
     assert "must lie in [0, 300)" in prune_error(
-        tmp_path, ["--model", ckpt, "--calib-tokens", str(tmp_path / "big.npy"), "--method", "wanda"])
+        capsys, tmp_path, ["--model", ckpt, "--calib-tokens", str(tmp_path / "big.npy"), "--method", "wanda"])
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
     json.dump({**cfg, "model_type": "llama"}, open(os.path.join(ckpt, "config.json"), "w"))
-    assert "not 'mixtral'" in prune_error(tmp_path, [*base, "--method", "wanda"])
+    assert "not 'mixtral'" in prune_error(capsys, tmp_path, [*base, "--method", "wanda"])
 
 
-def test_out_is_never_overwritten_nor_half_written(tmp_path, ckpt, text_file, monkeypatch):
+def test_out_is_never_overwritten_nor_half_written(tmp_path, ckpt, text_file, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     base = ["--model", ckpt, "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32", "--method", "wanda"]
-    with pytest.raises(SystemExit, match="exists"):
-        prune.main([*base, "--out", str(out)])
+    assert "exists" in script_error(capsys, prune.main, [*base, "--out", str(out)])
     assert (out / "keep.txt").read_text() == "mine"
     calls = []
 
@@ -336,9 +332,7 @@ def test_out_is_never_overwritten_nor_half_written(tmp_path, ckpt, text_file, mo
         return orig(*a, **k)
     orig = prune.prune_layer
     monkeypatch.setattr(prune, "prune_layer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prune.main([*base, "--out", str(tmp_path / "new")])
+    assert "interrupted" in script_error(capsys, prune.main, [*base, "--out", str(tmp_path / "new")], alone=False)
     assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", "out", "text.txt"])
-    with pytest.raises(KeyboardInterrupt):
-        prune.main([*base, "--out", str(out), "--overwrite"])
+    assert "interrupted" in script_error(capsys, prune.main, [*base, "--out", str(out), "--overwrite"], alone=False)
     assert (out / "keep.txt").read_text() == "mine"  # an interrupted overwrite leaves the old folder

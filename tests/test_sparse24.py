@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sparse24
-from conftest import write_checkpoint
+from conftest import script_error, write_checkpoint
 import prune
 
 
@@ -56,18 +56,16 @@ def test_unsupported_shapes_and_dtypes_are_clear_errors(shape, dtype, why):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
-def test_cuda_paths_fail_clearly_without_cuda(tmp_path, ckpt):
+def test_cuda_paths_fail_clearly_without_cuda(tmp_path, ckpt, capsys):
     with pytest.raises(sparse24.SparsityError, match="need a CUDA GPU"):
         sparse24.to_semi_structured(random_24(32, 64, torch.float16, 0), "cutlass")
     import bench_sparse24
     assert bench_sparse24.main([]) == 0  # the benchmark says so in one line and exits 0
-    with pytest.raises(SystemExit) as e:
-        sparse24.main(["--model", ckpt, "--run"])
-    assert str(e.value.code) == ("error: semi-structured sparse kernels need a CUDA GPU (sm80 or newer); "
+    assert script_error(capsys, sparse24.main, ["--model", ckpt, "--run"]) == ("error: semi-structured sparse kernels need a CUDA GPU (sm80 or newer); "
                                  "none is available")
 
 
-def test_cli_on_a_pruned_checkpoint(tmp_path, text_file):
+def test_cli_on_a_pruned_checkpoint(tmp_path, text_file, capsys):
     ck = write_checkpoint(tmp_path / "ck", intermediate_size=128)  # w2 [64, 128]: every expert matrix converts
     out = tmp_path / "w24"
     rep = sparse24.main(["--prune-from", ck, "--method", "wanda", "--out", str(out)])
@@ -76,8 +74,7 @@ def test_cli_on_a_pruned_checkpoint(tmp_path, text_file):
     assert all(v["ratio"] == 9 / 16 for v in rep["matrices"].values())
     expert_bytes = sum(v["dense_bytes"] for v in rep["matrices"].values())
     assert m["dense_bytes"] - m["semi_structured_bytes"] == expert_bytes * 7 / 16
-    with pytest.raises(SystemExit) as e:  # an unstructured checkpoint is refused, naming the matrix
-        prune.main(["--model", ck, "--method", "magnitude", "--out", str(tmp_path / "u"), "--calib-data", text_file,
-                    "--nsamples", "2", "--seqlen", "16"])
-        sparse24.main(["--model", str(tmp_path / "u")])
-    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight: row 0" in str(e.value.code)
+    prune.main(["--model", ck, "--method", "magnitude", "--out", str(tmp_path / "u"), "--calib-data", text_file,
+                "--nsamples", "2", "--seqlen", "16"])
+    line = script_error(capsys, sparse24.main, ["--model", str(tmp_path / "u")])  # unstructured: refused, naming the matrix
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight: row 0" in line

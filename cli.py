@@ -1,0 +1,129 @@
+"""
+What every script's command line shares: argument types that refuse bad values before any work,
+one-line errors, and signals handled like errors.
+
+A script's main() builds its parser with `parser(__doc__)` and runs its work inside
+`with errors():`. Every problem a user can cause (a bad argument, a missing or unusable file, a
+signal) then ends the script with a single line `error: ...` on stderr and a non-zero exit
+status, never a traceback; the `with CheckpointWriter(...)` blocks inside have already removed
+what the run had written. A bug still shows its traceback.
+"""
+
+import argparse
+import contextlib
+import math
+import signal
+import sys
+import threading
+
+from checkpoint import CheckpointError
+from data import DataError
+
+
+class Terminated(BaseException):
+    """SIGTERM (what kill, a scheduler or CI sends), raised like KeyboardInterrupt for SIGINT so
+    that every `with` block on the way out cleans up. A BaseException, so no `except Exception`
+    swallows it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argparse parser showing doc in --help, whose usage errors are one `error:` line (exit 2)."""
+    return _OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def seqlen(s: str) -> int:
+    v = positive_int(s)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 2 (a window predicts its tokens 2..seqlen)")
+    return v
+
+
+def nonnegative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 0")
+    return v
+
+
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number > 0")
+    return v
+
+
+def nonnegative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
+    return v
+
+
+def add_calibration_args(p: argparse.ArgumentParser, nsamples_help: str = "calibration windows (paper: 128)"):
+    """The calibration flags of prune.py and expert_prune.py (data.calibration_tokens takes them)."""
+    p.add_argument("--calib-data", default="stdlib",
+                   help="calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
+                        "for the embedded corpus's calibration split (default)")
+    p.add_argument("--calib-tokens", help="an int .npy array [nsamples, seqlen] of token ids, used verbatim")
+    p.add_argument("--nsamples", type=positive_int, default=128, help=nsamples_help)
+    p.add_argument("--seqlen", type=seqlen, default=None,
+                   help="tokens per window (default 2048 as in the paper's protocol, capped at the model's "
+                        "max_position_embeddings: 512 for the embedded model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+
+
+@contextlib.contextmanager
+def errors(*more: type):
+    """Turn the errors a user can cause (CheckpointError, DataError, the types in `more`, an OS
+    error on a path, SIGINT and SIGTERM) into one `error:` line and a non-zero exit."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    except (CheckpointError, DataError, *more) as e:
+        _fail(str(e), 1)
+    except OSError as e:  # a path the user gave: permission, no space, read-only file system, ...
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted (SIGINT); no output was written", 128 + signal.SIGINT)
+    except Terminated:
+        _fail("terminated (SIGTERM); no output was written", 128 + signal.SIGTERM)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, status: int):
+    print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr, flush=True)
+    sys.exit(status)
