@@ -1,0 +1,437 @@
+"""Fault injection: bad or adverse input to every script that writes or reads a checkpoint.
+
+Each case asserts the exit status, that stderr ends in one `error:` line with no traceback (and
+holds nothing else when the problem is caught before any work), and the exact state of the file
+system afterwards: the inputs' bytes unchanged, --out absent or its old content intact, no
+temporary folders. Concurrency and signals use real processes.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import distill
+import eval_ppl
+import expert_prune
+import prune
+import sparse24
+from conftest import script_error
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALIB = ["--nsamples", "2", "--seqlen", "16"]
+
+
+def tree_hash(path) -> str:
+    """Every file name and byte below path (a file or a folder)."""
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        h.update(open(path, "rb").read())
+        return h.hexdigest()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for fn in sorted(files):
+            h.update(os.path.relpath(os.path.join(root, fn), path).encode())
+            h.update(open(os.path.join(root, fn), "rb").read())
+    return h.hexdigest()
+
+
+def debris(folder) -> list:
+    """Temporary folders or files a writer left behind."""
+    return [f for f in os.listdir(folder) if ".tmp-" in f]
+
+
+@pytest.fixture
+def world(tmp_path, ckpt, text_file):
+    """A checkpoint, a calibration text and a pruned student, with their hashes to compare after."""
+    student = str(tmp_path / "student")
+    prune.main(["--model", ckpt, "--method", "wanda", "--calib-data", text_file, *CALIB, "--out", student])
+    w = {"tmp": tmp_path, "ckpt": ckpt, "text": text_file, "student": student}
+    w["hashes"] = {k: tree_hash(w[k]) for k in ("ckpt", "text", "student")}
+    return w
+
+
+def unchanged(w):
+    for k, h in w["hashes"].items():
+        assert tree_hash(w[k]) == h, f"{k} changed"
+    assert not debris(w["tmp"]), debris(w["tmp"])
+
+
+def prune_argv(w, out, *more):
+    return ["--model", w["ckpt"], "--method", "wanda", "--calib-data", w["text"], *CALIB, "--out", str(out), *more]
+
+
+def distill_argv(w, out, *more, student=None):
+    return ["--teacher", w["ckpt"], "--student", student or w["student"], "--data", w["text"], "--samples", "4",
+            "--seqlen", "16", "--epochs", "1", "--out", str(out), *more]
+
+
+# --- one-line errors caught before any work: (script, argv, message), nothing written ----------
+
+
+def cases(w):
+    t = w["tmp"]
+    out = t / "out"
+    (t / "tokens.txt").write_text("1 2 3\n")
+    np.save(t / "ok.npy", np.ones((2, 16), dtype=np.int64))
+    return [
+        ("prune --nsamples 0", prune.main, prune_argv(w, out, "--nsamples", "0"), "must be at least 1"),
+        ("prune --seqlen 1", prune.main, prune_argv(w, out, "--seqlen", "1"), "must be at least 2"),
+        ("prune --batch-size 0", prune.main, prune_argv(w, out, "--batch-size", "0"), "must be at least 1"),
+        ("prune --calib-data DIR", prune.main, prune_argv(w, out)[:4] + ["--calib-data", str(t), "--out", str(out)],
+         "is a directory, not a text file"),
+        ("prune --calib-tokens TEXT", prune.main,
+         ["--model", w["ckpt"], "--method", "wanda", "--calib-tokens", str(t / "tokens.txt"), "--out", str(out)],
+         "not a .npy file"),
+        ("prune --out INPUT", prune.main, prune_argv(w, w["ckpt"], "--overwrite"), "is the input checkpoint"),
+        ("prune --out CONTAINS INPUT", prune.main,
+         ["--model", w["ckpt"], "--method", "wanda", "--calib-data", w["text"], *CALIB, "--out", str(t),
+          "--overwrite"], "contains the input checkpoint"),
+        ("eval --max-windows -1", eval_ppl.main, ["--model", w["ckpt"], "--data", w["text"], "--max-windows", "-1"],
+         "must be at least 1"),
+        ("eval --max-windows 0", eval_ppl.main, ["--model", w["ckpt"], "--data", w["text"], "--max-windows", "0"],
+         "must be at least 1"),
+        ("eval --batch-size 0", eval_ppl.main, ["--model", w["ckpt"], "--data", w["text"], "--batch-size", "0"],
+         "must be at least 1"),
+        ("eval --json in a missing folder", eval_ppl.main,
+         ["--model", w["ckpt"], "--data", str(t / "missing.txt"), "--json", str(t / "nowhere" / "r.json")],
+         "does not exist"),
+        ("eval --json naming a folder", eval_ppl.main,
+         ["--model", w["ckpt"], "--data", str(t / "missing.txt"), "--json", str(t)], "is a directory"),
+        ("distill --samples 0", distill.main, distill_argv(w, out, "--samples", "0"), "must be at least 1"),
+        ("distill --epochs 0", distill.main, distill_argv(w, out, "--epochs", "0"), "must be at least 1"),
+        ("distill --seqlen 0", distill.main, distill_argv(w, out, "--seqlen", "0"), "must be at least 1"),
+        ("distill --lr nan", distill.main, distill_argv(w, out, "--lr", "nan"), "must be a finite number > 0"),
+        ("distill --lr -1", distill.main, distill_argv(w, out, "--lr", "-1"), "must be a finite number > 0"),
+        ("distill --out TEACHER", distill.main, distill_argv(w, w["ckpt"], "--overwrite"), "is the input checkpoint"),
+        ("expert_prune --nsamples 0", expert_prune.main,
+         ["--model", w["ckpt"], "--r", "3", "--calib-data", w["text"], "--nsamples", "0", "--out", str(out)],
+         "must be at least 1"),
+        ("expert_prune --out INPUT", expert_prune.main,
+         ["--model", w["ckpt"], "--r", "3", "--calib-data", w["text"], *CALIB, "--out", w["ckpt"], "--overwrite"],
+         "is the input checkpoint"),
+        ("sparse24 --prune-from INPUT --out INPUT", sparse24.main,
+         ["--prune-from", w["ckpt"], "--out", w["ckpt"], "--overwrite"], "is the input checkpoint"),
+    ]
+
+
+def test_bad_arguments_are_one_line_and_write_nothing(world, capsys):
+    for name, main, argv, msg in cases(world):
+        line = script_error(capsys, main, argv)
+        assert msg in line, (name, line)
+        assert not (world["tmp"] / "out").exists(), name
+        unchanged(world)
+
+
+def test_an_alias_of_the_input_is_the_input(world, capsys):
+    """A symlink to the model folder, or the same folder spelled with '..', is the input."""
+    link = world["tmp"] / "alias"
+    os.symlink(world["ckpt"], link)
+    spelled = os.path.join(world["ckpt"], "..", os.path.basename(world["ckpt"]))
+    for out in (str(link), spelled):
+        assert "is the input checkpoint" in script_error(capsys, prune.main, prune_argv(world, out, "--overwrite"))
+        assert "is the input checkpoint" in script_error(
+            capsys, distill.main, distill_argv(world, out, "--overwrite"))
+        assert "is the input checkpoint" in script_error(
+            capsys, expert_prune.main, ["--model", world["ckpt"], "--r", "3", "--calib-data", world["text"], *CALIB,
+                                        "--out", out, "--overwrite"])
+    assert os.path.islink(link)
+    unchanged(world)
+
+
+def test_pretrain_refuses_its_init_checkpoint_as_output(world, capsys):
+    import pretrain_tiny
+    link = world["tmp"] / "alias"
+    os.symlink(world["ckpt"], link)
+    line = script_error(capsys, pretrain_tiny.main, ["--init-from", world["ckpt"], "--out", str(link), "--overwrite"])
+    assert "is the input checkpoint" in line
+    unchanged(world)
+
+
+# --- output safety ------------------------------------------------------------------------------
+
+
+def test_without_overwrite_nothing_is_ever_replaced(world, monkeypatch, capsys):
+    out = world["tmp"] / "out"
+    prune.main(prune_argv(world, out))
+    first = tree_hash(out)
+    assert "exists" in script_error(capsys, prune.main, prune_argv(world, out))
+    assert tree_hash(out) == first
+    # a folder created at --out while a run is writing is left alone, even an empty one
+    late = world["tmp"] / "late"
+    orig = prune.prune_layer
+
+    def user_makes_the_folder(*a, **k):
+        late.mkdir(exist_ok=True)
+        return orig(*a, **k)
+    monkeypatch.setattr(prune, "prune_layer", user_makes_the_folder)
+    line = script_error(capsys, prune.main, prune_argv(world, late), alone=False)
+    assert "appeared while this run was writing" in line
+    assert late.is_dir() and os.listdir(late) == []
+    unchanged(world)
+
+
+def test_overwrite_replaces_a_file_and_ignores_a_stale_old_folder(world):
+    out = world["tmp"] / "out"
+    out.write_text("a file, not a checkpoint")
+    stale = world["tmp"] / "out.old"
+    stale.mkdir()
+    (stale / "mine.txt").write_text("kept")
+    prune.main(prune_argv(world, out, "--overwrite"))
+    assert checkpoint.CheckpointReader(str(out)).config.num_hidden_layers == 2
+    assert (stale / "mine.txt").read_text() == "kept"
+    prune.main(prune_argv(world, out, "--overwrite", "--sparsity", "0.3"))  # a checkpoint over a checkpoint
+    assert json.load(open(out / "prune_report.json"))["sparsity_target"] == 0.3
+    unchanged(world)
+
+
+def test_parent_folders_made_for_out_go_when_the_run_fails(world, capsys):
+    """A NaN in layer 1 is found after the writer made its folders: they are removed again."""
+    bad = world["tmp"] / "nan"
+    shutil.copytree(world["ckpt"], bad)
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    poison(bad, name, float("nan"))
+    out = world["tmp"] / "a" / "b" / "out"
+    line = script_error(capsys, prune.main, prune_argv({**world, "ckpt": str(bad)}, out), alone=False)
+    assert name in line and "non-finite" in line
+    assert not (world["tmp"] / "a").exists()
+    unchanged(world)
+
+
+def poison(ckpt, name, value=float("nan"), dtype=None):
+    """Set one element of tensor `name` (or cast it to dtype) in a checkpoint's shard, in place."""
+    index = json.load(open(os.path.join(ckpt, "model.safetensors.index.json")))["weight_map"]
+    shard = os.path.join(ckpt, index[name])
+    tensors = load_file(shard)
+    t = tensors[name].clone()
+    if dtype is not None:
+        t = t.to(dtype)
+    else:
+        t.view(-1)[3] = value
+    tensors[name] = t
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+# --- silent wrong results: refused or flagged ------------------------------------------------
+
+
+def test_non_finite_weights_are_refused_by_prune_and_flagged_by_eval(world, capsys):
+    bad = world["tmp"] / "inf"
+    shutil.copytree(world["ckpt"], bad)
+    name = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    poison(bad, name, float("inf"))
+    out = world["tmp"] / "out"
+    line = script_error(capsys, prune.main, prune_argv({**world, "ckpt": str(bad)}, out), alone=False)
+    assert name in line and "non-finite" in line and not out.exists()  # found as layer 0 is read
+    capsys.readouterr()
+    eval_ppl.main(["--model", str(bad), "--data", world["text"], "--seqlen", "16", "--max-windows", "2"])
+    err = capsys.readouterr().err
+    assert "warning:" in err and "not finite" in err and name in err
+    unchanged(world)
+
+
+def test_integer_tensors_are_refused_at_open_from_the_headers(world, capsys):
+    bad = world["tmp"] / "int8"
+    shutil.copytree(world["ckpt"], bad)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    poison(bad, name, dtype=torch.int8)
+    line = script_error(capsys, prune.main, prune_argv({**world, "ckpt": str(bad)}, world["tmp"] / "out"))
+    assert name in line and "I8" in line
+    unchanged(world)
+
+
+def test_distilling_an_unpruned_student_is_refused_not_nan(world, capsys):
+    same = world["tmp"] / "same"
+    shutil.copytree(world["ckpt"], same)
+    out = world["tmp"] / "out"
+    line = script_error(capsys, distill.main, distill_argv(world, out, student=str(same)), alone=False)
+    assert "no pruned weights" in line
+    assert not out.exists()
+    unchanged(world)
+
+
+def test_a_non_finite_loss_stops_distillation_and_writes_nothing(world, monkeypatch, capsys):
+    calls = []
+    orig = distill.expert_mse
+
+    def diverging(*a):
+        calls.append(1)
+        return orig(*a) * (float("inf") if len(calls) == 2 else 1.0)
+    monkeypatch.setattr(distill, "expert_mse", diverging)
+    out = world["tmp"] / "out"
+    line = script_error(capsys, distill.main, distill_argv(world, out, "--batch-size", "2"), alone=False)
+    assert "non-finite loss at step 1" in line and not out.exists()
+    unchanged(world)
+
+
+def test_kd_lambda_is_refused_when_the_expert_loss_is_zero():
+    with pytest.raises(Exception, match="undefined"):
+        distill.kd_lambda(torch.tensor(2.0), torch.tensor(0.0))
+    with pytest.raises(Exception, match="undefined"):
+        distill.kd_lambda(torch.tensor(float("nan")), torch.tensor(1.0))
+    assert distill.kd_lambda(torch.tensor(3.0), torch.tensor(1.5)) == 2.0
+
+
+def test_distill_checks_the_student_before_tokenising(world, capsys):
+    """A misshapen or truncated student is named even when the training text does not exist."""
+    for what, damage in (("shape", "shape"), ("truncated", "truncate")):
+        bad = world["tmp"] / f"student-{what}"
+        shutil.copytree(world["student"], bad)
+        shard = sorted(f for f in os.listdir(bad) if f.endswith(".safetensors"))[0]
+        if damage == "truncate":
+            data = open(bad / shard, "rb").read()
+            open(bad / shard, "wb").write(data[: len(data) // 2])
+        else:
+            tensors = load_file(bad / shard)
+            k = next(iter(tensors))
+            tensors[k] = torch.zeros(3, 3)
+            save_file(tensors, bad / shard, metadata={"format": "pt"})
+        argv = distill_argv(world, world["tmp"] / "out", student=str(bad))
+        argv[argv.index("--data") + 1] = str(world["tmp"] / "no-such-text.txt")
+        line = script_error(capsys, distill.main, argv)
+        assert str(bad) in line and ("shape" in line or "unreadable" in line), line
+    unchanged(world)
+
+
+def test_corrupt_tokenizer_is_one_line(world, capsys):
+    bad = world["tmp"] / "tok"
+    shutil.copytree(world["ckpt"], bad)
+    (bad / "tokenizer.json").write_text("{ not json")
+    line = script_error(capsys, prune.main, prune_argv({**world, "ckpt": str(bad)}, world["tmp"] / "out"))
+    assert "tokenizer.json" in line and "not a valid tokenizer" in line
+    unchanged(world)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(world, monkeypatch, capsys):
+    """safetensors reports ENOSPC as an error of its own; simulated here, for real below."""
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    out = world["tmp"] / "sub" / "out"
+    line = script_error(capsys, prune.main, prune_argv(world, out), alone=False)
+    assert "No space left on device" in line and not (world["tmp"] / "sub").exists()
+    unchanged(world)
+
+
+# --- real processes: signals, concurrency, a real full disk, permissions -----------------------
+
+
+def run_script(script, argv, **kw):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, **kw)
+
+
+def slow_prune(w, out, *more):
+    """A run long enough to be caught in the act (a few seconds)."""
+    return ["--model", w["ckpt"], "--method", "sparsegpt", "--calib-data", w["text"], "--nsamples", "48",
+            "--seqlen", "64", "--batch-size", "1", "--out", str(out), *more]
+
+
+def wait_for_temp(folder, proc, timeout=60):
+    t0 = time.time()
+    while not debris(folder):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_sigterm_cleans_up_like_sigint(world):
+    out = world["tmp"] / "out"
+    p = run_script("prune.py", slow_prune(world, out))
+    wait_for_temp(world["tmp"], p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM
+    assert err.strip().split("\n")[-1].startswith("error: terminated") and "Traceback" not in err
+    assert not out.exists()
+    unchanged(world)
+
+
+def test_after_sigkill_the_next_run_removes_the_dead_runs_temp_folder(world):
+    out = world["tmp"] / "out"
+    p = run_script("prune.py", slow_prune(world, out))
+    wait_for_temp(world["tmp"], p)
+    p.kill()
+    p.communicate()
+    left = debris(world["tmp"])
+    assert left and str(p.pid) in left[0]  # SIGKILL cannot be handled: the folder stays ...
+    prune.main(prune_argv(world, out))  # ... until the next run to the same --out
+    assert checkpoint.CheckpointReader(str(out)).config.num_hidden_layers == 2
+    unchanged(world)
+
+
+def test_two_concurrent_runs_to_one_out_exactly_one_wins(world):
+    out = world["tmp"] / "out"
+    procs = [run_script("prune.py", prune_argv(world, out)) for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    codes = sorted(r[2] for r in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(r for r in results if r[2] != 0)
+    assert loser[1].strip().split("\n")[-1].startswith("error: ") and "Traceback" not in loser[1]
+    assert checkpoint.CheckpointReader(str(out)).config.num_hidden_layers == 2
+    unchanged(world)
+
+
+def unshare_works() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare -rm (user and mount namespaces) for a small tmpfs")
+def test_a_really_full_disk(world):
+    """prune into a 96 kB tmpfs: safetensors fails with ENOSPC; one line, nothing left."""
+    disk = world["tmp"] / "disk"
+    disk.mkdir()
+    cmd = (f"mount -t tmpfs -o size=96k tmpfs {disk} && {sys.executable} {REPO}/prune.py "
+           + " ".join(prune_argv(world, disk / "out")) + f"; s=$?; ls -A {disk}; exit $s")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().split("\n")[-1]
+    assert last.startswith("error: cannot write") and "No space left" in last and "Traceback" not in r.stderr
+    assert r.stdout.strip() == ""  # the tmpfs is empty again: no temp folder, no output
+    unchanged(world)
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs unshare -rm (user and mount namespaces) for a read-only tmpfs")
+def test_an_unwritable_folder_is_one_line(world):
+    ro = world["tmp"] / "ro"
+    ro.mkdir()
+    cmd = (f"mount -t tmpfs -o ro tmpfs {ro} && {sys.executable} {REPO}/prune.py "
+           + " ".join(prune_argv(world, ro / "sub" / "out")))
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: cannot create") and "\n" not in r.stderr.strip()
+    unchanged(world)
+
+
+def nobody_can_run_python() -> bool:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return False
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                        f"import sys; sys.path.insert(0, {REPO!r}); import torch, checkpoint"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not nobody_can_run_python(),
+                    reason="needs root, setpriv, and this Python and the repository readable by user nobody")
+def test_permission_denied_as_a_non_root_user(world):
+    locked = world["tmp"] / "locked"
+    locked.mkdir(mode=0o555)
+    os.chmod(world["tmp"], 0o777)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                        os.path.join(REPO, "prune.py"), *prune_argv(world, locked / "out")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and "no permission to write" in r.stderr and "\n" not in r.stderr.strip()
+    assert os.listdir(locked) == []
