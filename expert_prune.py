@@ -5,20 +5,26 @@ NAEE, "Not All Experts are Equal" (Lu et al. 2024, arXiv 2402.14800):
   - expert pruning (Section 3.1): for each layer, on cached calibration inputs of its MoE block,
     try every subset of r kept experts out of n (28 subsets for r=6 of 8, 70 for r=4); a dropped
     expert's router logit is set to -inf, so tokens re-route to the top-k of the kept experts
-    (renormalised); keep the subset whose block output is closest, in Frobenius norm, to the
-    original. The result is a smaller Mixtral (num_local_experts = r, router rows sliced,
-    experts re-indexed) in the official layout, which transformers loads too.
+    (renormalised); keep the subset whose block output is closest to the original: the sum over
+    calibration windows of the (unsquared) Frobenius norm of the difference, as the reference
+    code (Lucky-Lance/Expert_Sparsity, wrapper.enumerate) computes it. The result is a smaller
+    Mixtral (num_local_experts = r, router rows sliced, experts re-indexed) in the official
+    layout, which transformers loads too.
   - dynamic skipping (Section 3.2): with top-2 weights g0 >= g1, skip the second expert when
     g1 < beta * g0; beta per layer = the median of g1 / g0 over calibration tokens (so about half
     the tokens skip). Stored as config.json's dynamic_skip_beta; load_model below installs a
     SkippingMoeBlock where a checkpoint asks for it (transformers ignores the field).
-Layers are processed one at a time as in prune.py (layerwise.py): the calibration activations
-go through the pruned layer l to make the inputs of layer l+1.
+Layers are processed one at a time as in prune.py (layerwise.py). --protocol layerwise (the
+reference's layerwise_pruning, default) chooses every layer's experts on the *dense* model's
+inputs and outputs (X and Z of every MoE block cached from the unpruned model); --protocol
+progressive (its progressive_pruning) feeds layer l the outputs of the already-pruned layers
+0..l-1 and targets the unpruned block on those inputs.
 
 CD-MoE, "Condense, Don't Just Prune" (Cao et al. 2024, arXiv 2412.00069), adapted to Mixtral,
 which has no shared experts: a condensed layer runs k fixed routed experts on every token, each
-weighted by its average gate over all calibration tokens (0 where not routed), and skips its
-router. The k experts are chosen greedily per layer, each step adding the expert that minimises
+weighted by its mean gate over the calibration tokens routed to it (sum of gates / routing
+count, as the reference's step_1_get_weight/get_weight.py computes it; about 4x the mean over
+all tokens for top-2 of 8), and skips its router. The k experts are chosen greedily per layer, each step adding the expert that minimises
 the Jensen-Shannon divergence between the original and condensed layer outputs (softmax over the
 hidden dimension, averaged over tokens); the layers to condense are chosen greedily by the same
 divergence at the final hidden state. Stored as config.json's condensed_layers, run by a
@@ -130,22 +136,26 @@ def masked_route(router_logits, keep, top_k):
 
 @torch.no_grad()
 def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: int, batch_size: int):
-    """Squared Frobenius error of the MoE block's output for every r-subset of experts, summed over
-    all calibration windows; also the g1/g0 ratios of the top-2 routing (for skipping's beta)."""
+    """NAEE's criterion for every r-subset of experts: the Frobenius norm (not squared) of the
+    change in the MoE block's output on one calibration window, summed over the windows (the
+    reference's enumerate(), one window per batch). x: [n, T, hidden] the layer's inputs.
+    Returns (subsets, errors [n_subsets] float64)."""
     block = layer.block_sparse_moe
     n = len(block.experts)
     subsets = list(itertools.combinations(range(n), r))
     errors = torch.zeros(len(subsets), dtype=torch.float64)
     for i in range(0, len(x), batch_size):
+        b, T, H = x[i:i + batch_size].shape
         h = layer.post_attention_layernorm(layer.attend(x[i:i + batch_size].float(), *pos))
-        h = h.reshape(-1, h.shape[-1])  # [N, hidden] the MoE block's input
+        h = h.reshape(-1, H)  # [N, hidden] the MoE block's input, N = b * T
         y, logits = block(h[None])  # [1, N, hidden] the original output
         y = y[0]
         outs = torch.stack([e(h) for e in block.experts], dim=1)  # [N, n_experts, hidden] every expert, every token
         for s, keep in enumerate(subsets):
             w, idx = masked_route(logits, keep, block.top_k)  # [N, k]
-            y_s = (outs.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1])) * w[:, :, None]).sum(1)
-            errors[s] += (y_s.to(y.dtype) - y).double().pow(2).sum()
+            y_s = (outs.gather(1, idx[:, :, None].expand(-1, -1, H)) * w[:, :, None]).sum(1)  # [N, hidden]
+            diff = (y_s.to(y.dtype) - y).double().reshape(b, T, H)
+            errors[s] += diff.pow(2).sum(dim=(1, 2)).sqrt().sum()  # ||Z - Z_s||_F per window
     return subsets, errors
 
 
@@ -167,9 +177,19 @@ def skip_ratios(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_s
     return torch.cat(ratios)
 
 
+PROTOCOLS = ("layerwise", "progressive")
+
+
 def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out: str, overwrite: bool = False,
-         batch_size: int = 8, device="cpu", log=log) -> dict:
-    """NAEE expert pruning to r experts per layer (r = n: none) and optional dynamic skipping."""
+         batch_size: int = 8, device="cpu", protocol: str = "layerwise", log=log) -> dict:
+    """NAEE expert pruning to r experts per layer (r = n: none) and optional dynamic skipping.
+
+    protocol "layerwise" (the reference's layerwise_pruning, default): every layer's subset is
+    chosen on the inputs and outputs of the *dense* model, so the layers are independent.
+    "progressive" (the reference's progressive_pruning): layer l's inputs come through the
+    already-pruned layers 0..l-1, the target being the unpruned block on those inputs."""
+    if protocol not in PROTOCOLS:
+        raise data.DataError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     config = reader.config
     n, k = config.num_local_experts, config.num_experts_per_tok
     if not k <= r <= n:
@@ -182,6 +202,7 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
     with CheckpointWriter(out, new, overwrite=overwrite, src_dir=reader.path) as writer:
         for l, layer in layers(reader, writer, device):
             t0 = time.time()
+            dense_next = run_layer(layer, x, pos, batch_size) if protocol == "layerwise" else None
             if r < n:
                 subsets, errors = subset_errors(layer, x, pos, r, batch_size)
                 best = int(errors.argmin())
@@ -194,12 +215,14 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
             if skip:
                 betas.append(skip_ratios(layer, x, pos, batch_size).median().item())
             kept.append(keep)
-            x = run_layer(layer, x, pos, batch_size)  # the pruned layer feeds layer l+1
+            # layer l+1's inputs: the dense layer's outputs (layerwise) or the pruned layer's (progressive)
+            x = dense_next if protocol == "layerwise" else run_layer(layer, x, pos, batch_size)
+            del dense_next
             log(f"layer {l}: keep experts {keep}" + (f", skip beta {betas[-1]:.3f}" if skip else "")
                 + f" ({time.time() - t0:.1f}s)")
         if skip:
             writer.config = mm.MixtralConfig.from_dict({**new.to_dict(), "dynamic_skip_beta": betas})
-        report = {"method": "naee", "r": r, "skip": skip, "kept_experts": kept, "skip_beta": betas or None,
+        report = {"method": "naee", "r": r, "skip": skip, "protocol": protocol, "kept_experts": kept, "skip_beta": betas or None,
                   "layers": per_layer, "calibration_tokens": tokens.numel()}
         writer.extra_files["expert_prune_report.json"] = report
     return report
@@ -216,6 +239,17 @@ def js_divergence(a: torch.Tensor, b: torch.Tensor) -> float:
     m = torch.logsumexp(torch.stack([la, lb]), 0) - torch.log(torch.tensor(2.0, dtype=torch.float64))
     return (0.5 * (F.kl_div(m, la, log_target=True, reduction="none").sum(-1)
                    + F.kl_div(m, lb, log_target=True, reduction="none").sum(-1))).mean().item()
+
+
+def routed_gate_means(weights: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """CD-MoE's weight of an always-on expert (reference step_1_get_weight/get_weight.py): the sum of
+    its renormalised gates over the calibration tokens routed to it / the number of those tokens,
+    i.e. its mean gate *where it is chosen* (0 for an expert no token reached). weights, experts
+    [N, k] from route(). Returns [n_experts] float64."""
+    flat = experts.reshape(-1)
+    sums = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, flat, weights.reshape(-1).double())
+    counts = torch.bincount(flat, minlength=n_experts).double()
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
 
 @torch.no_grad()
@@ -252,8 +286,7 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
         y, logits = block(moe_in[None])
         target = a.reshape(-1, cfg.hidden_size) + y[0]  # [N, hidden] the original layer output
         w, idx = mm.route(logits, cfg.num_experts_per_tok)
-        avg_gate = torch.zeros(cfg.num_local_experts, dtype=torch.float64).index_add_(
-            0, idx.reshape(-1), w.reshape(-1).double()) / len(moe_in)  # mean gate over all tokens (0 if unrouted)
+        avg_gate = routed_gate_means(w, idx, cfg.num_local_experts)
         outs = [e(moe_in) for e in block.experts]  # each [N, hidden]
         resid = a.reshape(-1, cfg.hidden_size)  # [N, hidden] the attention half's output
         chosen, cond = [], torch.zeros_like(target)
@@ -337,6 +370,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--r", type=int, default=None, help="NAEE: experts kept per layer (default: all)")
     p.add_argument("--skip", action="store_true", help="NAEE dynamic skipping, beta = median g1/g0 per layer")
+    p.add_argument("--protocol", default="layerwise", choices=PROTOCOLS,
+                   help="NAEE: choose each layer's experts on the dense model's inputs and outputs (layerwise, the "
+                        "reference default) or on inputs through the already-pruned layers (progressive)")
     p.add_argument("--condense-layers", type=cli.nonnegative_int, default=0, help="CD-MoE: how many layers to condense")
     p.add_argument("--condense-experts", type=cli.positive_int, default=2,
                    help="CD-MoE: always-on experts per condensed layer")
@@ -361,7 +397,7 @@ def main(argv=None):
             return cd_moe(model_dir, tokens, args.condense_layers, args.condense_experts, args.out, args.overwrite,
                           args.batch_size, args.device)
         return naee(reader, tokens, args.r if args.r is not None else config.num_local_experts, args.skip,
-                    args.out, args.overwrite, args.batch_size, args.device)
+                    args.out, args.overwrite, args.batch_size, args.device, args.protocol)
 
 
 if __name__ == "__main__":

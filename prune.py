@@ -34,6 +34,7 @@ and the calibration activations are ever in memory.
     python prune.py --model DIR --method wanda --sparsity 0.5 --nm 2:4 --out out/wanda-24
 """
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -181,110 +182,35 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm=None,
     return W
 
 
-def prune_matrix(w: torch.Tensor, method: str, stats: InputStats, sparsity: float, nm=None):
+def prune_matrix(w: torch.Tensor, method: str, stats: InputStats, sparsity: float, nm=None, group: str = "row",
+                 blocksize: int = 128, percdamp: float = 0.01):
     """The pruned matrix (same dtype as w) and whether the method fell back to magnitude
-    because the matrix saw no calibration tokens (an expert no calibration token was routed to)."""
+    because the matrix saw no calibration tokens (an expert no calibration token was routed to).
+    group "row" compares the weights of each output row (Wanda, MoE-Pruner); "matrix" the whole
+    matrix (the reference magnitude baseline's one threshold per matrix)."""
     if sparsity == 0 and nm is None:
         return w, False
     fallback = method != "magnitude" and (stats is None or stats.tokens == 0)
     if method == "sparsegpt" and not fallback:
-        return sparsegpt_prune(w, stats.value, sparsity, nm).to(w.dtype), False
+        return sparsegpt_prune(w, stats.value, sparsity, nm, blocksize, percdamp).to(w.dtype), False
     score = magnitude_score(w) if method == "magnitude" or fallback else activation_score(w, stats.value)
-    mask = nm_mask(score, *nm) if nm is not None else unstructured_mask(score, sparsity)
+    if nm is not None:
+        mask = nm_mask(score, *nm)
+    elif group == "matrix":
+        mask = unstructured_mask(score.reshape(1, -1), sparsity).reshape(score.shape)
+    else:
+        mask = unstructured_mask(score, sparsity)
     return w.masked_fill(mask, 0), fallback
 
 
-# -----------------------------------------------------------------------------
-# One decoder layer: collect statistics, prune
-
-
-def attention_inputs(layer: mm.DecoderLayer, stats: dict):
-    """Forward pre-hooks recording the inputs of q/k/v (shared) and of o_proj."""
-    def hook(key):
-        def record(module, args):
-            x = args[0]
-            stats[key].add(x.reshape(-1, x.shape[-1]))
-        return record
-    attn = layer.self_attn
-    return [attn.q_proj.register_forward_pre_hook(hook("attn.qkv")),
-            attn.o_proj.register_forward_pre_hook(hook("attn.o"))]
-
-
-def matrices(layer: mm.DecoderLayer, prune_attention: bool):
-    """(parameter name within the layer, module, key of its input statistics) to prune."""
-    out = []
-    for e, expert in enumerate(layer.block_sparse_moe.experts):
-        p = f"block_sparse_moe.experts.{e}."
-        out += [(p + "w1.weight", expert.w1, f"expert.{e}.x"), (p + "w3.weight", expert.w3, f"expert.{e}.x"),
-                (p + "w2.weight", expert.w2, f"expert.{e}.h")]
-    if prune_attention:
-        a = layer.self_attn
-        out += [("self_attn.q_proj.weight", a.q_proj, "attn.qkv"), ("self_attn.k_proj.weight", a.k_proj, "attn.qkv"),
-                ("self_attn.v_proj.weight", a.v_proj, "attn.qkv"), ("self_attn.o_proj.weight", a.o_proj, "attn.o")]
-    return out
-
-
-@torch.no_grad()
-def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, method: str, prune_attention: bool,
-                  batch_size: int):
-    """One dense calibration pass through the layer: every matrix's input statistics, the tokens
-    routed to each expert, and the dense outputs."""
-    n_experts = len(layer.block_sparse_moe.experts)
-    stats = {f"expert.{e}.{k}": InputStats(method) for e in range(n_experts) for k in "xh"}
-    if prune_attention:
-        stats.update({"attn.qkv": InputStats(method), "attn.o": InputStats(method)})
-
-    def observer(call: mm.ExpertCall):
-        stats[f"expert.{call.expert}.x"].add(call.x, call.gate)
-        stats[f"expert.{call.expert}.h"].add(call.h, call.gate)
-
-    hooks = attention_inputs(layer, stats) if prune_attention else []
-    try:
-        dense_out = run_layer(layer, x, pos, batch_size, observer)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats, dense_out
-
-
-@torch.no_grad()
-def prune_layer(layer: mm.DecoderLayer, stats: dict, method: str, sparsity: float, nm, prune_attention: bool) -> dict:
-    """Prune the layer's matrices in place. Returns {"counts": {name: (zeros, numel)},
-    "fallbacks": [names pruned by magnitude for want of calibration tokens], "routed": [tokens per expert]}."""
-    counts, fallbacks = {}, []
-    for name, module, key in matrices(layer, prune_attention):
-        w, fell_back = prune_matrix(module.weight.data, method, stats[key], sparsity, nm)
-        module.weight.data = w
-        counts[name] = ((w == 0).sum().item(), w.numel())
-        if fell_back:
-            fallbacks.append(name)
-    routed = [stats[f"expert.{e}.x"].tokens for e in range(len(layer.block_sparse_moe.experts))]
-    return {"counts": counts, "fallbacks": fallbacks, "routed": routed}
+def relative_error(dw: torch.Tensor, w: torch.Tensor, H: torch.Tensor) -> float:
+    """||dW X^T||_F / ||W X^T||_F from the Gram matrix H = X^T X alone: sqrt(tr(dW H dW^T) / tr(W H W^T))."""
+    dw, w, H = dw.double(), w.double(), H.double()
+    return math.sqrt(max(0.0, ((dw @ H) * dw).sum().item()) / max(((w @ H) * w).sum().item(), 1e-300))
 
 
 # -----------------------------------------------------------------------------
-# Algorithm 1
-
-
-def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, method: str, sparsity: float, nm=None,
-                 prune_attention: bool = False, dense_forward: bool = False, batch_size: int = 8, laps: Laps = None):
-    """MoE-Pruner Algorithm 1, the layer-wise loop every method here shares. decoder_layers yields
-    (l, decoder layer l) in order (layerwise.layers); x [n, T, hidden] are layer 0's inputs.
-    Yields (l, prune_layer's summary) once layer l is pruned; laps times the three phases."""
-    laps = laps or Laps()
-    for l, layer in decoder_layers:
-        stats, dense_out = collect_stats(layer, x, pos, method, prune_attention, batch_size)  # X and Gate per expert
-        laps.lap("stats_forward_s")
-        pruned = prune_layer(layer, stats, method, sparsity, nm, prune_attention)  # S_ij by Eq. 9 (or 8), per row
-        laps.lap("prune_s")
-        x = dense_out if dense_forward else run_layer(layer, x, pos, batch_size)  # the inputs of layer l+1
-        laps.lap("next_forward_s")
-        del stats, dense_out  # nothing of layer l stays in memory while layer l+1 is read
-        yield l, pruned
-
-
-# -----------------------------------------------------------------------------
-# The checkpoint: calibration, Algorithm 1, report, output
+# One decoder layer: collect statistics, prune, measure what pruning changed
 
 
 @dataclass
@@ -299,11 +225,223 @@ class PruneArgs:
     nsamples: int = 128  # paper: 128 calibration sequences
     seqlen: Optional[int] = None  # None: 2048 (Wanda's; the paper does not say), capped at the model's context
     seed: int = 0
-    prune_attention: bool = False
+    prune_attention: bool = False  # q/k/v/o too, router-free (gate = 1 over all tokens)
+    prune_router: bool = False  # the router W_g too (reference Wanda/SparseGPT prune every Linear)
+    stats_tokens: str = "routed"  # "all": each expert's statistics over every token (a router-blind Wanda)
+    group: str = "row"  # comparison group of an unstructured mask: "row" or "matrix"
+    layer_sparsity: Optional[str] = None  # per-layer sparsities "s0,s1,...", or "owl" (Yin et al. 2023)
+    owl_lambda: float = 0.08  # OWL: layer sparsities lie within sparsity +- lambda (reference default 0.08)
+    owl_m: float = 5.0  # OWL: an outlier score is > M x its layer's mean score (reference default 5)
+    blocksize: int = 128  # SparseGPT: lazy-update block of columns (reference default)
+    percdamp: float = 0.01  # SparseGPT: dampening, a fraction of mean(diag H) (reference default)
     dense_forward: bool = False
     batch_size: int = 8  # calibration windows per forward pass; does not change the result (float64 sums)
-    act_dtype: str = "float32"
+    act_dtype: str = "float32"  # dtype the activations are kept in between layers
+    dtype: str = "float32"  # compute dtype of the layer forward (weights stay float32; bfloat16 uses autocast)
     device: str = "cpu"
+
+
+def attention_inputs(layer: mm.DecoderLayer, stats: dict):
+    """Forward pre-hooks recording the inputs of q/k/v (shared) and of o_proj."""
+    def hook(key):
+        def record(module, args):
+            x = args[0]
+            stats[key].add(x.reshape(-1, x.shape[-1]))
+        return record
+    attn = layer.self_attn
+    return [attn.q_proj.register_forward_pre_hook(hook("attn.qkv")),
+            attn.o_proj.register_forward_pre_hook(hook("attn.o"))]
+
+
+def block_inputs(layer: mm.DecoderLayer, stats: dict, args: PruneArgs):
+    """A forward pre-hook on the router recording its input, every token of the MoE block: the
+    router's own statistics (--prune-router) and, with --stats-tokens all, every expert's
+    statistics over all tokens instead of its routed ones (w2's input computed for all tokens)."""
+    block = layer.block_sparse_moe
+
+    def record(module, inputs):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])  # [N, hidden] every token
+        if args.prune_router:
+            stats["router"].add(x)
+        if args.stats_tokens == "all":
+            for e, expert in enumerate(block.experts):
+                stats[f"expert.{e}.x"].add(x)
+                stats[f"expert.{e}.h"].add(expert.hidden(x))
+    return [block.gate.register_forward_pre_hook(record)]
+
+
+def matrices(layer: mm.DecoderLayer, args: PruneArgs):
+    """(parameter name within the layer, module, key of its input statistics) to prune."""
+    out = []
+    for e, expert in enumerate(layer.block_sparse_moe.experts):
+        p = f"block_sparse_moe.experts.{e}."
+        out += [(p + "w1.weight", expert.w1, f"expert.{e}.x"), (p + "w3.weight", expert.w3, f"expert.{e}.x"),
+                (p + "w2.weight", expert.w2, f"expert.{e}.h")]
+    if args.prune_attention:
+        a = layer.self_attn
+        out += [("self_attn.q_proj.weight", a.q_proj, "attn.qkv"), ("self_attn.k_proj.weight", a.k_proj, "attn.qkv"),
+                ("self_attn.v_proj.weight", a.v_proj, "attn.qkv"), ("self_attn.o_proj.weight", a.o_proj, "attn.o")]
+    if args.prune_router:
+        out.append(("block_sparse_moe.gate.weight", layer.block_sparse_moe.gate, "router"))
+    return out
+
+
+@torch.no_grad()
+def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs):
+    """One dense calibration pass through the layer: every matrix's input statistics, the tokens
+    routed to each expert, and the dense outputs."""
+    n_experts = len(layer.block_sparse_moe.experts)
+    stats = {f"expert.{e}.{k}": InputStats(args.method) for e in range(n_experts) for k in "xh"}
+    stats.update({"attn.qkv": InputStats(args.method), "attn.o": InputStats(args.method),
+                  "router": InputStats(args.method)})
+    routed = [0] * n_experts
+
+    def observer(call: mm.ExpertCall):
+        routed[call.expert] += len(call.tokens)
+        if args.stats_tokens == "routed":
+            stats[f"expert.{call.expert}.x"].add(call.x, call.gate)
+            stats[f"expert.{call.expert}.h"].add(call.h, call.gate)
+
+    hooks = attention_inputs(layer, stats) if args.prune_attention else []
+    if args.prune_router or args.stats_tokens == "all":
+        hooks += block_inputs(layer, stats, args)
+    try:
+        dense_out = run_layer(layer, x, pos, args.batch_size, observer, DTYPES[args.dtype])
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, routed, dense_out
+
+
+@torch.no_grad()
+def prune_layer(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: float, nm) -> dict:
+    """Prune the layer's matrices in place. Returns {"counts": {name: (zeros, numel)},
+    "fallbacks": [names pruned by magnitude for want of calibration tokens], "dense": {name:
+    the weight before pruning}, "solver_error": {name: SparseGPT's relative error on its Hessian}}."""
+    counts, fallbacks, dense, solver = {}, [], {}, {}
+    for name, module, key in matrices(layer, args):
+        dense[name] = compact(module.weight.data)
+        w, fell_back = prune_matrix(module.weight.data, args.method, stats[key], sparsity, nm, args.group,
+                                    args.blocksize, args.percdamp)
+        module.weight.data = w
+        counts[name] = ((w == 0).sum().item(), w.numel())
+        if fell_back:
+            fallbacks.append(name)
+        elif args.method == "sparsegpt" and stats[key].value is not None:
+            solver[name] = relative_error(w - dense[name], dense[name], stats[key].value)
+    return {"counts": counts, "fallbacks": fallbacks, "dense": dense, "solver_error": solver}
+
+
+def compact(w: torch.Tensor) -> torch.Tensor:
+    """w in bfloat16 when that is exact (a checkpoint stored in bfloat16, as Mixtral's is), so that
+    keeping a layer's dense weights for the error measurement costs half as much; else w itself."""
+    half = w.to(torch.bfloat16)
+    return half if torch.equal(half.to(w.dtype), w) else w.clone()
+
+
+@contextlib.contextmanager
+def output_errors(layer: mm.DecoderLayer, dense: dict):
+    """While a pruned layer runs: for every pruned matrix, ||W x - W' x||^2 and ||W x||^2 summed
+    over the inputs it sees (W the weight before pruning). Yields {name: [err^2, ref^2]}."""
+    sums = {name: [0.0, 0.0] for name in dense}
+    modules = dict(layer.named_modules())
+
+    def hook(name):
+        def record(module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            ref = x @ dense[name].float().T
+            sums[name][0] += (ref - x @ module.weight.float().T).double().pow(2).sum().item()
+            sums[name][1] += ref.double().pow(2).sum().item()
+        return record
+    hooks = [modules[name.rsplit(".", 1)[0]].register_forward_pre_hook(hook(name)) for name in dense]
+    try:
+        yield sums
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def rel(err2: float, ref2: float) -> float:
+    return math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
+
+
+# -----------------------------------------------------------------------------
+# Algorithm 1
+
+
+def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArgs, sparsities: list, nm=None,
+                 laps: Laps = None):
+    """MoE-Pruner Algorithm 1, the layer-wise loop every method here shares. decoder_layers yields
+    (l, decoder layer l) in order (layerwise.layers); x [n, T, hidden] are layer 0's inputs;
+    sparsities[l] is layer l's target. Yields (l, prune_layer's summary with the measured output
+    errors) once layer l is pruned; laps times the three phases."""
+    laps = laps or Laps()
+    for l, layer in decoder_layers:
+        stats, routed, dense_out = collect_stats(layer, x, pos, args)  # X and Gate of every expert
+        laps.lap("stats_forward_s")
+        pruned = prune_layer(layer, stats, args, sparsities[l], nm)  # S_ij by Eq. 9 (or 8), per row
+        laps.lap("prune_s")
+        with output_errors(layer, pruned.pop("dense")) as sums:
+            pruned_out = run_layer(layer, x, pos, args.batch_size, dtype=DTYPES[args.dtype])
+        x = dense_out if args.dense_forward else pruned_out  # the inputs of layer l+1
+        laps.lap("next_forward_s")
+        pruned.update(routed=routed, matrix_error={k: rel(*v) for k, v in sums.items()},
+                      layer_error=rel((pruned_out.double() - dense_out.double()).pow(2).sum().item(),
+                                      dense_out.double().pow(2).sum().item()))
+        del stats, dense_out, pruned_out  # nothing of layer l stays in memory while layer l+1 is read
+        yield l, pruned
+
+
+# -----------------------------------------------------------------------------
+# Per-layer sparsity: uniform, a list, or OWL
+
+
+def owl_sparsities(outlier_ratios: list, sparsity: float, lam: float) -> list:
+    """OWL (Yin et al. 2023, arXiv 2310.05175, Section 3): layers with more outliers are pruned less.
+    The outlier ratios D_l are min-max normalised to [0, 2 lam], centred, and subtracted from the
+    target, so the layer sparsities average exactly `sparsity` and lie in [sparsity - lam,
+    sparsity + lam] (the reference prune_wanda_outlier's arithmetic)."""
+    d = torch.tensor(outlier_ratios, dtype=torch.float64)
+    span = d.max() - d.min()
+    scaled = (d - d.min()) / span * 2 * lam if span > 0 else torch.zeros_like(d)
+    return (sparsity - (scaled - scaled.mean())).tolist()
+
+
+def outlier_ratio(scores: list, m: float) -> float:
+    """OWL's D_l: the fraction of a layer's scores above m times their mean (all its pruned matrices pooled)."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    return (flat > m * flat.mean()).double().mean().item()
+
+
+@torch.no_grad()
+def owl_outlier_ratios(reader: CheckpointReader, x: torch.Tensor, pos: Positions, args: PruneArgs, device) -> list:
+    """A first pass over the dense model, one layer at a time: each layer's outlier ratio of the
+    method's scores (|W_ij| ||X_j (* Gate)||; |W_ij| for magnitude) on its dense inputs."""
+    ratios = []
+    for l, layer in layers(reader, None, device):
+        stats, _, x = collect_stats(layer, x, pos, args)
+        scores = []
+        for name, module, key in matrices(layer, args):
+            v, w = stats[key].value, module.weight.data
+            if v is None or stats[key].tokens == 0:
+                scores.append(magnitude_score(w))
+            else:  # SparseGPT's Hessian: its diagonal is the squared column norms
+                scores.append(activation_score(w, v.diagonal() if v.dim() == 2 else v))
+        ratios.append(outlier_ratio(scores, args.owl_m))
+    return ratios
+
+
+def layer_sparsities(args: PruneArgs, sparsity: float, n_layers: int, ratios=None) -> list:
+    """Layer l's target: uniform, the comma list of --layer-sparsity, or OWL's from the outlier ratios."""
+    if args.layer_sparsity is None:
+        return [sparsity] * n_layers
+    if args.layer_sparsity == "owl":
+        return owl_sparsities(ratios, sparsity, args.owl_lambda)
+    return [float(v) for v in args.layer_sparsity.split(",")]
+
+
+# -----------------------------------------------------------------------------
+# The checkpoint: calibration, Algorithm 1, report, output
 
 
 def parse_nm(s):
@@ -330,8 +468,33 @@ def check_args(args: PruneArgs, config: mm.MixtralConfig, nm):
         for what, n_in in ins.items():
             if n_in % nm[1]:
                 raise data.DataError(f"--nm {nm[0]}:{nm[1]}: M={nm[1]} does not divide the {n_in} inputs of {what}")
-        if args.method == "sparsegpt" and 128 % nm[1]:
-            raise data.DataError("--nm with sparsegpt needs M dividing the block size 128")
+        if args.method == "sparsegpt" and args.blocksize % nm[1]:
+            raise data.DataError(f"--nm with sparsegpt needs M dividing the block size {args.blocksize}")
+        if args.layer_sparsity is not None:
+            raise data.DataError("--layer-sparsity applies to unstructured sparsity; N:M fixes every layer's")
+    if args.stats_tokens not in ("routed", "all"):
+        raise data.DataError(f"--stats-tokens {args.stats_tokens!r}: choose routed or all")
+    if args.stats_tokens == "all" and args.method == "moe-pruner":
+        raise data.DataError("--stats-tokens all: MoE-Pruner's gate is 0 for the tokens not routed to an expert, so "
+                             "its statistics are the routed ones; the router-blind reading is --method wanda")
+    if args.group not in ("row", "matrix") or (args.group == "matrix" and args.method == "sparsegpt"):
+        raise data.DataError(f"--group {args.group!r}: row or matrix (sparsegpt chooses its mask per block of columns)")
+    if not (args.blocksize >= 1 and math.isfinite(args.percdamp) and args.percdamp > 0):
+        raise data.DataError(f"--blocksize {args.blocksize} must be >= 1 and --percdamp {args.percdamp} finite and > 0")
+    if args.layer_sparsity not in (None, "owl"):
+        try:
+            values = [float(v) for v in args.layer_sparsity.split(",")]
+        except ValueError:
+            raise data.DataError(f"--layer-sparsity {args.layer_sparsity!r}: a comma list of numbers, or owl") from None
+        if len(values) != config.num_hidden_layers or not all(0 <= v < 1 for v in values):
+            raise data.DataError(f"--layer-sparsity: need {config.num_hidden_layers} values in [0, 1), got "
+                                 f"{args.layer_sparsity!r}")
+    if args.layer_sparsity == "owl" and not (0 <= args.owl_lambda <= args.sparsity and args.sparsity + args.owl_lambda < 1
+                                             and args.owl_m > 0):
+        raise data.DataError(f"--owl-lambda {args.owl_lambda} must keep every layer in [0, 1) around --sparsity "
+                             f"{args.sparsity}, and --owl-m {args.owl_m} must be > 0")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise data.DataError(f"--dtype {args.dtype!r}: float32 or bfloat16")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
 
@@ -352,30 +515,43 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
         log(f"{model_dir} -> {out}: {args.method}, sparsity {sparsity:.3f}"
             f"{f' ({nm[0]}:{nm[1]})' if nm else ''}, {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
         x, pos = embed_windows(reader, tokens, dev, DTYPES[args.act_dtype])  # x: [n, T, hidden]
-        per_matrix, per_layer, fallbacks, routed, laps = {}, [], [], [], Laps()
-        for l, pruned in prune_layers(layers(reader, writer, dev), x, pos, args.method, sparsity, nm,
-                                      args.prune_attention, args.dense_forward, args.batch_size, laps):
+        ratios = owl_outlier_ratios(reader, x, pos, args, dev) if args.layer_sparsity == "owl" else None
+        sparsities = layer_sparsities(args, sparsity, config.num_hidden_layers, ratios)
+        if args.layer_sparsity:
+            log("layer sparsities " + ", ".join(f"{s:.4f}" for s in sparsities))
+        per_matrix, per_layer, fallbacks, routed, errors, solver, laps = {}, [], [], [], {}, {}, Laps()
+        for l, pruned in prune_layers(layers(reader, writer, dev), x, pos, args, sparsities, nm, laps):
             prefix, counts = f"model.layers.{l}.", pruned["counts"]
             per_matrix.update({prefix + k: z / n for k, (z, n) in counts.items()})
+            errors.update({prefix + k: v for k, v in pruned["matrix_error"].items()})
+            solver.update({prefix + k: v for k, v in pruned["solver_error"].items()})
             fallbacks += [prefix + f for f in pruned["fallbacks"]]
             routed.append(pruned["routed"])
             experts = [k for k in counts if "experts" in k]
-            per_layer.append({"layer": l, **laps.times, "expert_sparsity": sum(counts[k][0] for k in experts)
-                              / sum(counts[k][1] for k in experts)})
+            mean_err = sum(pruned["matrix_error"].values()) / max(1, len(pruned["matrix_error"]))
+            per_layer.append({"layer": l, **laps.times, "sparsity_target": sparsities[l],
+                              "expert_sparsity": sum(counts[k][0] for k in experts) / sum(counts[k][1] for k in experts),
+                              "output_error": pruned["layer_error"], "mean_matrix_error": mean_err})
             log(f"layer {l}: stats {laps.times['stats_forward_s']:.1f}s, prune {laps.times['prune_s']:.2f}s, "
-                f"next {laps.times['next_forward_s']:.1f}s, expert sparsity {per_layer[-1]['expert_sparsity']:.4f}")
+                f"next {laps.times['next_forward_s']:.1f}s, expert sparsity {per_layer[-1]['expert_sparsity']:.4f}, "
+                f"matrix error {mean_err:.4f} (mean), layer output error {pruned['layer_error']:.4f}")
         shown = data.shown_path(model_dir)
         report = {"args": {"model": shown, "out": data.shown_path(out), "overwrite": overwrite, **asdict(args)},
                   "model": shown, "method": args.method, "sparsity_target": sparsity, "nm": args.nm,
+                  "layer_sparsity": sparsities, "owl_outlier_ratios": ratios,
                   "calibration": {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "tokens": tokens.numel()},
                   "routed_tokens_per_expert": routed, "magnitude_fallback": fallbacks,
                   "layers": per_layer, "seconds": time.time() - t_start}
         report.update(sparsity_summary(config, per_matrix))
+        report["mean_matrix_error"] = sum(errors.values()) / max(1, len(errors))
         report["per_matrix_sparsity"] = per_matrix
+        report["per_matrix_error"] = errors  # ||W X - W' X||_F / ||W X||_F on the inputs each matrix saw
+        if solver:
+            report["per_matrix_solver_error"] = solver  # SparseGPT's, on its Hessian (the dense-pass inputs)
         writer.extra_files["prune_report.json"] = report
     log(f"expert sparsity {report['expert_sparsity']:.4f}, all decoder linear layers "
-        f"{report['decoder_linear_sparsity']:.4f}, whole model {report['overall_sparsity']:.4f} "
-        f"({report['seconds']:.1f}s)")
+        f"{report['decoder_linear_sparsity']:.4f}, whole model {report['overall_sparsity']:.4f}, mean matrix "
+        f"error {report['mean_matrix_error']:.4f} ({report['seconds']:.1f}s)")
     return report
 
 
@@ -403,12 +579,37 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--prune-attention", action="store_true",
                    help="also prune q/k/v/o with the method's router-free form (gate = 1), for whole-model sparsity")
+    p.add_argument("--prune-router", action="store_true",
+                   help="also prune the router W_g (gate = 1 over all tokens), as reference Wanda/SparseGPT code, which "
+                        "prunes every Linear of a layer, does")
+    p.add_argument("--stats-tokens", default="routed", choices=("routed", "all"),
+                   help="each expert's statistics over the tokens routed to it (default; what Wanda's reference code "
+                        "sees when it hooks an expert's Linear) or over all tokens (a router-blind Wanda/SparseGPT)")
+    p.add_argument("--group", default="row", choices=("row", "matrix"),
+                   help="unstructured comparison group: each output row (Wanda, MoE-Pruner; default) or the whole "
+                        "matrix (the reference magnitude baseline's one threshold per matrix)")
+    p.add_argument("--layer-sparsity",
+                   help="non-uniform sparsity: a comma list of one value per decoder layer, or 'owl' (Outlier-Weighed "
+                        "Layerwise sparsity, Yin et al. 2023: layers with more outlier scores pruned less, mean kept "
+                        "at --sparsity)")
+    p.add_argument("--owl-lambda", type=cli.nonnegative_float, default=0.08,
+                   help="OWL: layer sparsities lie within --sparsity +- lambda (default 0.08, the reference's)")
+    p.add_argument("--owl-m", type=cli.positive_float, default=5.0,
+                   help="OWL: a score is an outlier above M x its layer's mean (default 5, the reference's)")
+    p.add_argument("--percdamp", type=cli.positive_float, default=0.01,
+                   help="SparseGPT: dampening added to diag(H), as a fraction of its mean (default 0.01, the reference's)")
+    p.add_argument("--blocksize", type=cli.positive_int, default=128,
+                   help="SparseGPT: columns updated together, also the unstructured mask's group (default 128)")
     p.add_argument("--dense-forward", action="store_true",
                    help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
                         "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="calibration windows per forward pass")
     p.add_argument("--act-dtype", default="float32", choices=list(DTYPES),
                    help="dtype the calibration activations are kept in between layers (half precision halves memory)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of the layer forward: bfloat16 runs the matrix products in bfloat16 (autocast; "
+                        "weights, masks and statistics stay exact), several times faster on CPUs with AMX or AVX-512 "
+                        "BF16 and on GPUs; statistics are accumulated in float64, Hessians in float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available, else cpu")
     a = p.parse_args(argv)
     if a.calib_tokens and a.calib_data != "stdlib":

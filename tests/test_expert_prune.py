@@ -10,6 +10,7 @@ import torch
 
 import expert_prune as ep
 import checkpoint
+import data
 import mini_mixtral as mm
 from conftest import random_model, script_error, small_config
 from layerwise import Positions
@@ -38,9 +39,35 @@ def test_enumeration_matches_brute_force_on_whole_layers():
         brute = []
         for s in itertools.combinations(range(6), 3):  # the whole smaller layer, run for real
             out = sliced(layer, list(s))(x, cos, sin)[0]
-            brute.append((out - ref).pow(2).sum())
+            brute.append(sum((out[w] - ref[w]).double().pow(2).sum().sqrt() for w in range(len(x))))  # per window
     assert int(torch.stack(brute).argmin()) == int(errors.argmin())
     assert torch.allclose(torch.stack(brute).double(), errors, rtol=1e-3, atol=1e-5)
+
+
+def test_layerwise_protocol_chooses_each_layer_on_the_dense_models_activations(tmp_path, ckpt, text_file):
+    """The reference's layerwise_pruning: layer l's subset is the brute-force argmin of
+    sum over windows ||Z - Z_s||_F, with X and Z the dense model's, whatever was dropped before."""
+    out = str(tmp_path / "r2")
+    rep = ep.main(["--model", ckpt, "--r", "2", "--calib-data", text_file, "--nsamples", "3", "--seqlen", "16",
+                   "--out", out, "--batch-size", "2"])
+    assert rep["protocol"] == "layerwise"
+    dense = checkpoint.load_model(ckpt)
+    tokens = data.calibration_tokens(ckpt, 300, 128, text_file, None, 3, 16, 0)  # the windows expert_prune drew
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda mod, a, l=l: inputs.__setitem__(l, a[0]))
+             for l, layer in enumerate(dense.model.layers)]
+    with torch.no_grad():
+        dense(tokens)
+    for h in hooks:
+        h.remove()
+    cos, sin = mm.rope_cos_sin(dense.config, 16)
+    for l, layer in enumerate(dense.model.layers):
+        x = inputs[l]
+        with torch.no_grad():
+            ref = layer(x, cos, sin)[0]
+            errs = {s: sum((sliced(layer, list(s))(x, cos, sin)[0][w] - ref[w]).double().pow(2).sum().sqrt()
+                           for w in range(len(x))) for s in itertools.combinations(range(4), 2)}
+        assert list(min(errs, key=errs.get)) == rep["kept_experts"][l]
 
 
 def test_rerouting_after_dropping_equals_minus_inf_logits():
