@@ -397,7 +397,7 @@ class CheckpointWriter:
             self._remove_created()
             raise CheckpointError(f"cannot create {path} ({e.strerror})") from None
         self.pending, self.pending_bytes, self.shards, self.weight_map, self.total = {}, 0, [], {}, 0
-        self.extra_files = {}  # {file name: str or JSON-able object} written beside the weights by close()
+        self.extra_files = {}  # {file name: str, bytes or JSON-able object} written beside the weights by close()
 
     def add(self, name: str, tensor: torch.Tensor):
         t = tensor.detach().to("cpu").contiguous()
@@ -445,6 +445,10 @@ class CheckpointWriter:
                     if os.path.isfile(os.path.join(self.src_dir, fn)):
                         shutil.copy(os.path.join(self.src_dir, fn), os.path.join(self.tmp, fn))
             for fn, content in self.extra_files.items():
+                if isinstance(content, bytes):
+                    with open(os.path.join(self.tmp, fn), "wb") as f:
+                        f.write(content)
+                    continue
                 with open(os.path.join(self.tmp, fn), "w") as f:
                     f.write(content if isinstance(content, str) else json.dumps(content, indent=2, allow_nan=False))
             os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint is an ordinary folder

@@ -11,13 +11,15 @@ what the run had written. A bug still shows its traceback.
 
 import argparse
 import contextlib
+import json
 import math
+import os
 import signal
 import sys
 import threading
 
 from checkpoint import CheckpointError
-from data import DataError
+from data import REPO, DataError, shown_path
 
 
 class Terminated(BaseException):
@@ -99,6 +101,41 @@ def add_calibration_args(p: argparse.ArgumentParser, nsamples_help: str = "calib
                    help="tokens per window (default 2048 as in the paper's protocol, capped at the model's "
                         "max_position_embeddings: 512 for the embedded model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+
+
+def given_flags(p: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the flags actually given in argv (not left at their defaults)."""
+    defaults = {a.dest: a.default for a in p._actions}
+    try:
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(p.parse_args(argv)))
+    finally:
+        for a in p._actions:
+            a.default = defaults[a.dest]
+
+
+def apply_recipe(p: argparse.ArgumentParser, args: argparse.Namespace, argv, paths=()) -> dict:
+    """--recipe REPORT: every argument the report recorded under "args" that argv does not give
+    is taken from it, so the run repeats the recorded one; flags given next to --recipe override it.
+    Relative paths in `paths` are read relative to the repository when they do not exist here.
+    Returns {"from": report, "overridden": {flag: value}} for the new report (None without --recipe)."""
+    if not getattr(args, "recipe", None):
+        return None
+    try:
+        with open(args.recipe) as f:
+            recorded = json.load(f)["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--recipe {args.recipe}: not a report with recorded arguments ({e})") from None
+    given = given_flags(p, argv) - {"recipe"}
+    for k, v in recorded.items():
+        if k not in given and hasattr(args, k) and k not in ("out", "overwrite"):
+            if k in paths and isinstance(v, str) and not os.path.exists(v) and os.path.exists(os.path.join(REPO, v)):
+                v = os.path.join(REPO, v)
+            setattr(args, k, v)
+    return {"from": shown_path(args.recipe),
+            "overridden": {k: getattr(args, k) for k in sorted(given) if k in recorded and recorded[k] != getattr(args, k)
+                           and k not in ("out", "overwrite")}}
 
 
 @contextlib.contextmanager

@@ -280,7 +280,8 @@ def check_pair(teacher_dir, student_dir):
 
 
 def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: DistillConfig, mode: str = "full",
-                       text: str = "stdlib", device: str = "cpu", overwrite: bool = False, log=log) -> dict:
+                       text: str = "stdlib", device: str = "cpu", overwrite: bool = False, log=log,
+                       recipe: dict = None) -> dict:
     """Distil the pruned student_dir from the dense teacher_dir on text (Eq. 10), write out; returns the report."""
     config = check_pair(teacher_dir, student_dir)
     CheckpointReader(teacher_dir), CheckpointReader(student_dir)  # every key, shape and shard, before any work
@@ -314,7 +315,11 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
             report = distill_per_expert(teacher_dir, student_dir, windows, cfg, writer, device, log)
         report.update({"mode": mode, "teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
                        "data": text, "settings": asdict(cfg), "tokens": windows.numel(),
-                       "seconds": time.time() - t0})
+                       "seconds": time.time() - t0,
+                       "args": {"teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
+                                "mode": mode, "data": text, "device": str(device), **asdict(cfg)}})
+        if recipe:
+            report["recipe"] = recipe
         writer.extra_files["distill_report.json"] = report
     log(f"wrote {out} ({report['seconds']:.0f}s)")
     return report
@@ -329,7 +334,7 @@ FIELD_TYPES = {"samples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--teacher", help="the dense checkpoint (default: the embedded tiny Mixtral)")
-    p.add_argument("--student", required=True, help="the pruned checkpoint (same config)")
+    p.add_argument("--student", help="the pruned checkpoint (same config)")
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--mode", default="full", choices=("full", "per-expert"),
@@ -341,11 +346,16 @@ def main(argv=None):
         p.add_argument("--" + f.replace("_", "-"), type=FIELD_TYPES[f], default=default,
                        help=f"DistillConfig.{f} (default {default}; see the module docstring)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
+    p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "
+                                    "same windows and steps); flags given as well override it")
     args = p.parse_args(argv)
-    cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
     with cli.errors():
+        recipe = cli.apply_recipe(p, args, argv, paths=("teacher", "student", "data"))
+        if args.student is None:
+            p.error("--student is required (or --recipe)")
+        cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
         return distill_checkpoint(args.teacher or data.default_model_dir(), args.student, args.out, cfg, args.mode,
-                                  args.data, args.device, args.overwrite)
+                                  args.data, args.device, args.overwrite, recipe=recipe)
 
 
 if __name__ == "__main__":

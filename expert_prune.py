@@ -20,6 +20,12 @@ inputs and outputs (X and Z of every MoE block cached from the unpruned model); 
 progressive (its progressive_pruning) feeds layer l the outputs of the already-pruned layers
 0..l-1 and targets the unpruned block on those inputs.
 
+REAP, Router-weighted Expert Activation Pruning (arXiv 2510.13999; llm-compressor's
+REAPPruningModifier), with --select reap: an expert's saliency is the mean, over the calibration
+tokens routed to it, of gate x ||expert output||_2; the r most salient experts of each layer are
+kept, and the output is sliced and re-indexed as NAEE's is. The expert-level use of the router's
+hint that MoE-Pruner uses at the level of weights.
+
 CD-MoE, "Condense, Don't Just Prune" (Cao et al. 2024, arXiv 2412.00069), adapted to Mixtral,
 which has no shared experts: a condensed layer runs k fixed routed experts on every token, each
 weighted by its mean gate over the calibration tokens routed to it (sum of gates / routing
@@ -33,6 +39,7 @@ removed).
 
     python expert_prune.py --r 6 --out out/naee-r6
     python expert_prune.py --r 6 --skip --out out/naee-r6-skip
+    python expert_prune.py --r 6 --select reap --out out/reap-r6
     python expert_prune.py --condense-layers 2 --condense-experts 2 --out out/cdmoe-2x2
 """
 
@@ -177,11 +184,33 @@ def skip_ratios(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_s
     return torch.cat(ratios)
 
 
+# -----------------------------------------------------------------------------
+# REAP
+
+
+@torch.no_grad()
+def reap_saliency(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_size: int) -> torch.Tensor:
+    """REAP (Router-weighted Expert Activation Pruning, arXiv 2510.13999): an expert's saliency is the
+    mean, over the calibration tokens routed to it, of its renormalised gate times the L2 norm of
+    its output, gate_e(x) * ||E_e(x)||_2. The expert-level analogue of MoE-Pruner's router hint.
+    Returns [n_experts] float64 (0 for an expert no token reached)."""
+    n = len(layer.block_sparse_moe.experts)
+    sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+
+    def observer(c: mm.ExpertCall):
+        sums[c.expert] += (c.gate.double() * c.y.double().norm(dim=-1)).sum()
+        counts[c.expert] += len(c.tokens)
+    run_layer(layer, x, pos, batch_size, observer)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+
+
 PROTOCOLS = ("layerwise", "progressive")
+SELECTIONS = ("naee", "reap")  # how the r kept experts are chosen
 
 
 def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out: str, overwrite: bool = False,
-         batch_size: int = 8, device="cpu", protocol: str = "layerwise", log=log) -> dict:
+         batch_size: int = 8, device="cpu", protocol: str = "layerwise", log=log, report_extra: dict = None,
+         select: str = "naee") -> dict:
     """NAEE expert pruning to r experts per layer (r = n: none) and optional dynamic skipping.
 
     protocol "layerwise" (the reference's layerwise_pruning, default): every layer's subset is
@@ -190,6 +219,8 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
     already-pruned layers 0..l-1, the target being the unpruned block on those inputs."""
     if protocol not in PROTOCOLS:
         raise data.DataError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if select not in SELECTIONS:
+        raise data.DataError(f"unknown expert selection {select!r}; choose from {', '.join(SELECTIONS)}")
     config = reader.config
     n, k = config.num_local_experts, config.num_experts_per_tok
     if not k <= r <= n:
@@ -203,7 +234,12 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
         for l, layer in layers(reader, writer, device):
             t0 = time.time()
             dense_next = run_layer(layer, x, pos, batch_size) if protocol == "layerwise" else None
-            if r < n:
+            if r < n and select == "reap":  # the r experts of highest saliency, in their original order
+                saliency = reap_saliency(layer, x, pos, batch_size)
+                keep = sorted(torch.argsort(saliency, descending=True, stable=True)[:r].tolist())
+                slice_experts(layer.block_sparse_moe, keep)
+                per_layer.append({"layer": l, "keep": keep, "saliency": saliency.tolist()})
+            elif r < n:
                 subsets, errors = subset_errors(layer, x, pos, r, batch_size)
                 best = int(errors.argmin())
                 keep = list(subsets[best])
@@ -222,8 +258,8 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
                 + f" ({time.time() - t0:.1f}s)")
         if skip:
             writer.config = mm.MixtralConfig.from_dict({**new.to_dict(), "dynamic_skip_beta": betas})
-        report = {"method": "naee", "r": r, "skip": skip, "protocol": protocol, "kept_experts": kept, "skip_beta": betas or None,
-                  "layers": per_layer, "calibration_tokens": tokens.numel()}
+        report = {"method": select, "r": r, "skip": skip, "protocol": protocol, "kept_experts": kept, "skip_beta": betas or None,
+                  "layers": per_layer, "calibration_tokens": tokens.numel(), **(report_extra or {})}
         writer.extra_files["expert_prune_report.json"] = report
     return report
 
@@ -310,7 +346,7 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
 
 
 def cd_moe(model_dir: str, tokens: torch.Tensor, n_layers: int, n_experts: int, out: str, overwrite: bool = False,
-           batch_size: int = 8, device="cpu", log=log) -> dict:
+           batch_size: int = 8, device="cpu", log=log, report_extra: dict = None) -> dict:
     """CD-MoE: condense n_layers layers to n_experts always-on experts each; write the checkpoint."""
     config = CheckpointReader(model_dir).config
     if not (1 <= n_layers <= config.num_hidden_layers and 1 <= n_experts <= config.num_local_experts):
@@ -319,7 +355,8 @@ def cd_moe(model_dir: str, tokens: torch.Tensor, n_layers: int, n_experts: int, 
     model = load_plain_model(model_dir, torch.float32, device)
     condensed = condense(model, tokens.to(device), n_layers, n_experts, batch_size, log)
     model.config = mm.MixtralConfig.from_dict({**config.to_dict(), "condensed_layers": condensed})
-    report = {"method": "cd-moe", "condensed_layers": condensed, "calibration_tokens": tokens.numel()}
+    report = {"method": "cd-moe", "condensed_layers": condensed, "calibration_tokens": tokens.numel(),
+              **(report_extra or {})}
     save_model(model, out, dtype=CheckpointReader(model_dir).stored_dtype(), overwrite=overwrite, src_dir=model_dir,
                extra_files={"expert_prune_report.json": report})
     return report
@@ -370,6 +407,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--r", type=int, default=None, help="NAEE: experts kept per layer (default: all)")
     p.add_argument("--skip", action="store_true", help="NAEE dynamic skipping, beta = median g1/g0 per layer")
+    p.add_argument("--select", default="naee", choices=SELECTIONS,
+                   help="with --r: keep the r experts whose subset changes the layer output least (NAEE, default) "
+                        "or the r of highest REAP saliency (mean gate x output norm over routed tokens)")
     p.add_argument("--protocol", default="layerwise", choices=PROTOCOLS,
                    help="NAEE: choose each layer's experts on the dense model's inputs and outputs (layerwise, the "
                         "reference default) or on inputs through the already-pruned layers (progressive)")
@@ -379,8 +419,10 @@ def main(argv=None):
     cli.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--recipe", help="repeat the run an expert_prune_report.json records; flags given as well override it")
     args = p.parse_args(argv)
     with cli.errors():
+        recipe = cli.apply_recipe(p, args, argv, paths=("model", "calib_tokens", "calib_data"))
         model_dir = args.model or data.default_model_dir()
         reader = CheckpointReader(model_dir)
         config = reader.config
@@ -393,11 +435,14 @@ def main(argv=None):
         check_output(args.out, args.overwrite, [model_dir])
         tokens = data.calibration_tokens(model_dir, config.vocab_size, config.max_position_embeddings, args.calib_data,
                                          args.calib_tokens, args.nsamples, args.seqlen, args.seed)
+        recorded = {"args": {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "recipe")},
+                             "model": data.shown_path(model_dir)}, **({"recipe": recipe} if recipe else {})}
         if args.condense_layers:
             return cd_moe(model_dir, tokens, args.condense_layers, args.condense_experts, args.out, args.overwrite,
-                          args.batch_size, args.device)
+                          args.batch_size, args.device, report_extra=recorded)
         return naee(reader, tokens, args.r if args.r is not None else config.num_local_experts, args.skip,
-                    args.out, args.overwrite, args.batch_size, args.device, args.protocol)
+                    args.out, args.overwrite, args.batch_size, args.device, args.protocol, report_extra=recorded,
+                    select=args.select)
 
 
 if __name__ == "__main__":

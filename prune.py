@@ -35,11 +35,14 @@ and the calibration activations are ever in memory.
 """
 
 import contextlib
+import io
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 import cli
@@ -499,8 +502,19 @@ def check_args(args: PruneArgs, config: mm.MixtralConfig, nm):
         raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
 
 
-def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool = False, log=log) -> dict:
-    """Read model_dir, prune it layer by layer (Algorithm 1), write out. Returns the report."""
+CALIBRATION_FILE = "calibration_tokens.npy"  # beside prune_report.json: the exact calibration windows
+
+
+def npy_bytes(tokens: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, tokens.numpy().astype(np.int32))
+    return buf.getvalue()
+
+
+def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool = False, log=log,
+                     recipe: dict = None) -> dict:
+    """Read model_dir, prune it layer by layer (Algorithm 1), write out. Returns the report
+    (recipe: where the arguments came from, recorded in it)."""
     nm = parse_nm(args.nm)
     reader = CheckpointReader(model_dir)
     config = reader.config
@@ -548,7 +562,10 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
         report["per_matrix_error"] = errors  # ||W X - W' X||_F / ||W X||_F on the inputs each matrix saw
         if solver:
             report["per_matrix_solver_error"] = solver  # SparseGPT's, on its Hessian (the dense-pass inputs)
+        if recipe:
+            report["recipe"] = recipe
         writer.extra_files["prune_report.json"] = report
+        writer.extra_files[CALIBRATION_FILE] = npy_bytes(tokens)  # what --recipe repeats the run with
     log(f"expert sparsity {report['expert_sparsity']:.4f}, all decoder linear layers "
         f"{report['decoder_linear_sparsity']:.4f}, whole model {report['overall_sparsity']:.4f}, mean matrix "
         f"error {report['mean_matrix_error']:.4f} ({report['seconds']:.1f}s)")
@@ -571,7 +588,7 @@ def sparsity_summary(config, per_matrix):
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", help="input checkpoint directory (official layout); default: the embedded tiny Mixtral")
-    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
     p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
     cli.add_calibration_args(p)
@@ -611,12 +628,21 @@ def main(argv=None):
                         "weights, masks and statistics stay exact), several times faster on CPUs with AMX or AVX-512 "
                         "BF16 and on GPUs; statistics are accumulated in float64, Hessians in float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available, else cpu")
+    p.add_argument("--recipe", help="repeat the run a prune_report.json records (same arguments, same calibration "
+                                    "tokens from the calibration_tokens.npy beside it); flags given as well override it")
     a = p.parse_args(argv)
-    if a.calib_tokens and a.calib_data != "stdlib":
-        p.error("give --calib-data or --calib-tokens, not both")
-    args = PruneArgs(**{k: v for k, v in vars(a).items() if k not in ("model", "out", "overwrite")})
     with cli.errors():
-        return prune_checkpoint(a.model or data.default_model_dir(), a.out, args, a.overwrite)
+        recipe = cli.apply_recipe(p, a, argv, paths=("model", "calib_tokens", "calib_data"))
+        saved = os.path.join(os.path.dirname(a.recipe or ""), CALIBRATION_FILE)
+        if recipe and os.path.isfile(saved) and not cli.given_flags(p, argv) & {"calib_data", "calib_tokens", "nsamples",
+                                                                                 "seqlen", "seed"}:
+            a.calib_tokens, a.calib_data = saved, "stdlib"  # the exact windows of the recorded run
+        if a.calib_tokens and a.calib_data != "stdlib":
+            p.error("give --calib-data or --calib-tokens, not both")
+        if a.method is None:
+            p.error("--method is required (or --recipe)")
+        args = PruneArgs(**{k: v for k, v in vars(a).items() if k not in ("model", "out", "overwrite", "recipe")})
+        return prune_checkpoint(a.model or data.default_model_dir(), a.out, args, a.overwrite, recipe=recipe)
 
 
 if __name__ == "__main__":

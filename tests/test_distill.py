@@ -106,3 +106,29 @@ def test_bad_input(tmp_path, pair, text_file, capsys):
                             if "--data" not in argv else [*argv, "--out", str(tmp_path / "o")])
         assert msg in line, line
         assert not (tmp_path / "o").exists()
+
+
+def test_kd_masks_only_the_pruned_matrices(tmp_path, pair):
+    """The embedding has exact zeros too; only the matrices prune_report.json lists keep a mask."""
+    teacher, student = pair
+    model = checkpoint.load_model(student)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, :5] = 0  # an ordinary weight that happens to be zero
+    names = distill.pruned_matrices(student, model)
+    masks = distill.zero_masks(model, names)
+    assert set(masks) == {n for n in names} and all(".experts." in n for n in masks)
+    assert "model.embed_tokens.weight" not in masks and not any("norm" in n or ".gate." in n for n in masks)
+    assert "model.embed_tokens.weight" in distill.zero_masks(model)  # what masking every zero would have frozen
+
+
+def test_a_distill_recipe_repeats_the_run_bit_for_bit(tmp_path, pair, text_file):
+    teacher, student = pair
+    first = str(tmp_path / "kd1")
+    distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", first, *ARGS])
+    rep = distill.main(["--recipe", os.path.join(first, "distill_report.json"), "--out", str(tmp_path / "kd2")])
+    a, b = (checkpoint.load_model(d) for d in (first, str(tmp_path / "kd2")))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert rep["recipe"]["overridden"] == {}
+    rep = distill.main(["--recipe", os.path.join(first, "distill_report.json"), "--epochs", "1",
+                        "--out", str(tmp_path / "kd3")])
+    assert rep["recipe"]["overridden"] == {"epochs": 1}

@@ -175,3 +175,47 @@ def test_bad_r_is_a_clear_error(tmp_path, ckpt, text_file, argv, msg, capsys):
                                           "--seqlen", "32", "--out", str(tmp_path / "o")])
     assert msg in line
     assert not (tmp_path / "o").exists()
+
+
+def test_cd_moe_weight_is_the_mean_gate_over_routed_tokens():
+    # 3 tokens, top-2 of 4 experts: expert 0 routed with gates 0.6 and 0.7, expert 2 with 0.4 and 0.3 and 0.5,
+    # expert 1 with 0.5, expert 3 never
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    e = torch.tensor([[0, 2], [0, 2], [1, 2]])
+    got = ep.routed_gate_means(w, e, 4)
+    assert torch.allclose(got, torch.tensor([0.65, 0.5, 0.4, 0.0], dtype=torch.float64))
+
+
+def test_reap_keeps_the_experts_a_hand_computation_keeps(tmp_path, ckpt, text_file):
+    m = checkpoint.load_model(ckpt)
+    layer = m.model.layers[0]
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5))
+    cos, sin = mm.rope_cos_sin(m.config, 16)
+    sal = ep.reap_saliency(layer, x, Positions(cos, sin, None), batch_size=1)
+    # by hand: route every token, and for each expert average gate * ||expert(x)|| over its tokens
+    with torch.no_grad():
+        h = layer.post_attention_layernorm(layer.attend(x, cos, sin)).reshape(-1, 64)
+        w, idx = mm.route(layer.block_sparse_moe.gate(h), 2)
+        hand = []
+        for e in range(4):
+            vals = [w[t, k].item() * layer.block_sparse_moe.experts[e](h[t]).norm().item()
+                    for t in range(len(h)) for k in range(2) if idx[t, k] == e]
+            hand.append(sum(vals) / len(vals) if vals else 0.0)
+    assert torch.allclose(sal, torch.tensor(hand, dtype=torch.float64), rtol=1e-5)
+    out = str(tmp_path / "reap")
+    rep = ep.main(["--model", ckpt, "--r", "2", "--select", "reap", "--calib-data", text_file, "--nsamples", "2",
+                   "--seqlen", "16", "--out", out])
+    assert rep["method"] == "reap"
+    for l, entry in enumerate(rep["layers"]):
+        s = torch.tensor(entry["saliency"])
+        assert entry["keep"] == sorted(torch.topk(s, 2).indices.tolist())
+    assert checkpoint.CheckpointReader(out).config.num_local_experts == 2
+
+
+def test_an_expert_prune_recipe_repeats_the_run(tmp_path, ckpt, text_file):
+    first = str(tmp_path / "first")
+    ep.main(["--model", ckpt, "--r", "3", "--calib-data", text_file, "--nsamples", "3", "--seqlen", "16", "--out", first])
+    rep = ep.main(["--recipe", os.path.join(first, "expert_prune_report.json"), "--out", str(tmp_path / "again")])
+    assert rep["recipe"]["overridden"] == {}
+    a, b = checkpoint.load_model(first), checkpoint.load_model(str(tmp_path / "again"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

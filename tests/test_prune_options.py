@@ -1,0 +1,172 @@
+"""prune.py's options beyond the paper's defaults: the router-blind statistics and the baselines'
+scope, per-matrix errors, re-runnable runs, SparseGPT's knobs and per-layer sparsity (OWL)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import mini_mixtral as mm
+import prune
+from conftest import random_model, script_error
+from layerwise import Positions
+
+CALIB = ["--nsamples", "4", "--seqlen", "32"]
+
+
+def run(ckpt, text_file, out, *more):
+    return prune.main(["--model", ckpt, "--calib-data", text_file, *CALIB, "--out", str(out), *more])
+
+
+def shards(path) -> dict:
+    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path)) if f.endswith(".safetensors")}
+
+
+def layer_stats(layer, x, args):
+    pos = Positions(*mm.rope_cos_sin(layer.config, x.shape[1]), None)
+    stats, routed, _ = prune.collect_stats(layer, x, pos, args)
+    return stats, routed
+
+
+def test_router_blind_statistics_are_wandas_over_all_tokens():
+    m = random_model()
+    layer = m.model.layers[0]
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
+    stats, routed = layer_stats(layer, x, prune.PruneArgs(method="wanda", stats_tokens="all"))
+    with torch.no_grad():
+        h = layer.post_attention_layernorm(layer.attend(x, *mm.rope_cos_sin(m.config, 12))).reshape(-1, 64)
+    for e, expert in enumerate(layer.block_sparse_moe.experts):
+        assert stats[f"expert.{e}.x"].tokens == 24
+        torch.testing.assert_close(stats[f"expert.{e}.x"].value, prune.sq_norm(h), rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats[f"expert.{e}.h"].value, prune.sq_norm(expert.hidden(h)), rtol=1e-6, atol=1e-9)
+    assert sum(routed) == 24 * 2  # top-2: the routed counts are still reported
+
+
+def test_with_every_token_routed_to_every_expert_routed_and_all_coincide():
+    m = random_model(num_experts_per_tok=4)  # top-k = n: every expert sees every token
+    layer = m.model.layers[1]
+    x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(1))
+    routed, _ = layer_stats(layer, x, prune.PruneArgs(method="wanda"))
+    blind, _ = layer_stats(layer, x, prune.PruneArgs(method="wanda", stats_tokens="all"))
+    for k in routed:
+        if k.startswith("expert."):
+            assert routed[k].tokens == blind[k].tokens == 20
+            torch.testing.assert_close(routed[k].value, blind[k].value, rtol=1e-10, atol=1e-12)
+
+
+def test_scope_experts_attention_router(tmp_path, ckpt, text_file):
+    rep = run(ckpt, text_file, tmp_path / "all", "--method", "wanda", "--prune-attention", "--prune-router")
+    names = rep["per_matrix_sparsity"]
+    assert "model.layers.0.block_sparse_moe.gate.weight" in names and "model.layers.1.self_attn.o_proj.weight" in names
+    assert all(v == 0.5 for v in names.values())
+    rep = run(ckpt, text_file, tmp_path / "experts", "--method", "wanda")
+    assert all(".experts." in k for k in rep["per_matrix_sparsity"])
+    name = "model.layers.1.block_sparse_moe.gate.weight"
+    src, full, experts = (checkpoint.CheckpointReader(str(d)).get(name) for d in (ckpt, tmp_path / "all", tmp_path / "experts"))
+    assert torch.equal(experts, src) and (full == 0).float().mean() == 0.5  # the router pruned only when asked
+
+
+def test_matrix_group_prunes_one_threshold_per_matrix():
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    row, _ = prune.prune_matrix(w, "magnitude", None, 0.5, group="row")
+    matrix, _ = prune.prune_matrix(w, "magnitude", None, 0.5, group="matrix")
+    assert torch.equal(row == 0, torch.tensor([[True, False], [True, False]]))
+    assert torch.equal(matrix == 0, torch.tensor([[True, True], [False, False]]))
+
+
+def test_per_matrix_error_is_zero_at_sparsity_zero_and_matches_a_direct_computation(tmp_path, ckpt, text_file):
+    rep = run(ckpt, text_file, tmp_path / "zero", "--method", "wanda", "--sparsity", "0")
+    assert rep["mean_matrix_error"] == 0.0 and all(v["output_error"] == 0.0 for v in rep["layers"])
+    rep = run(ckpt, text_file, tmp_path / "half", "--method", "wanda", "--dense-forward")
+    dense, pruned = checkpoint.load_model(ckpt), checkpoint.load_model(str(tmp_path / "half"))
+    tokens = torch.from_numpy(np.load(tmp_path / "half" / prune.CALIBRATION_FILE)).long()
+    # layer 0, expert 1's w1 on the inputs it sees: the routed tokens of the pruned layer 0 (same router
+    # and attention as the dense layer, so the same tokens and inputs)
+    cos, sin = mm.rope_cos_sin(dense.config, tokens.shape[1])
+    seen = []
+    layer = pruned.model.layers[0]
+    with torch.no_grad():
+        x = dense.model.embed_tokens(tokens)
+        layer(x, cos, sin, observer=lambda c: seen.append(c.x) if c.expert == 1 else None)
+    X = torch.cat(seen)
+    name = "block_sparse_moe.experts.1.w1.weight"
+    W = dense.model.layers[0].get_parameter(name)
+    Wp = layer.get_parameter(name)
+    direct = ((X @ W.T - X @ Wp.T).norm() / (X @ W.T).norm()).item()
+    assert rep["per_matrix_error"]["model.layers.0." + name] == pytest.approx(direct, rel=1e-4)
+    # the layer output error: the dense and the pruned layer 0 on the same inputs
+    with torch.no_grad():
+        y, yp = dense.model.layers[0](x, cos, sin)[0], layer(x, cos, sin)[0]
+    assert rep["layers"][0]["output_error"] == pytest.approx(((yp - y).norm() / y.norm()).item(), rel=1e-4)
+
+
+def test_sparsegpt_reports_its_solver_error_and_its_knobs_change_the_result(tmp_path, ckpt, text_file, capsys):
+    base = run(ckpt, text_file, tmp_path / "base", "--method", "sparsegpt")
+    assert set(base["per_matrix_solver_error"]) == set(base["per_matrix_sparsity"])
+    assert all(0 < v < 1 for v in base["per_matrix_solver_error"].values())
+    assert base["args"]["percdamp"] == 0.01 and base["args"]["blocksize"] == 128
+    damped = run(ckpt, text_file, tmp_path / "damped", "--method", "sparsegpt", "--percdamp", "0.5")
+    small = run(ckpt, text_file, tmp_path / "small", "--method", "sparsegpt", "--blocksize", "16")
+    assert damped["args"]["percdamp"] == 0.5 and small["args"]["blocksize"] == 16
+    assert shards(tmp_path / "base") != shards(tmp_path / "damped")
+    assert shards(tmp_path / "base") != shards(tmp_path / "small")
+    for bad, msg in ((["--percdamp", "0"], "finite number > 0"), (["--percdamp", "nan"], "finite number > 0"),
+                     (["--blocksize", "0"], "at least 1"), (["--blocksize", "6", "--nm", "2:4"], "dividing the block")):
+        line = script_error(capsys, prune.main, ["--model", ckpt, "--calib-data", text_file, *CALIB, "--method",
+                                                 "sparsegpt", *bad, "--out", str(tmp_path / "bad")])
+        assert msg in line
+
+
+def test_a_recipe_repeats_a_run_bit_for_bit_and_records_overrides(tmp_path, ckpt, text_file):
+    first = run(ckpt, text_file, tmp_path / "first", "--method", "moe-pruner", "--sparsity", "0.6", "--seed", "3")
+    recipe = str(tmp_path / "first" / "prune_report.json")
+    again = prune.main(["--recipe", recipe, "--out", str(tmp_path / "again")])
+    assert shards(tmp_path / "first") == shards(tmp_path / "again")
+    assert again["recipe"]["overridden"] == {} and again["sparsity_target"] == first["sparsity_target"]
+    other = prune.main(["--recipe", recipe, "--sparsity", "0.3", "--out", str(tmp_path / "other")])
+    assert other["recipe"]["overridden"] == {"sparsity": 0.3} and other["sparsity_target"] == 0.3
+    assert other["args"]["method"] == "moe-pruner"
+
+
+def test_layer_sparsity_list_and_owl(tmp_path, ckpt, text_file, capsys):
+    rep = run(ckpt, text_file, tmp_path / "list", "--method", "wanda", "--layer-sparsity", "0.3,0.7")
+    # floor(s * inputs) per row: w1/w3 have 64 inputs, w2 96
+    expect = [(2 * 96 * int(s * 64) + 64 * int(s * 96)) / (3 * 96 * 64) for s in (0.3, 0.7)]
+    assert [v["expert_sparsity"] for v in rep["layers"]] == pytest.approx(expect, abs=1e-12)
+    rep = run(ckpt, text_file, tmp_path / "owl", "--method", "wanda", "--layer-sparsity", "owl", "--owl-lambda", "0.1",
+              "--owl-m", "3")
+    s, d = rep["layer_sparsity"], rep["owl_outlier_ratios"]
+    assert sum(s) / len(s) == pytest.approx(0.5, abs=1e-12)
+    assert (s[0] < s[1]) == (d[0] > d[1])  # more outliers, less pruned
+    assert max(abs(v - 0.5) for v in s) == pytest.approx(0.1)
+    for bad, msg in ((["--layer-sparsity", "0.5"], "need 2 values"), (["--layer-sparsity", "x,y"], "comma list"),
+                     (["--layer-sparsity", "owl", "--owl-lambda", "0.6"], "--owl-lambda")):
+        assert msg in script_error(capsys, prune.main, ["--model", ckpt, "--calib-data", text_file, *CALIB, "--method",
+                                                        "wanda", *bad, "--out", str(tmp_path / "bad")])
+
+
+def test_owl_sparsities_arithmetic():
+    s = prune.owl_sparsities([0.01, 0.03, 0.02, 0.05], 0.6, 0.08)
+    assert sum(s) / 4 == pytest.approx(0.6, abs=1e-12)
+    assert sorted(range(4), key=lambda i: s[i]) == [3, 1, 2, 0]  # the outlier ratios' order, reversed
+    assert max(s) - min(s) == pytest.approx(0.16)
+    assert prune.owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+    assert prune.outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 10.0])], 2.0) == 0.25  # mean 3.25: only 10 > 6.5
+
+
+def test_bfloat16_compute_path_runs_and_agrees_with_float32_when_well_conditioned(tmp_path, ckpt, text_file):
+    """bf16 changes the activations' rounding, not the statistics' precision (float64) nor the
+    weights (float32): on a small model the masks agree with float32 almost everywhere."""
+    run(ckpt, text_file, tmp_path / "f32", "--method", "wanda")
+    rep = run(ckpt, text_file, tmp_path / "bf16", "--method", "wanda", "--dtype", "bfloat16")
+    assert rep["args"]["dtype"] == "bfloat16"
+    a, b = checkpoint.load_model(str(tmp_path / "f32")), checkpoint.load_model(str(tmp_path / "bf16"))
+    agree = [((p == 0) == (q == 0)).float().mean().item() for (n, p), q in zip(a.named_parameters(), b.parameters())
+             if ".experts." in n]
+    assert min(agree) > 0.97 and sum(agree) / len(agree) > 0.99
+    stats, _ = layer_stats(a.model.layers[0], torch.randn(1, 8, 64), prune.PruneArgs(method="wanda", dtype="bfloat16"))
+    assert all(s.value.dtype == torch.float64 for s in stats.values() if s.value is not None)
+    json.dumps(rep)  # the report is plain JSON
