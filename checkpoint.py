@@ -66,6 +66,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors' names
+SAFETENSORS_DTYPES = {**STORED_DTYPES, "I16": torch.int16}  # and the metadata of sparse24's compressed matrices
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -99,9 +100,15 @@ class CheckpointReader:
     be finite (a NaN or Inf weight is an error naming it) unless allow_nonfinite.
     """
 
-    def __init__(self, path: str, allow_nonfinite: bool = False):
+    def __init__(self, path: str, allow_nonfinite: bool = False, layout: Optional[dict] = None):
         self.path, self.allow_nonfinite = path, allow_nonfinite
         self.config = read_config(path)
+        if self.config.extra.get("sparse_format") and layout is None:
+            raise CheckpointError(f"{path} stores its 2:4 matrices compressed (config.json's sparse_format); load it "
+                                  f"with sparse24.load_compressed, or use the dense checkpoint it was made from")
+        # layout: {key: (shape, allowed safetensors dtypes)} for a variant of the official layout
+        # (sparse24.py's compressed 2:4 matrices); default: the official keys, shapes and float dtypes
+        self.layout = layout or {k: (s, STORED_DTYPES) for k, s in expected_shapes(self.config).items()}
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
@@ -137,7 +144,7 @@ class CheckpointReader:
             raise CheckpointError(f"{fn}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
 
     def _check_keys(self):
-        want = expected_shapes(self.config)
+        want = self.layout
         have = set(self.weight_map)
         if self.config.tie_word_embeddings:
             have.discard("lm_head.weight")  # some tied checkpoints still store it; it is the embedding
@@ -147,18 +154,18 @@ class CheckpointReader:
         if unexpected:
             raise CheckpointError(f"{self.path}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)")
         headers = {s: self._open(s) for s in set(self.weight_map.values())}  # headers only: no data is read
-        for k, shape in want.items():
+        for k, (shape, dtypes) in want.items():
             got = tuple(headers[self.weight_map[k]].get_slice(k).get_shape())
-            if got != shape:
+            if got != tuple(shape):
                 raise CheckpointError(f"{self.path}: {k} has shape {list(got)}, config implies {list(shape)}")
             code = headers[self.weight_map[k]].get_slice(k).get_dtype()
-            if code not in STORED_DTYPES:
-                raise CheckpointError(f"{self.path}: {k} is stored as {code}; only F32, F16 and BF16 weights "
-                                      f"are supported")
+            if code not in dtypes:
+                raise CheckpointError(f"{self.path}: {k} is stored as {code}; only {', '.join(dtypes)} is supported "
+                                      f"there")
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The dtype a tensor is stored in (read from the header, not the data)."""
-        return STORED_DTYPES[self._open(self.weight_map[name]).get_slice(name).get_dtype()]  # e.g. "BF16"
+        return SAFETENSORS_DTYPES[self._open(self.weight_map[name]).get_slice(name).get_dtype()]  # e.g. "BF16"
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the expert weights are stored in."""

@@ -44,7 +44,9 @@ import cli
 import data
 import mini_mixtral as mm
 import prune
-from checkpoint import CheckpointReader, DTYPES, check_output_file, load_model, read_config, write_output_file
+from checkpoint import (DTYPES, STORED_DTYPES, CheckpointReader, CheckpointWriter, check_output, check_output_file,
+                        expected_shapes, load_model, read_config, write_output_file)
+from mini_mixtral import MixtralConfig
 
 HALF = (torch.float16, torch.bfloat16)
 MIN_ROWS, MIN_COLS = 32, 64  # CUTLASS fp16/bf16 tile (cuSPARSELt's 16 x 16 divides it)
@@ -96,9 +98,10 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def storage_report(model_dir: str, dtype=None, include_attention=False, log=print):
+def storage_report(model_dir: str, dtype=None, include_attention=False, writer: CheckpointWriter = None):
     """Check, compress and round-trip every pruned matrix, one at a time from the checkpoint.
-    Returns {"matrices": {name: {...}}, "model": {...}}."""
+    With a writer, also write the compressed checkpoint: each converted matrix NAME as NAME.packed
+    and NAME.meta, every other tensor as stored. Returns {"matrices": {name: {...}}, "model": {...}}."""
     reader = CheckpointReader(model_dir)
     dtype = dtype or (reader.stored_dtype() if reader.stored_dtype() in HALF else torch.float16)
     matrices, total_dense, total_sparse = {}, 0, 0
@@ -106,21 +109,25 @@ def storage_report(model_dir: str, dtype=None, include_attention=False, log=prin
         w = reader.get(name, dtype)
         dense = nbytes(w)
         pruned_kind = ".experts." in name or (include_attention and ".self_attn." in name)
+        reason = convertible(w) if pruned_kind else "not a pruned matrix"
         if pruned_kind:
             check_24(name, w)
-            reason = convertible(w)
-            if reason is None:
-                values, meta = compress(w)
-                if not torch.equal(decompress(values, meta), w):
-                    raise SparsityError(f"{name}: compressed round trip is not exact")
-                sparse = nbytes(values) + nbytes(meta)
-                matrices[name] = {"dense_bytes": dense, "values_bytes": nbytes(values), "meta_bytes": nbytes(meta),
-                                  "ratio": sparse / dense}
-            else:
-                sparse = dense
-                matrices[name] = {"dense_bytes": dense, "kept_dense": reason, "ratio": 1.0}
+        if reason is None:
+            values, meta = compress(w)
+            if not torch.equal(decompress(values, meta), w):
+                raise SparsityError(f"{name}: compressed round trip is not exact")
+            sparse = nbytes(values) + nbytes(meta)
+            matrices[name] = {"dense_bytes": dense, "values_bytes": nbytes(values), "meta_bytes": nbytes(meta),
+                              "ratio": sparse / dense}
+            if writer is not None:
+                writer.add(name + PACKED, values)
+                writer.add(name + META, meta)
         else:
             sparse = dense
+            if pruned_kind:
+                matrices[name] = {"dense_bytes": dense, "kept_dense": reason, "ratio": 1.0}
+            if writer is not None:
+                writer.add(name, reader.get(name))  # bitwise as stored
         total_dense += dense
         total_sparse += sparse
     model = {"dtype": str(dtype).replace("torch.", ""), "dense_bytes": total_dense, "semi_structured_bytes": total_sparse,
@@ -128,6 +135,74 @@ def storage_report(model_dir: str, dtype=None, include_attention=False, log=prin
              "converted_matrices": sum("kept_dense" not in m for m in matrices.values()),
              "kept_dense": {k: m["kept_dense"] for k, m in matrices.items() if "kept_dense" in m}}
     return {"matrices": matrices, "model": model}
+
+
+# -----------------------------------------------------------------------------
+# The compressed checkpoint: 2:4 matrices stored as kept values + metadata
+
+
+PACKED, META = ".packed", ".meta"  # NAME.packed [rows, cols/2] kept values; NAME.meta [rows, cols/16] int16
+FORMAT = "2:4-cutlass"  # torch's CUTLASS semi-structured layout, as SparseSemiStructuredTensorCUTLASS holds it
+
+
+def save_compressed(model_dir: str, out: str, dtype=None, include_attention=False, overwrite=False) -> dict:
+    """Write model_dir with every convertible 2:4 matrix stored compressed (~56% of its dense
+    bytes), the other tensors unchanged; config.json's sparse_format names the layout and the
+    compressed matrices. Returns the storage report."""
+    reader = CheckpointReader(model_dir)
+    check_output(out, overwrite, [model_dir])
+    with CheckpointWriter(out, reader.config, overwrite=overwrite, src_dir=model_dir) as writer:
+        report = storage_report(model_dir, dtype, include_attention, writer)
+        compressed = sorted(k for k, m in report["matrices"].items() if "kept_dense" not in m)
+        writer.config = MixtralConfig.from_dict({**reader.config.to_dict(), "sparse_format": {
+            "format": FORMAT, "dtype": report["model"]["dtype"], "compressed": compressed}})
+        writer.extra_files["sparse24_report.json"] = report
+    return report
+
+
+def compressed_layout(config: MixtralConfig) -> dict:
+    """{key: (shape, safetensors dtypes)} of a compressed checkpoint, for CheckpointReader."""
+    fmt = config.extra["sparse_format"]
+    if fmt.get("format") != FORMAT:
+        raise SparsityError(f"sparse_format {fmt.get('format')!r} is not {FORMAT!r}")
+    layout = {k: (s, STORED_DTYPES) for k, s in expected_shapes(config).items()}
+    for name in fmt["compressed"]:
+        rows, cols = layout.pop(name)[0]
+        layout[name + PACKED] = ((rows, cols // 2), ("F16", "BF16"))
+        layout[name + META] = ((rows, cols // 16), ("I16",))
+    return layout
+
+
+def load_compressed(path: str, device="cpu") -> mm.Mixtral:
+    """A compressed checkpoint as a model. On CPU every compressed matrix is decompressed, bitwise
+    the dense 2:4 matrix it was made from; on CUDA it becomes a SparseSemiStructuredTensorCUTLASS
+    straight from the stored values and metadata, with no dense copy."""
+    config = read_config(path)
+    if not config.extra.get("sparse_format"):
+        raise SparsityError(f"{path} has no sparse_format in config.json: not a compressed checkpoint")
+    reader = CheckpointReader(path, layout=compressed_layout(config))
+    compressed = set(config.extra["sparse_format"]["compressed"])
+    with torch.device("meta"):
+        model = mm.Mixtral(config)
+    model = model.to_empty(device=device)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()):
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            if name not in compressed:
+                p.data = reader.get(name, device=device)
+                continue
+            packed, meta = reader.get(name + PACKED, device=device), reader.get(name + META, device=device)
+            if torch.device(device).type == "cuda":
+                w = SparseSemiStructuredTensorCUTLASS(p.shape, packed=packed, meta=meta, packed_t=None, meta_t=None,
+                                                      compressed_swizzled_bitmask=None)
+                modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(w, requires_grad=False)
+            else:
+                p.data = decompress(packed, meta)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -204,6 +279,9 @@ def main(argv=None):
                                                       "compare its logits with the dense masked model")
     p.add_argument("--backend", default="cutlass", choices=["cutlass", "cusparselt"],
                    help="torch's semi-structured backend for --run (explicit: torch's default changed across versions)")
+    p.add_argument("--save", help="also write the checkpoint with its 2:4 matrices stored compressed (kept values + "
+                                  "metadata, ~56%% of their dense bytes) to this folder; load it with "
+                                  "sparse24.load_compressed")
     p.add_argument("--json", help="write the storage report (and the --run comparison) to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --out and --json if they exist")
     args = p.parse_args(argv)
@@ -222,7 +300,11 @@ def main(argv=None):
         else:
             model_dir = args.model or data.default_model_dir()
         dtype = DTYPES[args.dtype] if args.dtype else None
-        report = storage_report(model_dir, dtype, args.include_attention)
+        if args.save:
+            report = save_compressed(model_dir, args.save, dtype, args.include_attention, args.overwrite)
+            print(f"wrote {args.save}: {report['model']['converted_matrices']} matrices stored compressed")
+        else:
+            report = storage_report(model_dir, dtype, args.include_attention)
         m = report["model"]
         print(f"{model_dir}: every pruned matrix is 2:4; {m['converted_matrices']} matrices compressed and "
               f"round-tripped bitwise in {m['dtype']}")

@@ -1,9 +1,13 @@
 """sparse24.py on CPU: 2:4 validity, the compressed layout's exact round trip, storage, errors."""
 
+import json
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import checkpoint
 import sparse24
 from conftest import script_error, write_checkpoint
 import prune
@@ -78,3 +82,25 @@ def test_cli_on_a_pruned_checkpoint(tmp_path, text_file, capsys):
                 "--nsamples", "2", "--seqlen", "16"])
     line = script_error(capsys, sparse24.main, ["--model", str(tmp_path / "u")])  # unstructured: refused, naming the matrix
     assert "model.layers.0.block_sparse_moe.experts.0.w1.weight: row 0" in line
+
+
+def test_compressed_checkpoint_is_smaller_and_loads_back_bitwise(tmp_path, text_file, capsys):
+    ck = write_checkpoint(tmp_path / "ck", intermediate_size=128, dtype=torch.float16)
+    pruned = str(tmp_path / "w24")
+    prune.main(["--model", ck, "--method", "wanda", "--nm", "2:4", "--out", pruned, "--calib-data", text_file,
+                "--nsamples", "2", "--seqlen", "16"])
+    packed = str(tmp_path / "packed")
+    rep = sparse24.main(["--model", pruned, "--save", packed])
+    assert rep["model"]["converted_matrices"] == 24
+    on_disk = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+    dense_expert_bytes = sum(v["dense_bytes"] for v in rep["matrices"].values())
+    saved = on_disk(pruned) - on_disk(packed)  # what compression saved on disk
+    assert saved >= 0.40 * dense_expert_bytes  # the expert matrices take <= 60% of their dense bytes
+    reader_cfg = json.load(open(os.path.join(packed, "config.json")))["sparse_format"]
+    assert reader_cfg["format"] == "2:4-cutlass" and len(reader_cfg["compressed"]) == 24
+    a, b = checkpoint.load_model(pruned), sparse24.load_compressed(packed)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(checkpoint.CheckpointError, match="stores its 2:4 matrices compressed"):
+        checkpoint.load_model(packed)
+    line = script_error(capsys, sparse24.main, ["--model", pruned, "--save", packed])  # never replaced silently
+    assert "exists" in line
