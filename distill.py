@@ -11,25 +11,30 @@ student expert's output on the student's hidden states of the same tokens, both 
 lambda is set to L_CE / L_expert on the first batch, as the paper says, and then kept
 (--rebalance-every N re-balances it every N optimizer steps).
 
-Full-parameter fine-tuning that keeps the mask: every weight that is zero in the pruned
-student (the pruned ones) gets its gradient zeroed before each step and is set to exactly zero
-again after it, so the zero pattern after training is bitwise the one before.
+Full-parameter fine-tuning that keeps the mask: every weight that is zero in a pruned matrix of
+the student (those prune_report.json lists, else the expert matrices) gets its gradient zeroed
+before each step and is set to exactly zero again after it, so the zero pattern after training
+is bitwise the one before. --loss ce (lambda = 0) and --loss mse (the expert term alone) are the
+ablations that show what each term of Eq. 10 is worth.
 
 Two modes:
-  - full (default): the whole student and teacher in memory, the loss above;
+  - full (default): the whole student and teacher, the loss above. Under torchrun both are
+    sharded with FSDP2 and each rank takes its share of every global batch (distributed.py);
   - per-expert (--mode per-expert): memory-light, for models far larger than memory. Layer by
     layer, as prune.py works, the teacher's activations are run forward and each student expert
     is trained to match its teacher expert's output on the cached inputs of the tokens the teacher
     routes to it (MSE alone; only one layer of each model is ever loaded). Attention, router and
-    norms are copied from the student unchanged.
+    norms are copied from the student unchanged. Under torchrun, expert parallel.
 
 Paper settings as defaults where they fit: 1000 samples, 3 epochs, AdamW at lr 2e-5 with a cosine
 schedule. Sequence length is not given by the paper; the default, 128 tokens, is sized so that the
 embedded model distils in a few minutes on 2 CPU cores.
 
     python distill.py --teacher models/tiny-mixtral --student out/moe-pruner-50 --out out/moe-pruner-50-kd
+    torchrun --nproc_per_node 8 distill.py --teacher DENSE --student PRUNED --out KD --device cuda
 """
 
+import contextlib
 import json
 import math
 import os
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 
 import cli
 import data
+import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, check_output, load_layer, load_model, read_config
 from layerwise import embed_windows, layers, run_layer
@@ -59,27 +65,29 @@ class DistillConfig:
     weight_decay: float = 0.0  # no decay: fine-tuning a pretrained model
     rebalance_every: int = 0  # 0: lambda fixed after the first batch (paper); N: re-balance every N steps
     seed: int = 0
+    loss: str = "eq10"  # eq10: L_CE + lambda L_expert (the paper); ce: L_CE alone; mse: L_expert alone (ablations)
 
 
 # -----------------------------------------------------------------------------
 # The loss (Eq. 10) and the mask
 
 
-def expert_mse(teacher_calls: dict, student_inputs: dict, student: mm.Mixtral) -> torch.Tensor:
-    """sum over layers and experts of MSE(teacher expert output, student expert output) on the
-    tokens the teacher routes to each expert (the expert term of Eq. 10).
+def expert_term(expert: mm.Expert, x_s: torch.Tensor, call: mm.ExpertCall, count) -> torch.Tensor:
+    """One (layer, expert) term of Eq. 10: the student expert on the student's hidden states x_s
+    [N, hidden] of the tokens the teacher routed to it, against the teacher expert's outputs:
+    sum of squared errors / (count x hidden), i.e. MSE(E_teacher, E_student) when count is the
+    number of those tokens (under torchrun, the number over all ranks)."""
+    y_s = expert(x_s[call.tokens])  # [n, hidden]
+    return (y_s.float() - call.y.float()).pow(2).sum() / (count * y_s.shape[-1])
 
+
+def expert_mse(teacher_calls: dict, student_inputs: dict, student: mm.Mixtral) -> torch.Tensor:
+    """The expert term of Eq. 10: sum over layers and experts of MSE(teacher expert output,
+    student expert output) on the tokens the teacher routes to each expert.
     teacher_calls: {layer: [ExpertCall]} from the teacher's forward; student_inputs: {layer:
-    [N, hidden] student MoE-block input}.
-    """
-    total = 0.0
-    for l, calls in teacher_calls.items():
-        x_s = student_inputs[l]  # [N, hidden] the student's post-attention-normed hidden states
-        experts = student.model.layers[l].block_sparse_moe.experts
-        for c in calls:
-            y_s = experts[c.expert](x_s[c.tokens])  # [n, hidden] the student expert on the same tokens
-            total = total + F.mse_loss(y_s.float(), c.y.float())
-    return total
+    [N, hidden] the student's MoE-block input}."""
+    return sum(expert_term(student.model.layers[l].block_sparse_moe.experts[c.expert], student_inputs[l], c,
+                           len(c.tokens)) for l, calls in teacher_calls.items() for c in calls)
 
 
 def kd_lambda(ce: torch.Tensor, l_expert: torch.Tensor) -> float:
@@ -104,19 +112,24 @@ def pruned_matrices(student_dir: str, model: torch.nn.Module) -> list:
 
 def zero_masks(model: torch.nn.Module, names=None) -> dict:
     """{parameter name: bool mask of its exact zeros} for the named matrices (default: every
-    matrix of the module) that have any: the pruned weights, which must stay zero."""
+    matrix of the module) that have any: the pruned weights, which must stay zero. Under FSDP2
+    each rank holds the mask of its shard."""
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.dim() == 2] if names is None else names
-    return {n: params[n] == 0 for n in names if bool((params[n] == 0).any())}
+    masks = {n: distributed.local(params[n]) == 0 for n in names}
+    zeros = distributed.all_sum(torch.tensor([float(m.sum()) for m in masks.values()], dtype=torch.float64))
+    return {n: m for (n, m), z in zip(masks.items(), zeros.tolist()) if z > 0}
 
 
 def apply_masks(model, masks, grads=False):
+    """Zero the pruned weights (or their gradients). Under FSDP2 each rank zeroes its shard with
+    its shard of the mask."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, m in masks.items():
             t = params[n].grad if grads else params[n]
             if t is not None:
-                t.masked_fill_(m, 0)
+                distributed.local(t).masked_fill_(m, 0)
 
 
 def cosine(step, total, warmup):
@@ -129,21 +142,40 @@ def cosine(step, total, warmup):
 # Full mode
 
 
-class Capture:
-    """Observers and pre-hooks that record a model's expert calls and MoE inputs per layer."""
+class TeacherCalls:
+    """Observers recording, per layer, the teacher's expert calls (routed tokens and outputs)."""
 
-    def __init__(self, model: mm.Mixtral, inputs=False):
-        self.calls, self.inputs, self.hooks = {}, {}, []
-        n = model.config.num_hidden_layers
-        self.observers = {l: (lambda c, l=l: self.calls.setdefault(l, []).append(c)) for l in range(n)}
-        if inputs:
-            for l, layer in enumerate(model.model.layers):
-                self.hooks.append(layer.block_sparse_moe.register_forward_pre_hook(
-                    # the block's input [B, T, hidden] kept as [N, hidden]
-                    lambda mod, args, l=l: self.inputs.__setitem__(l, args[0].reshape(-1, args[0].shape[-1]))))
+    def __init__(self, n_layers: int):
+        self.calls = {}
+        self.observers = {l: (lambda c, l=l: self.calls.setdefault(l, []).append(c)) for l in range(n_layers)}
 
-    def clear(self):
-        self.calls, self.inputs = {}, {}
+    def counts(self, n_layers: int, n_experts: int, device) -> torch.Tensor:
+        """[layers, experts] routed tokens of this batch, summed over ranks: the MSE's denominators."""
+        n = torch.zeros(n_layers, n_experts, dtype=torch.float32, device=device)  # exact counts below 2^24
+        for l, calls in self.calls.items():
+            for c in calls:
+                n[l, c.expert] += len(c.tokens)
+        return distributed.all_sum(n)
+
+
+class ExpertLoss:
+    """The expert term of Eq. 10, computed inside the student's forward: a pre-hook on every MoE
+    block applies the student's experts to its own hidden states of the tokens the teacher routed
+    to them, while the layer's weights are at hand (FSDP2 gathers them for its forward only).
+    Each (layer, expert) adds sum of squared errors / (routed tokens over all ranks x hidden), so
+    the sum over ranks is the mean over the global batch, exactly as in one process."""
+
+    def __init__(self, student: mm.Mixtral, teacher: TeacherCalls):
+        self.teacher, self.terms, self.counts = teacher, [], None
+        self.hooks = [layer.block_sparse_moe.register_forward_pre_hook(self.hook(l))
+                      for l, layer in enumerate(student.model.layers)]
+
+    def hook(self, l):
+        def add(block, inputs):
+            x_s = inputs[0].reshape(-1, inputs[0].shape[-1])  # [N, hidden] the student's MoE input
+            for c in self.teacher.calls.get(l, []):
+                self.terms.append(expert_term(block.experts[c.expert], x_s, c, self.counts[l, c.expert]))
+        return add
 
     def remove(self):
         for h in self.hooks:
@@ -151,12 +183,19 @@ class Capture:
 
 
 def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, device, log):
+    """Eq. 10 on the whole model, the mask kept. Under torchrun the models are FSDP2-sharded and
+    each rank takes its share of every batch: the logged losses, lambda and the update are those
+    of the global batch (the gradients are averaged over ranks, so the expert term, a sum over
+    ranks, is scaled by the world size)."""
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
     total = steps_per_epoch * cfg.epochs
-    t_cap, s_cap = Capture(teacher), Capture(student, inputs=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    L, E = student.config.num_hidden_layers, student.config.num_local_experts
+    t_calls = TeacherCalls(L)
+    s_loss = ExpertLoss(student, t_calls)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not distributed.active() \
+        else torch.autocast("cpu", enabled=False)  # under torchrun on CUDA, FSDP2's policy computes in bf16
+    W = distributed.world()
     g = torch.Generator().manual_seed(cfg.seed)
     lam, history, step, t0 = None, [], 0, time.time()
     student.train()
@@ -164,25 +203,27 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
         order = torch.randperm(len(windows), generator=g)
         sums = {"ce": 0.0, "expert": 0.0, "n": 0}
         for i in range(0, len(windows), cfg.batch_size):
-            x = windows[order[i:i + cfg.batch_size]].to(device)  # [b, T]
+            x = distributed.share(windows[order[i:i + cfg.batch_size]]).to(device)  # [b, T] this rank's windows
             with torch.no_grad(), autocast:
-                t_cap.clear()
-                teacher(x, observers=t_cap.observers)
+                t_calls.calls = {}
+                teacher(x, observers=t_calls.observers)
+            s_loss.terms, s_loss.counts = [], t_calls.counts(L, E, device)
             with autocast:
-                s_cap.clear()
                 logits = student(x)
                 ce = mm.next_token_nll(logits, x)
-                l_exp = expert_mse(t_cap.calls, s_cap.inputs, student)
+                l_exp = torch.stack(s_loss.terms).sum() if s_loss.terms else torch.zeros((), device=device)
+            ce_all = distributed.all_sum(ce.detach().clone()) / W  # equal windows per rank: the global mean
+            exp_all = distributed.all_sum(l_exp.detach().clone())
             starts_step = sums["n"] % cfg.grad_accum == 0
             if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):
-                lam = kd_lambda(ce, l_exp)  # on the first batch (and every rebalance_every steps)
-            loss = (ce + lam * l_exp) / cfg.grad_accum
+                lam = kd_lambda(ce_all, exp_all) if cfg.loss == "eq10" else 0.0  # on the first batch
+            loss = {"eq10": ce + lam * W * l_exp, "ce": ce, "mse": W * l_exp}[cfg.loss] / cfg.grad_accum
             if not torch.isfinite(loss):
-                raise data.DataError(f"non-finite loss at step {step} (CE {ce.item():.4g}, expert MSE "
-                                     f"{l_exp.item():.4g}, lambda {lam:.4g}); nothing was written")
+                raise data.DataError(f"non-finite loss at step {step} (CE {ce_all.item():.4g}, expert MSE "
+                                     f"{exp_all.item():.4g}, lambda {lam:.4g}); nothing was written")
             loss.backward()
-            sums["ce"] += ce.item()
-            sums["expert"] += l_exp.item()
+            sums["ce"] += ce_all.item()
+            sums["expert"] += exp_all.item()
             sums["n"] += 1
             if sums["n"] % cfg.grad_accum == 0 or i + cfg.batch_size >= len(windows):
                 for grp in opt.param_groups:
@@ -192,14 +233,18 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
                 opt.zero_grad(set_to_none=True)
                 apply_masks(student, masks)  # ... and are exactly zero after it
                 step += 1
+                history.append({"step": step, "ce": ce_all.item(), "expert_mse": exp_all.item()})
                 if step % 10 == 0 or step == total:
-                    log(f"epoch {epoch + 1} step {step}/{total}: CE {ce.item():.4f}, expert MSE {l_exp.item():.5f}, "
-                        f"lambda {lam:.3g}, {time.time() - t0:.0f}s")
-        history.append({"epoch": epoch + 1, "ce": sums["ce"] / sums["n"], "expert_mse": sums["expert"] / sums["n"]})
-        log(f"epoch {epoch + 1}: mean CE {history[-1]['ce']:.4f}, mean expert MSE {history[-1]['expert_mse']:.5f}")
-    t_cap.remove()
-    s_cap.remove()
-    return student.eval(), {"lambda": lam, "epochs": history, "optimizer_steps": step}
+                    log(f"epoch {epoch + 1} step {step}/{total}: CE {ce_all.item():.4f}, expert MSE "
+                        f"{exp_all.item():.5f}, lambda {lam:.3g}, {time.time() - t0:.0f}s")
+        log(f"epoch {epoch + 1}: mean CE {sums['ce'] / sums['n']:.4f}, mean expert MSE "
+            f"{sums['expert'] / sums['n']:.5f}")
+    s_loss.remove()
+    epochs = [{"epoch": e + 1, "ce": sum(h["ce"] for h in history[e * steps_per_epoch:(e + 1) * steps_per_epoch])
+               / steps_per_epoch, "expert_mse": sum(h["expert_mse"] for h in history[e * steps_per_epoch:
+                                                                                     (e + 1) * steps_per_epoch])
+               / steps_per_epoch} for e in range(cfg.epochs)]
+    return student.eval(), {"lambda": lam, "epochs": epochs, "steps": history, "optimizer_steps": step}
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +254,8 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
 def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, writer, device, log):
     """Layer by layer: teacher activations forward, each student expert regressed on its teacher
     expert's outputs for the tokens the teacher routes to it; the layer is then written. Holds one
-    decoder layer of each model (the teacher's only while it runs) and the cached expert data."""
+    decoder layer of each model (the teacher's only while it runs) and the cached expert data.
+    Under torchrun every rank runs the teacher on all windows and distils every W-th expert."""
     t_reader, s_reader = CheckpointReader(teacher_dir), CheckpointReader(student_dir)
     config = t_reader.config
     x, pos = embed_windows(t_reader, windows, device)  # x: [n, T, hidden] teacher activations
@@ -227,11 +273,13 @@ def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, wr
         del t_layer
         layer_hist = []
         for e, expert in enumerate(s_layer.block_sparse_moe.experts):
-            if not inputs[e]:
+            if not inputs[e] or e % distributed.world() != distributed.rank():  # expert parallel: every W-th
                 continue
             xe, ye = torch.cat(inputs[e]), torch.cat(targets[e])  # [n_e, hidden] cached routed inputs and outputs
             before, after = train_expert(expert, xe, ye, cfg)
             layer_hist.append({"expert": e, "tokens": len(xe), "mse_before": before, "mse_after": after})
+        gather_experts(s_layer)
+        layer_hist = sorted(distributed.gather_lists(layer_hist), key=lambda h: h["expert"])
         history.append({"layer": l, "experts": layer_hist})
         log(f"layer {l}: expert MSE {sum(h['mse_before'] for h in layer_hist):.5f} -> "
             f"{sum(h['mse_after'] for h in layer_hist):.5f}")
@@ -279,10 +327,34 @@ def check_pair(teacher_dir, student_dir):
     return s
 
 
+def load_sharded(path: str, device, cuda: bool) -> mm.Mixtral:
+    """Under torchrun: the model built on the meta device, sharded with FSDP2, and each rank's
+    shards filled from the checkpoint one tensor at a time (no rank holds the whole model)."""
+    reader = CheckpointReader(path)
+    if reader.config.tie_word_embeddings:
+        raise data.DataError(f"{path}: tied embeddings are not supported under torchrun")
+    with torch.device("meta"):
+        model = mm.Mixtral(reader.config)
+    distributed.shard_model(model, cuda)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            distributed.local(p).copy_(distributed.shard_like(reader.get(name, torch.float32, device), p))
+    return model
+
+
+def gather_experts(layer: mm.DecoderLayer):
+    """Expert parallel: each expert's weights from the rank that distilled it (expert e: rank e % W)."""
+    for e, expert in enumerate(layer.block_sparse_moe.experts):
+        for p in expert.parameters():
+            distributed.broadcast(p.data, e % distributed.world())
+
+
 def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: DistillConfig, mode: str = "full",
                        text: str = "stdlib", device: str = "cpu", overwrite: bool = False, log=log,
                        recipe: dict = None) -> dict:
-    """Distil the pruned student_dir from the dense teacher_dir on text (Eq. 10), write out; returns the report."""
+    """Distil the pruned student_dir from the dense teacher_dir on text (Eq. 10), write out;
+    returns the report. Under torchrun rank 0 writes; every rank checks the input alike first."""
     config = check_pair(teacher_dir, student_dir)
     CheckpointReader(teacher_dir), CheckpointReader(student_dir)  # every key, shape and shard, before any work
     check_output(out, overwrite, [student_dir, teacher_dir])
@@ -291,15 +363,22 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
                              f"{config.max_position_embeddings}]")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
+    if cfg.loss not in ("eq10", "ce", "mse"):
+        raise data.DataError(f"--loss {cfg.loss!r}: eq10, ce or mse")
+    if mode == "full" and cfg.batch_size % distributed.world():
+        raise data.DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {distributed.world()} processes")
     ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(text, "train"))
     windows = data.calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
     device = torch.device(device)
-    with CheckpointWriter(out, config, overwrite=overwrite, src_dir=student_dir, inputs=[teacher_dir]) as writer:
+    writer = CheckpointWriter(out, config, overwrite=overwrite, src_dir=student_dir, inputs=[teacher_dir]) \
+        if distributed.is_main() else contextlib.nullcontext()
+    with writer:
         torch.manual_seed(cfg.seed)
         t0 = time.time()
         if mode == "full":
-            teacher = load_model(teacher_dir, torch.float32, device).requires_grad_(False)
-            student = load_model(student_dir, torch.float32, device)
+            load = (lambda p: load_sharded(p, device, device.type == "cuda")) if distributed.active() else \
+                (lambda p: load_model(p, torch.float32, device))
+            teacher, student = load(teacher_dir).requires_grad_(False), load(student_dir)
             masks = zero_masks(student, pruned_matrices(student_dir, student))
             if not masks:
                 raise data.DataError(f"{student_dir}: no pruned weights (no exact zeros in its pruned matrices); "
@@ -308,27 +387,32 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
             after = zero_masks(student, list(masks))
             assert masks.keys() == after.keys() and all(torch.equal(masks[k], after[k]) for k in masks)
             s_reader = CheckpointReader(student_dir)
-            for name, p_ in student.state_dict().items():
-                if not (name == "lm_head.weight" and config.tie_word_embeddings):
-                    writer.add(name, p_.to(s_reader.dtype_of(name)))
+            for name, p_ in student.named_parameters():  # one tensor gathered at a time
+                full = distributed.gathered(p_.detach())
+                if writer is not None and distributed.is_main():
+                    writer.add(name, full.to(s_reader.dtype_of(name)))
         else:
-            report = distill_per_expert(teacher_dir, student_dir, windows, cfg, writer, device, log)
+            report = distill_per_expert(teacher_dir, student_dir, windows, cfg, writer if distributed.is_main()
+                                        else None, device, log)
         report.update({"mode": mode, "teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
                        "data": text, "settings": asdict(cfg), "tokens": windows.numel(),
-                       "seconds": time.time() - t0,
+                       "seconds": time.time() - t0, "world_size": distributed.world(),
                        "args": {"teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
                                 "mode": mode, "data": text, "device": str(device), **asdict(cfg)}})
         if recipe:
             report["recipe"] = recipe
-        writer.extra_files["distill_report.json"] = report
-    log(f"wrote {out} ({report['seconds']:.0f}s)")
+        if distributed.is_main():
+            writer.extra_files["distill_report.json"] = report
+    if distributed.is_main():
+        log(f"wrote {out} ({report['seconds']:.0f}s)")
     return report
 
 
 # DistillConfig field -> the argparse type that refuses bad values before any work
 FIELD_TYPES = {"samples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
                "warmup_steps": cli.nonnegative_int, "batch_size": cli.positive_int, "grad_accum": cli.positive_int,
-               "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": int}
+               "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": int,
+               "loss": str}
 
 
 def main(argv=None):
@@ -344,6 +428,7 @@ def main(argv=None):
                         "train split, default)")
     for f, default in asdict(DistillConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=FIELD_TYPES[f], default=default,
+                       choices=("eq10", "ce", "mse") if f == "loss" else None,
                        help=f"DistillConfig.{f} (default {default}; see the module docstring)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
     p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "
@@ -354,8 +439,12 @@ def main(argv=None):
         if args.student is None:
             p.error("--student is required (or --recipe)")
         cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
-        return distill_checkpoint(args.teacher or data.default_model_dir(), args.student, args.out, cfg, args.mode,
-                                  args.data, args.device, args.overwrite, recipe=recipe)
+        device = distributed.init(args.device)  # under torchrun: join the process group
+        try:
+            return distill_checkpoint(args.teacher or data.default_model_dir(), args.student, args.out, cfg,
+                                      args.mode, args.data, device, args.overwrite, recipe=recipe)
+        finally:
+            distributed.finish()
 
 
 if __name__ == "__main__":

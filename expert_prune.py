@@ -285,7 +285,7 @@ def routed_gate_means(weights: torch.Tensor, experts: torch.Tensor, n_experts: i
     flat = experts.reshape(-1)
     sums = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, flat, weights.reshape(-1).double())
     counts = torch.bincount(flat, minlength=n_experts).double()
-    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    return sums / counts.clamp(min=1)  # an expert no token reached: 0 / 1
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ import torch
 
 import cli
 import data
+import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, check_output, expected_shapes
 from layerwise import Positions, embed_windows, layers, run_layer
@@ -83,8 +84,8 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 class InputStats:
     """Accumulates what a method needs of one matrix input's calibration tokens."""
 
-    def __init__(self, method: str):
-        self.method, self.tokens, self.value = method, 0, None
+    def __init__(self, method: str, n_in: int = None):
+        self.method, self.n_in, self.tokens, self.value = method, n_in, 0, None
 
     def add(self, x: torch.Tensor, gate=None):
         if self.method == "magnitude":
@@ -96,6 +97,18 @@ class InputStats:
         if v is not None:
             self.value = v if self.value is None else self.value + v
         self.tokens += x.shape[0]
+
+    def reduce(self, device):
+        """Under torchrun: the sums over every rank's windows, identical on every rank."""
+        if not distributed.active():
+            return
+        if self.method != "magnitude":
+            if self.value is None:  # no token of this rank's windows reached the matrix
+                shape = (self.n_in, self.n_in) if self.method == "sparsegpt" else (self.n_in,)
+                self.value = torch.zeros(shape, dtype=torch.float32 if self.method == "sparsegpt" else torch.float64,
+                                         device=device)
+            distributed.all_sum(self.value)
+        self.tokens = int(distributed.all_sum(torch.tensor([self.tokens], dtype=torch.float64)).item())
 
 
 # -----------------------------------------------------------------------------
@@ -294,9 +307,7 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
     """One dense calibration pass through the layer: every matrix's input statistics, the tokens
     routed to each expert, and the dense outputs."""
     n_experts = len(layer.block_sparse_moe.experts)
-    stats = {f"expert.{e}.{k}": InputStats(args.method) for e in range(n_experts) for k in "xh"}
-    stats.update({"attn.qkv": InputStats(args.method), "attn.o": InputStats(args.method),
-                  "router": InputStats(args.method)})
+    stats = {key: InputStats(args.method, module.in_features) for _, module, key in matrices(layer, args)}
     routed = [0] * n_experts
 
     def observer(call: mm.ExpertCall):
@@ -313,6 +324,9 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
     finally:
         for h in hooks:
             h.remove()
+    for s in stats.values():  # under torchrun: every rank's windows
+        s.reduce(x.device)
+    routed = [int(v) for v in distributed.all_sum(torch.tensor(routed, dtype=torch.float64)).tolist()]
     return stats, routed, dense_out
 
 
@@ -388,9 +402,11 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
             pruned_out = run_layer(layer, x, pos, args.batch_size, dtype=DTYPES[args.dtype])
         x = dense_out if args.dense_forward else pruned_out  # the inputs of layer l+1
         laps.lap("next_forward_s")
-        pruned.update(routed=routed, matrix_error={k: rel(*v) for k, v in sums.items()},
-                      layer_error=rel((pruned_out.double() - dense_out.double()).pow(2).sum().item(),
-                                      dense_out.double().pow(2).sum().item()))
+        totals = distributed.all_sum(torch.tensor([v for pair in sums.values() for v in pair] + [
+            (pruned_out.double() - dense_out.double()).pow(2).sum().item(), dense_out.double().pow(2).sum().item()],
+            dtype=torch.float64)).tolist()  # under torchrun: over every rank's windows
+        pruned.update(routed=routed, layer_error=rel(*totals[-2:]),
+                      matrix_error={k: rel(totals[2 * i], totals[2 * i + 1]) for i, k in enumerate(sums)})
         del stats, dense_out, pruned_out  # nothing of layer l stays in memory while layer l+1 is read
         yield l, pruned
 
@@ -524,11 +540,15 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
                                      args.calib_tokens, args.nsamples, args.seqlen, args.seed)
     sparsity = (nm[1] - nm[0]) / nm[1] if nm is not None else args.sparsity  # N:M fixes it at (M - N) / M
     dev = torch.device(args.device)
-    with CheckpointWriter(out, config, overwrite=overwrite, src_dir=model_dir) as writer:
+    main = distributed.is_main()  # under torchrun rank 0 writes; every rank runs its share of the windows
+    log = log if main else (lambda m: None)
+    writer = CheckpointWriter(out, config, overwrite=overwrite, src_dir=model_dir) if main else None
+    with writer or contextlib.nullcontext():
         t_start = time.time()
         log(f"{model_dir} -> {out}: {args.method}, sparsity {sparsity:.3f}"
-            f"{f' ({nm[0]}:{nm[1]})' if nm else ''}, {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
-        x, pos = embed_windows(reader, tokens, dev, DTYPES[args.act_dtype])  # x: [n, T, hidden]
+            f"{f' ({nm[0]}:{nm[1]})' if nm else ''}, {tokens.shape[0]} x {tokens.shape[1]} calibration tokens"
+            + (f", {distributed.world()} processes" if distributed.active() else ""))
+        x, pos = embed_windows(reader, distributed.share(tokens), dev, DTYPES[args.act_dtype])  # x: [n, T, hidden]
         ratios = owl_outlier_ratios(reader, x, pos, args, dev) if args.layer_sparsity == "owl" else None
         sparsities = layer_sparsities(args, sparsity, config.num_hidden_layers, ratios)
         if args.layer_sparsity:
@@ -555,7 +575,7 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
                   "layer_sparsity": sparsities, "owl_outlier_ratios": ratios,
                   "calibration": {"nsamples": tokens.shape[0], "seqlen": tokens.shape[1], "tokens": tokens.numel()},
                   "routed_tokens_per_expert": routed, "magnitude_fallback": fallbacks,
-                  "layers": per_layer, "seconds": time.time() - t_start}
+                  "layers": per_layer, "seconds": time.time() - t_start, "world_size": distributed.world()}
         report.update(sparsity_summary(config, per_matrix))
         report["mean_matrix_error"] = sum(errors.values()) / max(1, len(errors))
         report["per_matrix_sparsity"] = per_matrix
@@ -564,8 +584,9 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
             report["per_matrix_solver_error"] = solver  # SparseGPT's, on its Hessian (the dense-pass inputs)
         if recipe:
             report["recipe"] = recipe
-        writer.extra_files["prune_report.json"] = report
-        writer.extra_files[CALIBRATION_FILE] = npy_bytes(tokens)  # what --recipe repeats the run with
+        if main:
+            writer.extra_files["prune_report.json"] = report
+            writer.extra_files[CALIBRATION_FILE] = npy_bytes(tokens)  # what --recipe repeats the run with
     log(f"expert sparsity {report['expert_sparsity']:.4f}, all decoder linear layers "
         f"{report['decoder_linear_sparsity']:.4f}, whole model {report['overall_sparsity']:.4f}, mean matrix "
         f"error {report['mean_matrix_error']:.4f} ({report['seconds']:.1f}s)")
@@ -641,8 +662,12 @@ def main(argv=None):
             p.error("give --calib-data or --calib-tokens, not both")
         if a.method is None:
             p.error("--method is required (or --recipe)")
+        a.device = distributed.init(a.device)  # under torchrun: join the process group
         args = PruneArgs(**{k: v for k, v in vars(a).items() if k not in ("model", "out", "overwrite", "recipe")})
-        return prune_checkpoint(a.model or data.default_model_dir(), a.out, args, a.overwrite, recipe=recipe)
+        try:
+            return prune_checkpoint(a.model or data.default_model_dir(), a.out, args, a.overwrite, recipe=recipe)
+        finally:
+            distributed.finish()
 
 
 if __name__ == "__main__":

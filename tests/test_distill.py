@@ -49,32 +49,39 @@ def test_lambda_is_ce_over_expert_loss_on_the_first_batch(tmp_path, pair, text_f
     windows = data.calibration_windows(ids, 16, 32, 0)
     first = windows[torch.randperm(16, generator=torch.Generator().manual_seed(0))[:4]]
     teacher, student = checkpoint.load_model(teacher_dir), checkpoint.load_model(student_dir)
-    t_cap, s_cap = distill.Capture(teacher), distill.Capture(student, inputs=True)
+    calls, inputs = {}, {}
+    observers = {l: (lambda c, l=l: calls.setdefault(l, []).append(c)) for l in range(2)}
+    for l, layer in enumerate(student.model.layers):
+        layer.block_sparse_moe.register_forward_pre_hook(
+            lambda mod, a, l=l: inputs.__setitem__(l, a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
-        teacher(first, observers=t_cap.observers)
+        teacher(first, observers=observers)
         logits = student(first)
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, 300), first[:, 1:].reshape(-1))
-        l_exp = distill.expert_mse(t_cap.calls, s_cap.inputs, student)
+        l_exp = distill.expert_mse(calls, inputs, student)
     assert rep["lambda"] == pytest.approx((ce / l_exp).item(), rel=1e-5)
 
 
 def test_expert_loss_is_zero_for_an_identical_student_and_counts_teacher_routed_tokens():
     teacher, student = random_model(), random_model()
     x = torch.randint(0, 300, (2, 16))
-    t_cap, s_cap = distill.Capture(teacher), distill.Capture(student, inputs=True)
+    t_calls = distill.TeacherCalls(2)
+    inputs = {}
+    for l, layer in enumerate(student.model.layers):
+        layer.block_sparse_moe.register_forward_pre_hook(
+            lambda mod, a, l=l: inputs.__setitem__(l, a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
-        teacher(x, observers=t_cap.observers)
+        teacher(x, observers=t_calls.observers)
         student(x)
-    assert distill.expert_mse(t_cap.calls, s_cap.inputs, student).item() == pytest.approx(0, abs=1e-12)
-    assert sum(len(c.tokens) for c in t_cap.calls[0]) == 2 * 16 * 2  # top-2: each token in two experts' MSE
+    assert distill.expert_mse(t_calls.calls, inputs, student).item() == pytest.approx(0, abs=1e-12)
+    assert sum(len(c.tokens) for c in t_calls.calls[0]) == 2 * 16 * 2  # top-2: each token in two experts' MSE
+    assert t_calls.counts(2, 4, "cpu").sum() == 2 * 2 * 16 * 2
     with torch.no_grad():
         student.model.layers[1].block_sparse_moe.experts[2].w2.weight.mul_(2)  # change one expert
-    s_cap.clear()
-    with torch.no_grad():
         student(x)
-    calls = [c for c in t_cap.calls[1] if c.expert == 2]
+    calls = [c for c in t_calls.calls[1] if c.expert == 2]
     want = F.mse_loss(2 * calls[0].y, calls[0].y).item() if calls else 0.0
-    assert distill.expert_mse({1: t_cap.calls[1]}, s_cap.inputs, student).item() == pytest.approx(want, rel=1e-5)
+    assert distill.expert_mse({1: t_calls.calls[1]}, inputs, student).item() == pytest.approx(want, rel=1e-5)
 
 
 def test_per_expert_mode(tmp_path, pair, text_file):

@@ -168,6 +168,11 @@ def slow_nm(score, n, m):
     return out
 
 
+def test_nm_ties_keep_the_lower_index():
+    score = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 2.0]], dtype=torch.float64)
+    assert prune.nm_mask(score, 2, 4).tolist() == [[False, False, True, True, False, True, True, False]]
+
+
 def test_nm_keeps_the_n_highest_of_every_group():
     score = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.1, 0.4, 0.3, 0.2]], dtype=torch.float64)
     assert prune.nm_mask(score, 2, 4).tolist() == [[False, True, False, True, True, False, False, True]]
@@ -232,8 +237,10 @@ def test_sparsegpt_dampening_is_a_fraction_of_the_mean_diagonal():
 def test_relative_error_from_the_gram_matrix():
     g = torch.Generator().manual_seed(8)
     w, dw, x = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(9, 5, generator=g)
-    direct = (x @ dw.T).norm() / (x @ w.T).norm()
-    assert prune.relative_error(dw, w, x.T @ x) == pytest.approx(direct.item(), rel=1e-5)
+    for scale_w, scale_dw in ((1.0, 1.0), (1e-3, 1e-4), (1.0, 1e-3)):  # small norms too: no floor of 1 anywhere
+        a, b = w * scale_w, dw * scale_dw
+        direct = (x @ b.T).norm() / (x @ a.T).norm()
+        assert prune.relative_error(b, a, x.T @ x) == pytest.approx(direct.item(), rel=1e-5)
 
 
 # --- Eq. 10 ---------------------------------------------------------------------------------
@@ -284,9 +291,10 @@ def test_load_balancing_loss_against_a_loop():
 
 
 def test_skip_rule_by_hand():
-    w = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.5, 0.5], [0.75, 0.25]])
-    # beta 0.5: skip when g1 < 0.5 g0: 0.4 < 0.3 no, 0.1 < 0.45 yes, 0.5 < 0.25 no, 0.25 < 0.375 yes
-    assert ep.skip_second(w, 0.5).tolist() == [False, True, False, True]
+    w = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.5, 0.5], [0.75, 0.25], [0.5, 0.25]])
+    # beta 0.5: skip when g1 < 0.5 g0: 0.4 < 0.3 no, 0.1 < 0.45 yes, 0.5 < 0.25 no, 0.25 < 0.375 yes,
+    # 0.25 < 0.25 no (strictly less: a tie keeps the second expert, as NAEE's reference does)
+    assert ep.skip_second(w, 0.5).tolist() == [False, True, False, True, False]
 
 
 def test_subset_error_is_a_sum_of_unsquared_norms_over_windows():
@@ -325,6 +333,12 @@ def test_js_divergence_by_hand():
         kl = lambda s, t: sum(si * math.log(si / ti) for si, ti in zip(s, t))
         total += 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
     assert ep.js_divergence(a, b) == pytest.approx(total / 2, rel=1e-9)
+
+
+def test_cd_moe_weight_counts_a_single_token_and_an_unrouted_last_expert():
+    w = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    e = torch.tensor([[0, 1], [0, 2]])  # expert 1 and expert 2 routed once each, expert 3 (the last) never
+    assert ep.routed_gate_means(w, e, 4).tolist() == pytest.approx([0.65, 0.3, 0.4, 0.0])
 
 
 def test_cd_moe_weight_by_hand_not_over_all_tokens():

@@ -1,0 +1,239 @@
+"""
+Mixtral-8x7B at its real width on one CPU machine: what pruning costs, measured, not projected.
+
+One run, side by side:
+  1. GEMM peaks in float32 and bfloat16 at an expert's shape ([tokens, 4096] x [4096, 14336], the
+     w1/w3 product of the routed tokens of one expert), measured on this machine;
+  2. the expert forward (w1, w3, SwiGLU, w2 of one expert on its routed tokens) in both dtypes,
+     as achieved GFLOP/s and as a fraction of that dtype's GEMM peak;
+  3. a random checkpoint with Mixtral-8x7B-v0.1's exact config.json (hidden 4096, intermediate
+     14336, 8 experts top-2, 32 heads / 8 kv heads, vocab 32000) but --layers decoder layers,
+     written sharded in the official layout in bfloat16 (about 3.1 GB a layer);
+  4. prune.py on it, in a fresh process per run (moe-pruner and sparsegpt, each compute dtype):
+     peak RSS (the process's high-water mark, and its resident set sampled every 0.2 s) and the
+     time of every phase of every layer from prune_report.json;
+  5. the projection to the whole model (32 layers) at the paper's 128 x 2048 calibration tokens,
+     with its arithmetic printed: per-layer forward time scales with the calibration tokens,
+     scoring does not; memory is one layer plus the activations.
+
+The checkpoint is deleted at the end (--keep keeps it). Needs ~3.3 GB of disk a layer and says
+so in one line when the disk lacks it. Never run in CI: it takes tens of minutes and up to
+~20 GB of memory at the default calibration size.
+
+    python bench_scale.py                                   # 2 layers, 16 x 2048 tokens
+    python bench_scale.py --layers 1 --nsamples 4 --methods moe-pruner --dtypes float32
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cli
+from checkpoint import CheckpointWriter, expected_shapes
+from mini_mixtral import MixtralConfig
+
+GiB = 1024**3
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def full_width_config(layers: int) -> MixtralConfig:
+    """mistralai/Mixtral-8x7B-v0.1's config.json (MixtralConfig's defaults are it) with fewer layers."""
+    return MixtralConfig(num_hidden_layers=layers, max_position_embeddings=32768, torch_dtype="bfloat16",
+                         extra={"architectures": ["MixtralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2})
+
+
+def checkpoint_bytes(config: MixtralConfig) -> int:
+    return sum(torch.Size(s).numel() for s in expected_shapes(config).values()) * 2  # bfloat16
+
+
+def write_checkpoint(path: str, config: MixtralConfig, max_shard_bytes: int = 5 * 1024**3):
+    """Random weights tensor by tensor (never the whole model in memory), official layout, bfloat16:
+    matrices N(0, 0.02^2) as transformers initialises them, norms 1."""
+    g = torch.Generator().manual_seed(0)
+    with CheckpointWriter(path, config, max_shard_bytes=max_shard_bytes) as w:
+        for name, shape in expected_shapes(config).items():
+            t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
+            w.add(name, t.to(torch.bfloat16))
+            if name.endswith("experts.7.w2.weight"):
+                w.flush()  # one shard per layer, as prune.py writes
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over repeats runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_and_expert_rates(tokens: int, hidden: int, inter: int, dtype, repeats: int) -> dict:
+    """GFLOP/s of one [tokens, hidden] x [hidden, inter] GEMM and of one SwiGLU expert's forward."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    w1, w3 = (torch.randn(inter, hidden, generator=g).to(dtype) * 0.02 for _ in range(2))
+    w2 = torch.randn(hidden, inter, generator=g).to(dtype) * 0.02
+    gemm = timed(lambda: x @ w1.T, repeats)
+    expert = timed(lambda: F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2), repeats)
+    flops_gemm, flops_expert = 2 * tokens * hidden * inter, 3 * 2 * tokens * hidden * inter
+    return {"tokens": tokens, "gemm_gflops": flops_gemm / gemm / 1e9, "expert_gflops": flops_expert / expert / 1e9,
+            "expert_s": expert}
+
+
+def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_size: int) -> dict:
+    """prune.py in a fresh process: its report, peak RSS (VmHWM) and the sampled maximum RSS."""
+    code = ("import re, sys, prune; prune.main(sys.argv[1:]); "
+            "print('PEAK', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
+    argv = ["--model", model, "--out", out, "--method", method, "--calib-tokens", calib, "--dtype", dtype,
+            "--batch-size", str(batch_size), "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    sampled = [0]
+
+    def sample():
+        while proc.poll() is None:
+            try:
+                rss = re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{proc.pid}/status").read())
+                sampled[0] = max(sampled[0], int(rss.group(1)) * 1024) if rss else sampled[0]
+            except OSError:
+                pass
+            time.sleep(0.2)
+    t = threading.Thread(target=sample)
+    t.start()
+    stdout, stderr = proc.communicate()
+    t.join()
+    if proc.returncode:
+        raise SystemExit(f"error: prune.py failed: {stderr.strip().splitlines()[-1] if stderr.strip() else proc.returncode}")
+    report = json.load(open(os.path.join(out, "prune_report.json")))
+    shutil.rmtree(out)
+    return {"report": report, "peak_rss": int(stdout.split("PEAK")[1]), "sampled_rss": sampled[0]}
+
+
+def projection(run: dict, config: MixtralConfig, tokens: int, target_tokens: int = 128 * 2048,
+               target_layers: int = 32) -> dict:
+    """Whole-model time and memory from the measured per-layer figures (see the module docstring)."""
+    layers = run["report"]["layers"]
+    fwd = sum(l["stats_forward_s"] + l["next_forward_s"] for l in layers) / len(layers)
+    score = sum(l["prune_s"] for l in layers) / len(layers)
+    scale = target_tokens / tokens
+    per_layer = fwd * scale + score
+    act = lambda n: 3 * n * config.hidden_size * 4  # x, dense outputs, pruned outputs (float32)
+    peak = run["peak_rss"] - act(tokens) + act(target_tokens)
+    return {"forward_s_per_layer": fwd, "prune_s_per_layer": score, "token_scale": scale,
+            "projected_s_per_layer": per_layer, "projected_hours": per_layer * target_layers / 3600,
+            "projected_peak_gib": peak / GiB}
+
+
+def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, bf16_tokens: int = None,
+          batch_size: int = 4, repeats: int = 3, folder: str = None, keep: bool = False, json_path: str = None) -> dict:
+    config = full_width_config(layers)
+    need = checkpoint_bytes(config) * 1.1
+    work = folder or tempfile.mkdtemp(prefix="bench_scale-")
+    os.makedirs(work, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        print(f"bench_scale.py: {free / GiB:.1f} GiB free in {work}, {need / GiB:.1f} GiB needed; nothing measured")
+        return {}
+    threads = torch.get_num_threads()
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    tokens = nsamples * seqlen
+    routed = tokens * config.num_experts_per_tok // config.num_local_experts  # an expert's share, balanced routing
+    rates = {d: gemm_and_expert_rates(routed, config.hidden_size, config.intermediate_size, DTYPES[d], repeats)
+             for d in ("float32", "bfloat16")}
+    print(f"\none expert at Mixtral-8x7B's shape, {routed} routed tokens ({nsamples} x {seqlen} calibration "
+          f"tokens, top-2 of 8):")
+    print("| dtype | GEMM [tokens, 4096] x [4096, 14336] GFLOP/s | expert forward GFLOP/s | fraction of the GEMM peak |")
+    print("|---|---|---|---|")
+    for d, r in rates.items():
+        print(f"| {d} | {r['gemm_gflops']:.1f} | {r['expert_gflops']:.1f} | {r['expert_gflops'] / r['gemm_gflops']:.2f} |")
+    ratio = rates["bfloat16"]["gemm_gflops"] / rates["float32"]["gemm_gflops"]
+    print(f"bfloat16 / float32 GEMM rate: {ratio:.2f}x")
+
+    model = os.path.join(work, "mixtral-8x7b-width")
+    t0 = time.time()
+    if not os.path.isdir(model):
+        write_checkpoint(model, config)
+    size = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model))
+    print(f"\ncheckpoint: {layers} layers at full width, {size / GiB:.2f} GiB in bfloat16, "
+          f"{len([f for f in os.listdir(model) if f.endswith('.safetensors')])} shards ({time.time() - t0:.0f} s)")
+
+    results = {"rates": rates, "runs": {}, "machine": {"cpus": os.cpu_count(), "threads": threads,
+                                                        "torch": torch.__version__,
+                                                        "capability": torch.backends.cpu.get_cpu_capability()}}
+    rng = np.random.default_rng(0)
+    try:
+        for dtype in dtypes:
+            n_tokens = tokens
+            if dtype == "bfloat16" and ratio < 1:
+                n_tokens = bf16_tokens or max(64, int(tokens * ratio * 20) // 64 * 64)
+            shape = (nsamples, seqlen) if n_tokens == tokens else (1, min(n_tokens, seqlen))
+            calib = os.path.join(work, f"calib-{shape[0]}x{shape[1]}.npy")
+            np.save(calib, rng.integers(0, config.vocab_size, size=shape))
+            for method in methods:
+                print(f"\nprune.py --method {method} --dtype {dtype}, {shape[0]} x {shape[1]} calibration tokens ...",
+                      flush=True)
+                run = run_prune(model, os.path.join(work, "out"), method, dtype, calib, batch_size)
+                run["tokens"] = shape[0] * shape[1]
+                run["projection"] = projection(run, config, run["tokens"])
+                results["runs"][f"{method}/{dtype}"] = run
+                report(method, dtype, run, config)
+    finally:
+        if not keep:
+            shutil.rmtree(model, ignore_errors=True)
+            if not folder:
+                shutil.rmtree(work, ignore_errors=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({k: v for k, v in results.items()}, f, indent=2, default=str)
+    return results
+
+
+def report(method: str, dtype: str, run: dict, config: MixtralConfig):
+    rep, proj = run["report"], run["projection"]
+    print(f"peak RSS {run['peak_rss'] / GiB:.2f} GiB (sampled {run['sampled_rss'] / GiB:.2f} GiB), "
+          f"{rep['seconds']:.0f} s in all")
+    print("| layer | stats forward s | prune s | next forward s |\n|---|---|---|---|")
+    for l in rep["layers"]:
+        print(f"| {l['layer']} | {l['stats_forward_s']:.1f} | {l['prune_s']:.1f} | {l['next_forward_s']:.1f} |")
+    print(f"projection to {32} layers and 128 x 2048 calibration tokens: ({proj['forward_s_per_layer']:.1f} s of "
+          f"forward x {proj['token_scale']:.1f} + {proj['prune_s_per_layer']:.1f} s of pruning) per layer x 32 = "
+          f"{proj['projected_hours']:.1f} h; peak {run['peak_rss'] / GiB:.1f} GiB - activations of "
+          f"{run['tokens']} tokens + those of 262144 = {proj['projected_peak_gib']:.1f} GiB")
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--layers", type=cli.positive_int, default=2, help="decoder layers of the full-width checkpoint")
+    p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
+    p.add_argument("--seqlen", type=cli.seqlen, default=2048, help="tokens per calibration window (the paper's 2048)")
+    p.add_argument("--methods", default="moe-pruner,sparsegpt", help="comma list of prune.py methods")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
+    p.add_argument("--bf16-tokens", type=cli.positive_int, default=None,
+                   help="calibration tokens for the bfloat16 runs when bfloat16 GEMMs are slower than float32 ones "
+                        "on this machine (default: as many as fit 1/20 of the float32 runs' work)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=4, help="prune.py --batch-size")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed repetitions of each GEMM")
+    p.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    p.add_argument("--json", help="also write every measurement to this file")
+    a = p.parse_args(argv)
+    with cli.errors():
+        return bench(a.layers, a.nsamples, a.seqlen, a.methods.split(","), a.dtypes.split(","), a.bf16_tokens,
+                     a.batch_size, a.repeats, a.dir, a.keep, a.json)
+
+
+if __name__ == "__main__":
+    main()

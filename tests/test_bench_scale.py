@@ -1,0 +1,43 @@
+"""bench_scale.py's checkpoint writer and arithmetic, without writing 6 GB: the same code at a scaled config."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import bench_scale
+import checkpoint
+from conftest import small_config
+
+
+def test_full_width_config_is_mixtral_8x7b():
+    c = bench_scale.full_width_config(2)
+    assert (c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, c.num_attention_heads,
+            c.num_key_value_heads, c.vocab_size, c.num_hidden_layers, c.rope_theta) == (
+        4096, 14336, 8, 2, 32, 8, 32000, 2, 1e6)
+    shapes = checkpoint.expected_shapes(c)
+    assert shapes["model.layers.1.block_sparse_moe.experts.7.w2.weight"] == (4096, 14336)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 4096)
+    per_layer = 8 * 3 * 4096 * 14336 + 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 4096
+    assert bench_scale.checkpoint_bytes(c) == 2 * (2 * per_layer + 2 * 32000 * 4096 + 4096)
+
+
+def test_writer_makes_an_official_layout_checkpoint_one_shard_per_layer(tmp_path):
+    c = dataclasses.replace(small_config(num_hidden_layers=3, num_local_experts=8), torch_dtype="bfloat16")
+    path = str(tmp_path / "ck")
+    bench_scale.write_checkpoint(path, c, max_shard_bytes=10**9)
+    reader = checkpoint.CheckpointReader(path)  # every key and shape checked against config.json
+    assert reader.stored_dtype() == torch.bfloat16
+    shards = {reader.weight_map[f"model.layers.{l}.block_sparse_moe.experts.7.w2.weight"] for l in range(3)}
+    assert len(shards) == 3
+
+
+def test_projection_arithmetic():
+    run = {"report": {"layers": [{"stats_forward_s": 10.0, "next_forward_s": 20.0, "prune_s": 5.0}] * 2},
+           "peak_rss": 10 * bench_scale.GiB}
+    c = bench_scale.full_width_config(2)
+    p = bench_scale.projection(run, c, tokens=16 * 2048)
+    assert p["token_scale"] == 8.0 and p["projected_s_per_layer"] == 30.0 * 8 + 5.0
+    assert p["projected_hours"] == pytest.approx(245 * 32 / 3600)
+    act = 3 * 4096 * 4
+    assert p["projected_peak_gib"] == pytest.approx(10 + act * (128 * 2048 - 16 * 2048) / bench_scale.GiB)
