@@ -1,35 +1,44 @@
 """
 The paper's experiments, in shape, on the embedded model (or any checkpoint): one command.
 
-  - Table 2: dense; magnitude, wanda, sparsegpt, moe-pruner at 50% unstructured, 2:4 and 4:8;
-  - Figure 5: sparsity sweep 10%..80% for every method;
-  - Figure 4: calibration samples 2, 4, ..., 128 at 50% for the calibration-based methods;
-  - wall time of every pruning run;
-  - expert-wise distillation (--only distill, not part of the default run): moe-pruner and wanda
-    at 50% and 2:4, distilled with distill.py's defaults (full mode, and per-expert mode for
-    moe-pruner), and the fraction of the pruning gap recovered;
-  - expert-level baselines at equal memory (--only experts): NAEE expert pruning r=6 and r=4,
-    dynamic skipping alone and with r=6, CD-MoE condensing, against MoE-Pruner 25%, 50% and 2:4:
-    perplexity, stored expert parameters and expert multiply-accumulates per token.
+Parts (--parts, a comma list; the default is the first three, ~20 minutes on 2 CPU cores for the
+embedded model; the time of every part is printed and recorded):
+  - table:       MoE-Pruner's Table 2: dense; magnitude, wanda, sparsegpt, moe-pruner at 50%, 2:4, 4:8
+  - sparsity:    its Figure 5, perplexity against sparsity (--sweep; default 30%, 50%, 70%, 80%)
+  - calibration: its Figure 4, perplexity against calibration samples at 50% (--calib-sweep; 2, 8, 32, 128)
+  - anatomy:     what the router's hint is worth (~30 minutes): at 50%, 2:4 and 70%, magnitude,
+                 a router-blind Wanda (statistics over all tokens), Wanda (over each expert's routed
+                 tokens) and MoE-Pruner (routed tokens weighted by their gates), each as mean +- sd
+                 over --draws calibration draws with the paired MoE-Pruner - Wanda difference
+                 (SparseGPT on one draw for reference); each method at the scopes experts,
+                 +attention, +attention+router; and per layer the gate statistics that decide how
+                 much the gate can change a per-row mask (see gate_anatomy)
+  - experts:     expert-level baselines against MoE-Pruner: NAEE expert pruning (r = n-2, n/2) and
+                 dynamic skipping, REAP, CD-MoE condensing (~15 minutes)
+  - owl:         OWL's non-uniform layer sparsity against uniform, Wanda and MoE-Pruner at 50% and 70%
+  - distill:     expert-wise distillation of MoE-Pruner and Wanda at 50% and 2:4 (Eq. 10, full mode;
+                 per-expert mode for MoE-Pruner) and its ablation (CE only, expert MSE only) (~90 minutes)
 
-Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy and
-passed to prune.py with --calib-tokens; the calibration sweep uses their first n rows) and
-every model the same evaluation windows. Results go to --out as results.json and README.md (the tables),
-with sparsity_sweep.png and calibration_sweep.png when matplotlib is installed (optional:
-pip install matplotlib). Pruned checkpoints are written to a temporary folder and deleted after
-evaluation unless --keep.
+Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy; the
+calibration sweep uses their first n rows; anatomy's draw d is drawn with seed d) and every
+model the same evaluation windows. Results go to --out as results.json and README.md (the
+tables and plots; matplotlib is optional). Pruned checkpoints are deleted after evaluation
+unless --keep.
 
-    python run_paper.py                          # embedded model, ~25 minutes on 2 CPU cores
+    python run_paper.py --overwrite                                     # table, sweeps
+    python run_paper.py --parts anatomy --out results/anatomy --overwrite
     python run_paper.py --model Mixtral-8x7B-v0.1 --calib-data c4-train.00000-of-01024.json.gz \\
-        --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --device cuda   # the paper's scale
+        --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --eval-windows 0 --device cuda
 """
 
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,8 +48,10 @@ import data
 import distill
 import eval_ppl
 import expert_prune
+import mini_mixtral as mm
 import prune
 from checkpoint import CheckpointReader, check_output_file, read_config, write_output_file
+from layerwise import embed_windows, layers, run_layer
 from progress import log
 
 try:  # optional: the plots
@@ -52,192 +63,301 @@ except ImportError:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")
 CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
+PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill")
 # MoE-Pruner Table 2, WikiText perplexity of Mixtral-8x7B (for the side-by-side table).
 PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.97, ("moe-pruner", "50%"): 4.68,
                 ("sparsegpt", "2:4"): 7.09, ("wanda", "2:4"): 6.98, ("moe-pruner", "2:4"): 5.88}
 
 
-def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
-    p.add_argument("--out", default="results", help="folder for results.json, README.md (the tables) and the plots")
-    p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
-    p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --data)")
-    p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
-    p.add_argument("--seqlen", type=cli.seqlen, default=None,
-                   help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
-    p.add_argument("--eval-windows", type=cli.nonnegative_int, default=128,
-                   help="evaluation windows per model (default 128: 65k tokens on the embedded model; 0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-    p.add_argument("--sweep", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8", help="sparsities of the Figure 5 sweep")
-    p.add_argument("--calib-sweep", default="2,4,8,16,32,64,128", help="calibration sample counts of Figure 4")
-    p.add_argument("--only", choices=("table", "sparsity", "calibration", "experts", "distill"),
-                   help="run one part only (distill runs only when asked: it is the slowest part)")
-    p.add_argument("--device", default=None, help="passed to prune.py and eval_ppl.py (default: theirs)")
-    p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    args = p.parse_args(argv)
-    with cli.errors():
-        model = args.model or data.default_model_dir()
-        config = read_config(model)
-        if os.path.isdir(args.out):
-            check_output_file(os.path.join(args.out, "results.json"), args.overwrite)
-        # one set of calibration windows for every method (and its prefixes for the calibration sweep)
-        seqlen = args.seqlen or min(2048, config.max_position_embeddings)
-        tok = data.load_tokenizer(model)
-        ids = data.encode(tok, data.text_source(args.calib_data, "calib"))
-        calib = data.calibration_windows(ids, args.nsamples, seqlen, args.seed).numpy()
-        # one set of evaluation windows for every model
-        ids = data.encode(tok, data.text_source(data.resolve_wikitext(args.eval_data, "test"), "eval"))
-        windows = data.eval_windows(ids, seqlen)[: args.eval_windows or None]
-        os.makedirs(args.out, exist_ok=True)
-        work = os.path.join(args.out, "checkpoints") if args.keep else tempfile.mkdtemp(prefix="run_paper-")
-        os.makedirs(work, exist_ok=True)
-        try:
-            experiments(args, model, config, seqlen, calib, windows, work, argv)
-        finally:
-            if not args.keep:
-                shutil.rmtree(work, ignore_errors=True)
+@dataclass
+class Setup:
+    """What every part shares: the model, its calibration and evaluation windows, a work folder."""
+
+    model: str
+    config: mm.MixtralConfig
+    calib: np.ndarray  # [nsamples, seqlen] the calibration windows of every method
+    calib_file: str
+    ids: np.ndarray  # the calibration split's tokens, for anatomy's other draws
+    windows: torch.Tensor  # [n, seqlen] the evaluation windows of every model
+    work: str
+    device: str
+    keep: bool
+    done: dict = None  # {prune arguments: row}: a run several parts need is run once
 
 
-def experiments(args, model, config, seqlen, calib, windows, work, argv):
-    calib_file = os.path.join(args.out, "calib_tokens.npy")
-    np.save(calib_file, calib)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def evaluate(path):
-        model_ = expert_prune.load_model(path, torch.float32, device)
-        return {"ppl": eval_ppl.perplexity(model_, windows, 8, device), "windows": len(windows),
-                "tokens": windows.numel()}
-
-    runs = []
-    plan = []
-    if args.only in (None, "table"):
-        plan += [(m, 0.5, None, args.nsamples, "table") for m in METHODS]
-        plan += [(m, 0.5, nm, args.nsamples, "table") for nm in ("2:4", "4:8") for m in METHODS]
-    if args.only in (None, "sparsity"):
-        plan += [(m, float(s), None, args.nsamples, "sparsity") for s in args.sweep.split(",") for m in METHODS]
-    if args.only in (None, "calibration"):
-        plan += [(m, 0.5, None, int(n), "calibration") for n in args.calib_sweep.split(",") for m in CALIB_METHODS
-                 if int(n) <= args.nsamples]
-    t_start = time.time()
-    dense = evaluate(model)
-    log(f"dense: ppl {dense['ppl']:.3f}")
-    done = {}
-    for i, (method, sparsity, nm, n, part) in enumerate(plan):
-        key = (method, sparsity, nm, n)
-        if key in done:  # the 50% run at full calibration appears in all three parts
-            runs.append({**done[key], "part": part})
-            continue
-        out = os.path.join(work, f"{method}-{nm.replace(':', 'of') if nm else sparsity}-{n}")
-        calib_n = os.path.join(work, f"calib-{n}.npy")
-        np.save(calib_n, calib[:n])
-        t0 = time.time()
-        report = prune.prune_checkpoint(model, out, prune.PruneArgs(method, sparsity, nm, calib_tokens=calib_n,
-                                                                     device=device), overwrite=True)
-        prune_s = time.time() - t0
-        ev = evaluate(out)
-        done[key] = {"method": method, "sparsity": sparsity, "nm": nm, "nsamples": n, "ppl": ev["ppl"],
-                     "prune_seconds": prune_s, "expert_sparsity": report["expert_sparsity"],
-                     "overall_sparsity": report["overall_sparsity"]}
-        runs.append({**done[key], "part": part})
-        if not args.keep:
-            shutil.rmtree(out)
-        elapsed = time.time() - t_start
-        log(f"[{i + 1}/{len(plan)}] {method} {nm or f'{sparsity:.0%}'} n={n}: ppl {ev['ppl']:.3f}, "
-            f"pruned in {prune_s:.1f}s; {elapsed / 60:.1f} min elapsed, ~{elapsed / (i + 1) * (len(plan) - i - 1) / 60:.1f} left")
-    experts = expert_level(model, config, calib_file, work, evaluate, device, args.keep) if args.only in (
-        None, "experts") else []
-    distilled = distill_part(model, dense["ppl"], calib_file, work, evaluate, device, args.keep) if (
-        args.only == "distill") else []
-    results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": args.nsamples,
-               "calib_data": args.calib_data, "eval_data": args.eval_data, "eval_windows": dense["windows"],
-               "eval_tokens": dense["tokens"], "dense_ppl": dense["ppl"], "runs": runs, "expert_level": experts, "distill": distilled,
-               "minutes": (time.time() - t_start) / 60}
-    write_output_file(os.path.join(args.out, "results.json"), json.dumps(results, indent=2), overwrite=True)
-    command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
-    tables = markdown(results)
-    plotted = plots(results, args.out)
-    write_output_file(os.path.join(args.out, "README.md"), (f"# Results\n\nWritten by `{command}` ({results['minutes']:.0f} minutes); results.json holds every "
-                f"number.\n\n{tables}\n" + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted)), overwrite=True)
-    print(tables)
+def evaluate(s: Setup, path: str) -> float:
+    return eval_ppl.perplexity(expert_prune.load_model(path, torch.float32, s.device), s.windows, 8, s.device)
 
 
-def expert_level(model, config, calib_file, work, evaluate, device, keep):
-    """NAEE / CD-MoE variants and MoE-Pruner at several budgets, on the same calibration windows."""
-    n = config.num_local_experts
-    tokens = torch.from_numpy(np.load(calib_file))
-    variants = [("dense", None, None), (f"NAEE r={n - 2}", "naee", (n - 2, False)), (f"NAEE r={n // 2}", "naee", (n // 2, False)),
-                ("NAEE skipping", "naee", (n, True)), (f"NAEE r={n - 2} + skipping", "naee", (n - 2, True)),
+def calib_file(s: Setup, tokens: np.ndarray, name: str) -> str:
+    fn = os.path.join(s.work, f"calib-{name}.npy")
+    np.save(fn, tokens)
+    return fn
+
+
+def pruned(s: Setup, name: str, args: prune.PruneArgs) -> dict:
+    """Prune with args into the work folder, evaluate, delete (unless --keep); the row of a table."""
+    key = repr(args)
+    if s.done is not None and key in s.done and not s.keep:
+        return dict(s.done[key])
+    out = os.path.join(s.work, name)
+    t0 = time.time()
+    report = prune.prune_checkpoint(s.model, out, args, overwrite=True, log=lambda m: None)
+    seconds = time.time() - t0
+    row = {"method": args.method, "sparsity": args.sparsity, "nm": args.nm, "ppl": evaluate(s, out),
+           "nsamples": report["calibration"]["nsamples"], "prune_seconds": seconds,
+           "expert_sparsity": report["expert_sparsity"], "overall_sparsity": report["overall_sparsity"],
+           "mean_matrix_error": report["mean_matrix_error"]}
+    if s.done is not None:
+        s.done[key] = row
+    if not s.keep:
+        shutil.rmtree(out)
+    log(f"{name}: ppl {row['ppl']:.3f} (pruned in {seconds:.0f}s)")
+    return row
+
+
+# -----------------------------------------------------------------------------
+# table, sparsity, calibration: Table 2, Figures 5 and 4
+
+
+def part_table(s: Setup) -> list:
+    return [{**pruned(s, f"{m}-{nm or 50}".replace(":", "of"), prune.PruneArgs(m, 0.5, nm, calib_tokens=s.calib_file,
+                                                                                 device=s.device)), "part": "table"}
+            for nm in (None, "2:4", "4:8") for m in METHODS]
+
+
+def part_sparsity(s: Setup, sparsities: list) -> list:
+    return [{**pruned(s, f"{m}-{sp}", prune.PruneArgs(m, sp, calib_tokens=s.calib_file, device=s.device)),
+             "part": "sparsity"} for sp in sparsities for m in METHODS]
+
+
+def part_calibration(s: Setup, sizes: list) -> list:
+    rows = []
+    for n in sizes:
+        f = s.calib_file if n == len(s.calib) else calib_file(s, s.calib[:n], f"first-{n}")
+        rows += [{**pruned(s, f"{m}-n{n}", prune.PruneArgs(m, 0.5, calib_tokens=f, device=s.device)),
+                  "part": "calibration"} for m in CALIB_METHODS]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# anatomy: where the router's hint enters, and how large each part is next to the noise
+
+
+ANATOMY = (("magnitude", "magnitude", {}), ("router-blind wanda", "wanda", {"stats_tokens": "all"}),
+           ("wanda", "wanda", {}), ("moe-pruner", "moe-pruner", {}))
+
+
+@torch.no_grad()
+def gate_anatomy(model_dir: str, tokens: torch.Tensor, batch_size: int = 8) -> list:
+    """Per layer of the dense model: the renormalised gates' mean and spread, the top-k probability
+    mass, and how much the gate can change a per-row mask. The gate enters MoE-Pruner's score
+    only through r_j = ||X_j * Gate|| / ||X_j|| = sqrt(sum g^2 x_j^2 / sum x_j^2) over an expert's
+    routed tokens: if r_j were the same for every input column j, every row's ranking, and so
+    the mask, would be Wanda's. Reported: the coefficient of variation of r_j over j, averaged
+    over the layer's experts, for the input of w1/w3 (x) and of w2 (h)."""
+    reader = CheckpointReader(model_dir)
+    x, pos = embed_windows(reader, tokens)
+    out = []
+    for l, layer in layers(reader, None):
+        E = len(layer.block_sparse_moe.experts)
+        sums = {(e, k): [0.0, 0.0] for e in range(E) for k in "xh"}  # sum x_j^2, sum g^2 x_j^2 (vectors)
+        gates, mass = [], []
+
+        def observer(c: mm.ExpertCall):
+            gates.append(c.gate)
+            for k, v in (("x", c.x), ("h", c.h)):
+                sums[(c.expert, k)][0] = sums[(c.expert, k)][0] + prune.sq_norm(v)
+                sums[(c.expert, k)][1] = sums[(c.expert, k)][1] + prune.sq_norm(v, c.gate)
+
+        hook = layer.block_sparse_moe.gate.register_forward_hook(
+            lambda mod, a, logits: mass.append(torch.softmax(logits.float(), -1).topk(
+                layer.config.num_experts_per_tok, dim=-1).values.sum(-1)))
+        x = run_layer(layer, x, pos, batch_size, observer)
+        hook.remove()
+        g = torch.cat(gates)
+        spread = {}
+        for k in "xh":
+            cvs = []
+            for e in range(E):
+                plain, gated = sums[(e, k)]
+                if isinstance(plain, torch.Tensor):
+                    r = (gated / plain.clamp(min=1e-300)).sqrt()
+                    cvs.append((r.std() / r.mean()).item())
+            spread[k] = sum(cvs) / len(cvs)
+        out.append({"layer": l, "gate_mean": g.mean().item(), "gate_std": g.std().item(),
+                    "topk_mass": torch.cat(mass).mean().item(), "r_spread_x": spread["x"], "r_spread_h": spread["h"]})
+    return out
+
+
+def mask_difference(a: str, b: str, n_layers: int) -> list:
+    """Per layer and expert matrix kind (w1, w2, w3): the fraction of weights pruned in one
+    checkpoint and kept in the other."""
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    rows = []
+    for l in range(n_layers):
+        for kind in ("w1", "w2", "w3"):
+            names = [k for k in ra.weight_map if k.startswith(f"model.layers.{l}.") and k.endswith(f".{kind}.weight")
+                     and ".experts." in k]
+            diff = sum(int(((ra.get(k) == 0) != (rb.get(k) == 0)).sum()) for k in names)
+            total = sum(ra.get(k).numel() for k in names)
+            rows.append({"layer": l, "matrix": kind, "mask_difference": diff / total})
+    return rows
+
+
+def part_anatomy(s: Setup, draws: int) -> dict:
+    settings = (("50%", 0.5, None), ("2:4", 0.5, "2:4"), ("70%", 0.7, None))
+    files = [s.calib_file] + [calib_file(s, data.calibration_windows(s.ids, len(s.calib), s.calib.shape[1], d).numpy(),
+                                         f"draw-{d}") for d in range(1, draws)]
+    rows, keep = [], s.keep
+    for label, sp, nm in settings:
+        for name, method, extra in ANATOMY:
+            for d in range(1 if method == "magnitude" else draws):
+                kept = label == "50%" and d == 0 and name in ("wanda", "moe-pruner")  # for the mask comparison
+                s.keep = keep or kept
+                row = pruned(s, f"anatomy-{name}-{label}-{d}".replace(" ", "_").replace(":", "of").replace("%", ""),
+                             prune.PruneArgs(method, sp, nm, calib_tokens=files[d], device=s.device, **extra))
+                s.keep = keep
+                rows.append({**row, "setting": label, "name": name, "draw": d})
+        rows.append({**pruned(s, f"anatomy-sparsegpt-{label}".replace(":", "of").replace("%", ""),
+                              prune.PruneArgs("sparsegpt", sp, nm, calib_tokens=files[0], device=s.device)),
+                     "setting": label, "name": "sparsegpt", "draw": 0})
+    scope = []
+    for name, method, extra in ANATOMY[1:] + (("sparsegpt", "sparsegpt", {}),):
+        for label, flags in (("experts", {}), ("+attention", {"prune_attention": True}),
+                             ("+attention+router", {"prune_attention": True, "prune_router": True})):
+            base = next((r for r in rows if r["setting"] == "50%" and r["name"] == name and r["draw"] == 0), None)
+            row = base if not flags else pruned(s, f"scope-{name}-{label}".replace(" ", "_").replace("+", "p"),
+                                                prune.PruneArgs(method, 0.5, calib_tokens=files[0], device=s.device,
+                                                                **extra, **flags))
+            scope.append({"name": name, "scope": label, "ppl": row["ppl"], "overall_sparsity": row["overall_sparsity"]})
+    names = [f"anatomy-{n}-50-0" for n in ("wanda", "moe-pruner")]
+    diff = mask_difference(*(os.path.join(s.work, n) for n in names), s.config.num_hidden_layers)
+    if not keep:
+        for n in names:
+            shutil.rmtree(os.path.join(s.work, n))
+    gates = gate_anatomy(s.model, torch.from_numpy(s.calib))
+    return {"runs": rows, "scope": scope, "mask_difference": diff, "gates": gates, "draws": draws}
+
+
+def anatomy_summary(a: dict) -> list:
+    """Per setting and method: mean and sd over draws, and MoE-Pruner - Wanda paired by draw."""
+    out = []
+    for setting in ("50%", "2:4", "70%"):
+        runs = [r for r in a["runs"] if r["setting"] == setting]
+        for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt"):
+            ppl = [r["ppl"] for r in sorted(runs, key=lambda r: r["draw"]) if r["name"] == name]
+            out.append({"setting": setting, "name": name, "draws": len(ppl), "mean": statistics.mean(ppl),
+                        "sd": statistics.stdev(ppl) if len(ppl) > 1 else None})
+        w = {r["draw"]: r["ppl"] for r in runs if r["name"] == "wanda"}
+        m = {r["draw"]: r["ppl"] for r in runs if r["name"] == "moe-pruner"}
+        d = [m[k] - w[k] for k in sorted(w)]
+        out.append({"setting": setting, "name": "moe-pruner - wanda", "draws": len(d), "mean": statistics.mean(d),
+                    "sd": statistics.stdev(d) if len(d) > 1 else None, "wins": sum(v < 0 for v in d)})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# experts, owl, distill
+
+
+def part_experts(s: Setup) -> list:
+    """NAEE, REAP and CD-MoE variants and MoE-Pruner at several budgets, on the same calibration windows."""
+    n = s.config.num_local_experts
+    tokens = torch.from_numpy(s.calib)
+    variants = [("dense", None, None), (f"NAEE r={n - 2}", "naee", (n - 2, False)),
+                (f"NAEE r={n // 2}", "naee", (n // 2, False)), (f"REAP r={n - 2}", "reap", (n - 2, False)),
+                (f"REAP r={n // 2}", "reap", (n // 2, False)), ("NAEE skipping", "naee", (n, True)),
+                (f"NAEE r={n - 2} + skipping", "naee", (n - 2, True)),
                 ("CD-MoE 1 layer x 2 experts", "cd-moe", (1, 2)), ("CD-MoE 2 layers x 2 experts", "cd-moe", (2, 2)),
                 ("CD-MoE 2 layers x 4 experts", "cd-moe", (2, 4)),
                 ("MoE-Pruner 25%", "prune", (0.25, None)), ("MoE-Pruner 50%", "prune", (0.5, None)),
                 ("MoE-Pruner 2:4", "prune", (0.5, "2:4"))]
     rows = []
     for name, kind, extra in variants:
-        out = model if kind is None else os.path.join(work, name.replace(" ", "_").replace(":", "of").replace("%", ""))
+        out = s.model if kind is None else os.path.join(s.work, name.replace(" ", "_").replace(":", "of").replace(
+            "%", "").replace("=", ""))
         t0 = time.time()
-        if kind == "naee":
-            expert_prune.naee(CheckpointReader(model), tokens, *extra, out, overwrite=True)
+        quiet = lambda m: None
+        if kind in ("naee", "reap"):
+            expert_prune.naee(CheckpointReader(s.model), tokens, *extra, out, overwrite=True, log=quiet, select=kind)
         elif kind == "cd-moe":
-            expert_prune.cd_moe(model, tokens, *extra, out, overwrite=True)
+            expert_prune.cd_moe(s.model, tokens, *extra, out, overwrite=True, log=quiet)
         elif kind == "prune":
-            prune.prune_checkpoint(model, out, prune.PruneArgs("moe-pruner", *extra, calib_tokens=calib_file,
-                                                               device=device), overwrite=True)
+            prune.prune_checkpoint(s.model, out, prune.PruneArgs("moe-pruner", *extra, calib_tokens=s.calib_file,
+                                                                 device=s.device), overwrite=True, log=quiet)
         seconds = time.time() - t0
-        ev = evaluate(out)
         m = expert_prune.load_model(out)
-        cfg = m.config
         skip = expert_prune.skip_fraction(m, tokens[:16])
         nonzero = 1.0
         if kind == "prune":
             nonzero = 1 - json.load(open(os.path.join(out, "prune_report.json")))["expert_sparsity"]
-        budget = expert_prune.expert_budget(cfg, skip, nonzero)
-        dense_params = expert_prune.expert_budget(config)["stored_expert_params"]
-        # bytes in fp16: dense layout for everything but 2:4 (values + metadata, 9/16 of dense)
+        budget = expert_prune.expert_budget(m.config, skip, nonzero)
+        dense_params = expert_prune.expert_budget(s.config)["stored_expert_params"]
+        # bytes in fp16: dense layout for everything but 2:4 (values + metadata: 9/16 of dense)
         fp16_bytes = budget["stored_expert_params"] / nonzero * 2 * (9 / 16 if "2:4" in name else 1)
-        rows.append({"variant": name, "ppl": ev["ppl"], "seconds": seconds, "skip_fraction": skip,
+        rows.append({"variant": name, "ppl": evaluate(s, out), "seconds": seconds, "skip_fraction": skip,
                      "expert_params_fraction": budget["stored_expert_params"] / dense_params,
                      "expert_fp16_MB": fp16_bytes / 1e6, **budget})
-        log(f"{name}: ppl {ev['ppl']:.3f}, expert params {rows[-1]['expert_params_fraction']:.3f} of dense")
-        if kind is not None and not keep:
+        log(f"{name}: ppl {rows[-1]['ppl']:.3f}, expert params {rows[-1]['expert_params_fraction']:.3f} of dense")
+        if kind is not None and not s.keep:
             shutil.rmtree(out)
     return rows
 
 
-def distill_part(model, dense_ppl, calib_file, work, evaluate, device, keep):
-    """Prune (moe-pruner, wanda; 50% and 2:4), distill with distill.py's defaults, evaluate."""
+def part_owl(s: Setup) -> list:
+    rows = []
+    for sp in (0.5, 0.7):
+        for method in ("wanda", "moe-pruner"):
+            for layer_sparsity in (None, "owl"):
+                row = pruned(s, f"owl-{method}-{sp}-{layer_sparsity}", prune.PruneArgs(
+                    method, sp, calib_tokens=s.calib_file, device=s.device, layer_sparsity=layer_sparsity))
+                rows.append({**row, "layer_sparsity": layer_sparsity or "uniform"})
+    return rows
+
+
+def part_distill(s: Setup, dense_ppl: float) -> list:
+    """Prune (moe-pruner, wanda; 50% and 2:4), distil with distill.py's defaults, evaluate; for
+    moe-pruner also the per-expert mode and the ablation of Eq. 10's terms."""
     rows = []
     for method in ("moe-pruner", "wanda"):
-        for label, sparsity, nm in (("50%", 0.5, None), ("2:4", 0.5, "2:4")):
-            pruned = os.path.join(work, f"kd-{method}-{label.replace(':', 'of').replace('%', '')}")
-            prune.prune_checkpoint(model, pruned, prune.PruneArgs(method, sparsity, nm, calib_tokens=calib_file,
-                                                                  device=device), overwrite=True)
-            pruned_ppl = evaluate(pruned)["ppl"]
-            for mode in ("full", "per-expert") if method == "moe-pruner" else ("full",):
-                out = pruned + f"-{mode}"
+        for label, nm in (("50%", None), ("2:4", "2:4")):
+            pruned_dir = os.path.join(s.work, f"kd-{method}-{label.replace(':', 'of').replace('%', '')}")
+            prune.prune_checkpoint(s.model, pruned_dir, prune.PruneArgs(method, 0.5, nm, calib_tokens=s.calib_file,
+                                                                        device=s.device), overwrite=True)
+            pruned_ppl = evaluate(s, pruned_dir)
+            runs = [("full", "eq10")] + ([("per-expert", "eq10"), ("full", "ce"), ("full", "mse")]
+                                         if method == "moe-pruner" else [])
+            for mode, loss in runs:
+                out = pruned_dir + f"-{mode}-{loss}"
                 t0 = time.time()
-                report = distill.distill_checkpoint(model, pruned, out, distill.DistillConfig(), mode, device=device,
-                                                    overwrite=True)
-                ppl = evaluate(out)["ppl"]
-                rows.append({"method": method, "sparsity": label, "mode": mode, "dense_ppl": dense_ppl,
+                report = distill.distill_checkpoint(s.model, pruned_dir, out, distill.DistillConfig(loss=loss), mode,
+                                                    device=s.device, overwrite=True)
+                ppl = evaluate(s, out)
+                rows.append({"method": method, "sparsity": label, "mode": mode, "loss": loss, "dense_ppl": dense_ppl,
                              "pruned_ppl": pruned_ppl, "distilled_ppl": ppl,
                              "gap_recovered": (pruned_ppl - ppl) / (pruned_ppl - dense_ppl),
                              "seconds": time.time() - t0, "lambda": report.get("lambda"),
                              "settings": report["settings"]})
-                log(f"KD {method} {label} {mode}: {pruned_ppl:.3f} -> {ppl:.3f} (dense {dense_ppl:.3f})")
-                if not keep:
+                log(f"KD {method} {label} {mode} {loss}: {pruned_ppl:.3f} -> {ppl:.3f} (dense {dense_ppl:.3f})")
+                if not s.keep:
                     shutil.rmtree(out)
-            if not keep:
-                shutil.rmtree(pruned)
+            if not s.keep:
+                shutil.rmtree(pruned_dir)
     return rows
 
 
-def markdown(res):
-    runs = res["runs"]
-    find = lambda part, **kw: [r for r in runs if r["part"] == part and all(r[k] == v for k, v in kw.items())]
+# -----------------------------------------------------------------------------
+# Tables and plots
+
+
+def markdown(res: dict) -> str:
+    runs = res.get("runs", [])
+    find = lambda part, **kw: [r for r in runs if r["part"] == part and all(r.get(k) == v for k, v in kw.items())]
     out = [f"Model {res['model']}; {res['nsamples']} calibration windows x {res['seqlen']} tokens ({res['calib_data']}); "
-           f"perplexity on {res['eval_windows']} windows x {res['seqlen']} tokens of {res['eval_data']}.\n"]
+           f"perplexity on {res['eval_windows']} windows x {res['seqlen']} tokens of {res['eval_data']}; dense "
+           f"{res['dense_ppl']:.3f}. Minutes per part: " + ", ".join(f"{k} {v:.0f}" for k, v in res["minutes"].items())
+           + ".\n"]
     if find("table"):
         out.append("| method | 50% | 2:4 | 4:8 | Mixtral-8x7B (paper) 50% | 2:4 |\n|---|---|---|---|---|---|")
         out.append(f"| dense | {res['dense_ppl']:.3f} | | | {PAPER_TABLE2['dense']} | |")
@@ -257,6 +377,37 @@ def markdown(res):
             out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.3f}" for x in xs for r in find(part, method=m, **{key: x}))
                        + " |")
         out.append("")
+    if res.get("anatomy"):
+        a = res["anatomy"]
+        out.append(f"The router's hint: perplexity, mean +- sd over {a['draws']} calibration draws (magnitude needs "
+                   f"none; SparseGPT on draw 0 for reference); the last row pairs MoE-Pruner with Wanda draw by draw.\n")
+        out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
+        summary = anatomy_summary(a)
+        for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
+            cells = []
+            for setting in ("50%", "2:4", "70%"):
+                r = next(x for x in summary if x["setting"] == setting and x["name"] == name)
+                sd = f" +- {r['sd']:.3f}" if r["sd"] is not None else ""
+                wins = f" (wins {r['wins']}/{r['draws']})" if "wins" in r else ""
+                cells.append(f"{r['mean']:+.3f}{sd}{wins}" if name.endswith("wanda") and " - " in name
+                             else f"{r['mean']:.3f}{sd}")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("\nScope at 50% (draw 0): perplexity (whole-model sparsity).\n")
+        out.append("| method | experts | +attention | +attention+router |\n|---|---|---|---|")
+        for name in ("router-blind wanda", "wanda", "moe-pruner", "sparsegpt"):
+            cells = [next(f"{r['ppl']:.3f} ({r['overall_sparsity']:.1%})" for r in a["scope"]
+                          if r["name"] == name and r["scope"] == sc) for sc in ("experts", "+attention", "+attention+router")]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("\nPer layer: renormalised gates (mean +- sd), top-k probability mass, the spread (coefficient of "
+                   "variation over input columns) of r_j = ||X_j Gate|| / ||X_j|| for the w1/w3 input x and the w2 "
+                   "input h, and the fraction of weights whose 50% mask differs between MoE-Pruner and Wanda.\n")
+        out.append("| layer | gate | top-k mass | r_j spread, x | r_j spread, h | mask difference w1 / w3 / w2 |\n"
+                   "|---|---|---|---|---|---|")
+        for g in a["gates"]:
+            d = {r["matrix"]: r["mask_difference"] for r in a["mask_difference"] if r["layer"] == g["layer"]}
+            out.append(f"| {g['layer']} | {g['gate_mean']:.3f} +- {g['gate_std']:.3f} | {g['topk_mass']:.3f} | "
+                       f"{g['r_spread_x']:.4f} | {g['r_spread_h']:.4f} | {d['w1']:.2%} / {d['w3']:.2%} / {d['w2']:.2%} |")
+        out.append("")
     if res.get("expert_level"):
         out.append("| variant | perplexity | stored expert params (nonzero) | expert storage, fp16 MB | expert MACs/token "
                    "(executed) | nonzero expert MACs/token | skipped expert calls |\n|---|---|---|---|---|---|---|")
@@ -265,28 +416,43 @@ def markdown(res):
                        f"| {r['expert_macs_per_token'] / 1e6:.2f}M | {r['nonzero_expert_macs_per_token'] / 1e6:.2f}M "
                        f"| {r['skip_fraction']:.1%} |")
         out.append("")
+    if res.get("owl"):
+        out.append("| method | sparsity | uniform | OWL |\n|---|---|---|---|")
+        for method in ("wanda", "moe-pruner"):
+            for sp in (0.5, 0.7):
+                c = {r["layer_sparsity"]: r["ppl"] for r in res["owl"] if r["method"] == method and r["sparsity"] == sp}
+                out.append(f"| {method} | {sp:.0%} | {c['uniform']:.3f} | {c['owl']:.3f} |")
+        out.append("")
     if res.get("distill"):
-        s = res["distill"][0]["settings"]
-        out.append(f"Distillation: {s['samples']} windows x {s['seqlen']} tokens, {s['epochs']} epochs, lr {s['lr']}.\n")
-        out.append("| method | sparsity | KD mode | dense | pruned | distilled | pruning gap recovered | KD seconds |\n"
-                   "|---|---|---|---|---|---|---|---|")
+        st = res["distill"][0]["settings"]
+        out.append(f"Distillation: {st['samples']} windows x {st['seqlen']} tokens, {st['epochs']} epochs, lr {st['lr']}; "
+                   "loss eq10 = L_CE + lambda L_expert (Eq. 10), ce = L_CE alone, mse = L_expert alone.\n")
+        out.append("| method | sparsity | KD mode | loss | dense | pruned | distilled | pruning gap recovered | KD seconds |\n"
+                   "|---|---|---|---|---|---|---|---|---|")
         for r in res["distill"]:
-            out.append(f"| {r['method']} | {r['sparsity']} | {r['mode']} | {r['dense_ppl']:.3f} | {r['pruned_ppl']:.3f} "
-                       f"| {r['distilled_ppl']:.3f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} |")
+            out.append(f"| {r['method']} | {r['sparsity']} | {r['mode']} | {r['loss']} | {r['dense_ppl']:.3f} | "
+                       f"{r['pruned_ppl']:.3f} | {r['distilled_ppl']:.3f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} |")
         out.append("")
     return "\n".join(out)
 
 
-def plots(res, out_dir) -> list:
+def plots(res: dict, out_dir: str) -> list:
     """The figures, as PNG files in out_dir; returns their names (none without matplotlib)."""
     if plt is None:
         log("matplotlib not installed: no plots (pip install matplotlib)")
         return []
     written = []
+
+    def save(fig, fn):
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, fn), dpi=110)
+        plt.close(fig)
+        written.append(fn)
+    title = os.path.basename(os.path.normpath(res["model"]))
     for part, x, xlabel, methods, fn in (("sparsity", "sparsity", "expert sparsity", METHODS, "sparsity_sweep.png"),
                                          ("calibration", "nsamples", "calibration samples (50% sparsity)",
                                           CALIB_METHODS, "calibration_sweep.png")):
-        runs = [r for r in res["runs"] if r["part"] == part]
+        runs = [r for r in res.get("runs", []) if r["part"] == part]
         if not runs:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -296,16 +462,25 @@ def plots(res, out_dir) -> list:
         ax.axhline(res["dense_ppl"], color="gray", linestyle="--", label="dense")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity")
-        if part == "calibration":
-            ax.set_xscale("log", base=2)
-        else:
-            ax.set_yscale("log")
+        ax.set_xscale("log", base=2) if part == "calibration" else ax.set_yscale("log")
         ax.legend()
-        ax.set_title(f"{os.path.basename(os.path.normpath(res['model']))}: {xlabel}")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, fn), dpi=110)
-        plt.close(fig)
-        written.append(fn)
+        ax.set_title(f"{title}: {xlabel}")
+        save(fig, fn)
+    if res.get("anatomy"):
+        a = res["anatomy"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind, key, marker in (("w1", "r_spread_x", "o"), ("w3", "r_spread_x", "s"), ("w2", "r_spread_h", "^")):
+            xs = [g[key] for g in a["gates"]]
+            ys = [r["mask_difference"] for g in a["gates"] for r in a["mask_difference"]
+                  if r["layer"] == g["layer"] and r["matrix"] == kind]
+            ax.scatter(xs, ys, marker=marker, label=kind)
+            for g, xv, yv in zip(a["gates"], xs, ys):
+                ax.annotate(str(g["layer"]), (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("spread of r_j = ||X_j Gate|| / ||X_j|| over input columns (CV)")
+        ax.set_ylabel("weights whose mask differs, MoE-Pruner vs Wanda")
+        ax.legend(title="matrix (label: layer)")
+        ax.set_title(f"{title}: where the gate changes the mask")
+        save(fig, "anatomy.png")
     if res.get("expert_level"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in res["expert_level"]:
@@ -316,12 +491,110 @@ def plots(res, out_dir) -> list:
         ax.set_xlabel("stored expert parameters (nonzero), fraction of dense")
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
-        ax.set_title("weight pruning vs expert pruning")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "expert_level.png"), dpi=110)
-        plt.close(fig)
-        written.append("expert_level.png")
+        ax.set_title(f"{title}: weight pruning vs expert pruning")
+        save(fig, "expert_level.png")
     return written
+
+
+# -----------------------------------------------------------------------------
+
+
+def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdlib", nsamples=128, seqlen=None,
+        eval_windows=128, seed=0, sweep=(0.3, 0.5, 0.7, 0.8), calib_sweep=(2, 8, 32, 128), draws=5, device=None,
+        keep=False, overwrite=False, command="python run_paper.py") -> dict:
+    """Every part asked for, on the same calibration and evaluation windows; writes out/results.json,
+    out/README.md and the plots. Returns the results."""
+    config = read_config(model)
+    if os.path.isdir(out):
+        check_output_file(os.path.join(out, "results.json"), overwrite)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise data.DataError(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+    seqlen = seqlen or min(2048, config.max_position_embeddings)
+    tok = data.load_tokenizer(model)
+    ids = data.encode(tok, data.text_source(calib_data, "calib"))
+    calib = data.calibration_windows(ids, nsamples, seqlen, seed).numpy()  # one set for every method
+    eval_ids = data.encode(tok, data.text_source(data.resolve_wikitext(eval_data, "test"), "eval"))
+    windows = data.eval_windows(eval_ids, seqlen)[: eval_windows or None]  # one set for every model
+    os.makedirs(out, exist_ok=True)
+    work = os.path.join(out, "checkpoints") if keep else tempfile.mkdtemp(prefix="run_paper-")
+    os.makedirs(work, exist_ok=True)
+    np.save(os.path.join(out, "calib_tokens.npy"), calib)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    s = Setup(model, config, calib, os.path.join(out, "calib_tokens.npy"), ids, windows, work, device, keep, {})
+    results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": nsamples,
+               "calib_data": calib_data, "eval_data": eval_data, "eval_windows": len(windows),
+               "eval_tokens": windows.numel(), "parts": parts, "minutes": {}, "runs": []}
+    try:
+        t0 = time.time()
+        results["dense_ppl"] = evaluate(s, model)
+        log(f"dense: ppl {results['dense_ppl']:.3f}")
+        for part in parts:
+            t = time.time()
+            if part == "table":
+                results["runs"] += part_table(s)
+            elif part == "sparsity":
+                results["runs"] += part_sparsity(s, list(sweep))
+            elif part == "calibration":
+                results["runs"] += part_calibration(s, [n for n in calib_sweep if n <= nsamples])
+            elif part == "anatomy":
+                results["anatomy"] = part_anatomy(s, draws)
+            elif part == "experts":
+                results["expert_level"] = part_experts(s)
+            elif part == "owl":
+                results["owl"] = part_owl(s)
+            elif part == "distill":
+                results["distill"] = part_distill(s, results["dense_ppl"])
+            results["minutes"][part] = (time.time() - t) / 60
+            log(f"part {part}: {results['minutes'][part]:.1f} min")
+        results["total_minutes"] = (time.time() - t0) / 60
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    write_output_file(os.path.join(out, "results.json"), json.dumps(results, indent=2), overwrite=True)
+    tables = markdown(results)
+    plotted = plots(results, out)
+    write_output_file(os.path.join(out, "README.md"), f"# Results\n\nWritten by `{command}` "
+                      f"({results['total_minutes']:.0f} minutes); results.json holds every number.\n\n{tables}\n"
+                      + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted), overwrite=True)
+    print(tables)
+    return results
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
+    p.add_argument("--out", default="results", help="folder for results.json, README.md (the tables) and the plots")
+    p.add_argument("--parts", default="table,sparsity,calibration",
+                   help=f"comma list of parts to run, from {', '.join(PARTS)} (default: table,sparsity,calibration)")
+    p.add_argument("--only", choices=PARTS, help="run this one part (the same as --parts PART)")
+    p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
+    p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --data)")
+    p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
+    p.add_argument("--seqlen", type=cli.seqlen, default=None,
+                   help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
+    p.add_argument("--eval-windows", type=cli.nonnegative_int, default=128,
+                   help="evaluation windows per model (default 128: 65k tokens on the embedded model; 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--sweep", default="0.3,0.5,0.7,0.8",
+                   help="sparsities of the Figure 5 sweep (finer: 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8, about twice as long)")
+    p.add_argument("--calib-sweep", default="2,8,32,128",
+                   help="calibration sample counts of Figure 4 (finer: 2,4,8,16,32,64,128)")
+    p.add_argument("--draws", type=cli.positive_int, default=5, help="anatomy: calibration draws per method")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    a = p.parse_args(argv)
+    with cli.errors():
+        try:
+            sweep = [float(v) for v in a.sweep.split(",")]
+            calib_sweep = [int(v) for v in a.calib_sweep.split(",")]
+        except ValueError:
+            raise data.DataError("--sweep takes numbers, --calib-sweep integers, comma separated") from None
+        parts = [a.only] if a.only else a.parts.split(",")
+        command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
+        return run(a.model or data.default_model_dir(), a.out, parts, a.calib_data, a.eval_data, a.nsamples, a.seqlen,
+                   a.eval_windows, a.seed, sweep, calib_sweep, a.draws, a.device, a.keep, a.overwrite, command)
 
 
 if __name__ == "__main__":
