@@ -195,6 +195,12 @@ def test_a_weight_whose_column_carries_larger_gated_activations_survives():
 # --- SparseGPT ------------------------------------------------------------------------------
 
 
+def test_hessian_and_magnitude_score_by_hand():
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    assert prune.hessian(x).tolist() == [[10.0, -1.0], [-1.0, 5.0]]  # X^T X, no 2/n factor
+    assert prune.magnitude_score(torch.tensor([[-2.0, 0.5]])).tolist() == [[2.0, 0.5]]
+
+
 def slow_sparsegpt(w, H, sparsity, percdamp=0.01):
     """OBS one column at a time (blocksize 1 = no lazy batching), mask by w^2 / U_jj^2 per row
     across the whole matrix (one block), with U the upper Cholesky factor of (H + damp)^-1."""
@@ -241,6 +247,21 @@ def test_relative_error_from_the_gram_matrix():
         a, b = w * scale_w, dw * scale_dw
         direct = (x @ b.T).norm() / (x @ a.T).norm()
         assert prune.relative_error(b, a, x.T @ x) == pytest.approx(direct.item(), rel=1e-5)
+
+
+# --- OWL (per-layer sparsity) ----------------------------------------------------------------
+
+
+def test_owl_sparsities_by_hand():
+    # outlier ratios 0.01, 0.03, 0.02, 0.05: normalised to [0, 2 lam] = 0, 0.08, 0.04, 0.16 (lam 0.08),
+    # centred (mean 0.07): -0.07, 0.01, -0.03, 0.09; subtracted from 0.6: 0.67, 0.59, 0.63, 0.51
+    assert prune.owl_sparsities([0.01, 0.03, 0.02, 0.05], 0.6, 0.08) == pytest.approx([0.67, 0.59, 0.63, 0.51])
+    assert prune.owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]  # no spread: uniform
+    # the mean of 1, 1, 1, 10 is 3.25: with M = 2 only 10 (> 6.5) is an outlier; pooled over two
+    # matrices the same four scores with M = 0.5 (threshold 1.625) again give 1 of 4
+    assert prune.outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 10.0])], 2.0) == 0.25
+    assert prune.outlier_ratio([torch.tensor([1.0, 1.0]), torch.tensor([1.0, 10.0])], 0.5) == 0.25
+    assert prune.outlier_ratio([torch.tensor([2.0, 2.0])], 1.0) == 0.0  # strictly above
 
 
 # --- Eq. 10 ---------------------------------------------------------------------------------
