@@ -43,51 +43,24 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return _OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def number(cast, what: str, ok, rule: str):
+    """An argparse type: cast the string (what it must be otherwise), then check it obeys rule."""
+    def parse(s: str):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{s} must be {rule}")
+        return v
+    return parse
 
 
-def seqlen(s: str) -> int:
-    v = positive_int(s)
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 2 (a window predicts its tokens 2..seqlen)")
-    return v
-
-
-def nonnegative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 0")
-    return v
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{s} must be a finite number > 0")
-    return v
-
-
-def nonnegative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
-    return v
+positive_int = number(int, "an integer", lambda v: v >= 1, "at least 1")
+nonnegative_int = number(int, "an integer", lambda v: v >= 0, "at least 0")
+seqlen = number(int, "an integer", lambda v: v >= 2, "at least 2 (a window predicts its tokens 2..seqlen)")
+positive_float = number(float, "a number", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+nonnegative_float = number(float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def add_calibration_args(p: argparse.ArgumentParser, nsamples_help: str = "calibration windows (paper: 128)"):

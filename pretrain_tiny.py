@@ -185,9 +185,11 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
             rate = seen / (time.time() - t0)
             eta = (steps - step - 1) * x.numel() / rate
             cv = [round(batch_load_cv(r), 2) for r in router_logits] if is_moe else []
+            mass = [round(torch.softmax(r.detach().float(), -1).topk(k, dim=-1).values.sum(-1).mean().item(), 2)
+                    for r in router_logits] if is_moe else []
             log(f"stage {stage} step {step + 1}/{steps}: ce {ce.item():.3f} aux {aux.item():.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} tok/s, eta {eta / 60:.1f} min"
-                + (f", batch load CV {cv}" if cv else ""))
+                + (f", batch load CV {cv}, top-{k} mass {mass}" if cv else ""))
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save_fn({"stage": stage, "step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
                      "rng": rng.bit_generator.state})

@@ -110,7 +110,7 @@ def cases(w):
          ["--model", w["ckpt"], "--data", str(t / "missing.txt"), "--json", str(t)], "is a directory"),
         ("distill --samples 0", distill.main, distill_argv(w, out, "--samples", "0"), "must be at least 1"),
         ("distill --epochs 0", distill.main, distill_argv(w, out, "--epochs", "0"), "must be at least 1"),
-        ("distill --seqlen 0", distill.main, distill_argv(w, out, "--seqlen", "0"), "must be at least 1"),
+        ("distill --seqlen 0", distill.main, distill_argv(w, out, "--seqlen", "0"), "must be at least 2"),
         ("distill --lr nan", distill.main, distill_argv(w, out, "--lr", "nan"), "must be a finite number > 0"),
         ("distill --lr -1", distill.main, distill_argv(w, out, "--lr", "-1"), "must be a finite number > 0"),
         ("distill --out TEACHER", distill.main, distill_argv(w, w["ckpt"], "--overwrite"), "is the input checkpoint"),
