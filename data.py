@@ -30,6 +30,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 REPO = os.path.dirname(os.path.abspath(__file__))
 # The trained tiny Mixtral shipped with the repo (see pretrain_tiny.py); every script's default.
 SHIPPED_MODEL = os.path.join(REPO, "models", "tiny-mixtral")
+# The second shipped model: trained with the standard balancing weight from upcycling, its router
+# decisive (pretrain_tiny.py's report.json beside it); for comparisons, never a default.
+DECISIVE_MODEL = os.path.join(REPO, "models", "tiny-mixtral-decisive")
 # Where pretrain_tiny.py puts a model trained on this machine when no shipped one is present.
 CACHE_MODEL = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                            "mini-moe-pruner", "tiny-mixtral")

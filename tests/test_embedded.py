@@ -1,4 +1,4 @@
-"""The shipped embedded model: the real loading code, the tokenizer and the protocol on real weights."""
+"""The shipped embedded models: the real loading code, the tokenizer and the protocol on real weights."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import eval_ppl
 import checkpoint
 
 MODEL = data.SHIPPED_MODEL
+MODELS = [m for m in (data.SHIPPED_MODEL, data.DECISIVE_MODEL) if os.path.isdir(m)]
 
 
 def test_shipped_model_is_an_official_layout_half_precision_mixtral():
@@ -23,13 +24,14 @@ def test_shipped_model_is_an_official_layout_half_precision_mixtral():
     assert max(ids) < reader.config.vocab_size
 
 
-def test_shipped_model_reproduces_its_report():
-    report = json.load(open(os.path.join(MODEL, "report.json")))
+@pytest.mark.parametrize("model", MODELS)
+def test_shipped_model_reproduces_its_report(model):
+    report = json.load(open(os.path.join(model, "report.json")))
     if report["corpus"] != data.corpus_id():
         pytest.skip(f"trained on {report['corpus']}, this interpreter has {data.corpus_id()}")
-    ids = data.encode(data.load_tokenizer(MODEL), data.stdlib_text("eval"))
+    ids = data.encode(data.load_tokenizer(model), data.stdlib_text("eval"))
     windows = data.eval_windows(ids, report["train_config"]["seqlen"])[: report["eval_windows"]]
-    ppl = eval_ppl.perplexity(checkpoint.load_model(MODEL), windows)
+    ppl = eval_ppl.perplexity(checkpoint.load_model(model), windows)
     assert ppl == pytest.approx(report["ppl"], rel=1e-4)
     assert ppl < report["unigram_ppl"] / 5
 
@@ -42,14 +44,27 @@ def test_shipped_model_matches_transformers():
         assert (hf(idx).logits - checkpoint.load_model(MODEL)(idx)).abs().max() <= 1e-4
 
 
-def test_shipped_model_experts_are_balanced():
-    # issue 8's target, MoE-Pruner Eq. 4-5: the CV of top-1 expert counts is <= 0.5 in every layer
-    # on the calibration split (the first shipped model, trained with the pooled loss, had 1.66)
-    tok = data.load_tokenizer(MODEL)
+@pytest.mark.parametrize("model", MODELS)
+def test_shipped_model_experts_are_balanced(model):
+    # MoE-Pruner Eq. 4-5: the CV of top-1 expert counts is <= 0.5 in every layer on the calibration
+    # split, and no expert is (nearly) dead (a model trained with the pooled loss had 1.66)
+    tok = data.load_tokenizer(model)
     windows = data.calibration_windows(data.encode(tok, data.stdlib_text("calib")), 32, 512, seed=0)
     with torch.no_grad():
-        stats = eval_ppl.router_stats(checkpoint.load_model(MODEL), windows)
+        stats = eval_ppl.router_stats(checkpoint.load_model(model), windows)
     assert len(stats) == 4
     for s in stats:
         assert s["load_cv"] <= 0.5, s
         assert min(s["top1_counts"]) > 0.02 * sum(s["top1_counts"])  # no dead expert
+
+
+def test_the_decisive_model_routes_decisively():
+    """models/tiny-mixtral-decisive: the router puts >= 60% of its probability on the two chosen
+    experts in every layer (the shipped model: 35-44%)."""
+    if not os.path.isdir(data.DECISIVE_MODEL):
+        pytest.skip("no models/tiny-mixtral-decisive")
+    tok = data.load_tokenizer(data.DECISIVE_MODEL)
+    windows = data.calibration_windows(data.encode(tok, data.stdlib_text("calib")), 16, 512, seed=0)
+    with torch.no_grad():
+        stats = eval_ppl.router_stats(checkpoint.load_model(data.DECISIVE_MODEL), windows)
+    assert all(s["topk_mass"] >= 0.6 for s in stats), [s["topk_mass"] for s in stats]

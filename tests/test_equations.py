@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import data
 import distill
 import eval_ppl
 import expert_prune as ep
@@ -146,6 +147,15 @@ def test_row_group_not_matrix_group():
 # --- masks: direction ---------------------------------------------------------------------------
 
 
+def test_masks_are_boolean_and_ties_are_broken_by_the_lower_index():
+    tied = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    m = prune.unstructured_mask(tied, 0.5)
+    assert m.dtype == torch.bool and m.tolist() == [[True, True, False, False], [False, True, True, False]]
+    none = prune.unstructured_mask(tied, 0.1)  # floor(0.4) = 0 pruned per row
+    assert none.dtype == torch.bool and none.shape == tied.shape and not none.any()
+    assert prune.nm_mask(tied, 2, 4).dtype == torch.bool
+
+
 def test_unstructured_mask_prunes_the_lowest_scores_of_each_row():
     g = torch.Generator().manual_seed(3)
     for rows, cols, s in [(3, 10, 0.5), (5, 7, 0.3), (2, 16, 0.75)]:
@@ -201,23 +211,40 @@ def test_hessian_and_magnitude_score_by_hand():
     assert prune.magnitude_score(torch.tensor([[-2.0, 0.5]])).tolist() == [[2.0, 0.5]]
 
 
-def slow_sparsegpt(w, H, sparsity, percdamp=0.01):
-    """OBS one column at a time (blocksize 1 = no lazy batching), mask by w^2 / U_jj^2 per row
-    across the whole matrix (one block), with U the upper Cholesky factor of (H + damp)^-1."""
+def slow_sparsegpt(w, H, sparsity, nm=None, blocksize=None, percdamp=0.01):
+    """OBS one column at a time, every later column updated at once (no lazy batching); the
+    unstructured mask chosen per block of blocksize columns by w^2 / U_jj^2 on the current
+    weights (ties to the lower flat index), the N:M mask at each group's first column; U the upper
+    Cholesky factor of (H + damp)^-1; inputs never seen (H_jj = 0) have their weights zeroed."""
     W, H = w.double().clone(), H.double().clone()
-    cols = W.shape[1]
+    rows, cols = W.shape
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
     H += percdamp * H.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
-    sal = W ** 2 / U.diagonal()[None, :] ** 2
-    k = int(W.numel() * sparsity)
+    bs = blocksize or cols
     mask = torch.zeros_like(W, dtype=torch.bool)
-    mask.view(-1)[sorted(range(W.numel()), key=lambda i: sal.view(-1)[i].item())[:k]] = True
-    for i in range(cols):
-        q = torch.where(mask[:, i], torch.zeros_like(W[:, i]), W[:, i])
-        err = (W[:, i] - q) / U[i, i]
-        W[:, i] = q
-        for j in range(i + 1, cols):
-            W[:, j] -= err * U[i, j]
+    for b in range(0, cols, bs):
+        e = min(b + bs, cols)
+        if nm is None:
+            sal = (W[:, b:e] ** 2 / U.diagonal()[b:e][None, :] ** 2).reshape(-1).tolist()
+            k = int(len(sal) * sparsity)
+            for t in sorted(range(len(sal)), key=lambda t: sal[t])[:k]:
+                mask[t // (e - b), b + t % (e - b)] = True
+        for i in range(b, e):
+            if nm is not None and (i - b) % nm[1] == 0:
+                n, m = nm
+                for r in range(rows):
+                    sal = [W[r, j].item() ** 2 / U[j, j].item() ** 2 for j in range(i, i + m)]
+                    keep = sorted(range(m), key=lambda t: -sal[t])[:n]
+                    for t in range(m):
+                        mask[r, i + t] = t not in keep
+            q = torch.where(mask[:, i], torch.zeros_like(W[:, i]), W[:, i])
+            err = (W[:, i] - q) / U[i, i]
+            W[:, i] = q
+            for j in range(i + 1, cols):
+                W[:, j] -= err * U[i, j]
     return W
 
 
@@ -231,13 +258,32 @@ def test_sparsegpt_matches_a_slow_obs_loop():
     assert ((got == 0).sum() == 16)
 
 
+def test_sparsegpt_lazy_blocks_nm_dead_inputs_and_the_default_block():
+    g = torch.Generator().manual_seed(14)
+    w = torch.randn(4, 16, generator=g)
+    x = torch.randn(40, 16, generator=g)
+    x[:, 5] = 0  # input 5 never active: its weights are zeroed, its Hessian diagonal set to 1
+    H = x.T @ x
+    for kw in ({"blocksize": 4}, {"blocksize": 8, "nm": (2, 4)}, {"blocksize": 16, "nm": (1, 4)}):
+        got = prune.sparsegpt_prune(w, H, 0.5, **kw)
+        assert torch.allclose(got.double(), slow_sparsegpt(w, H, 0.5, **kw), atol=1e-4), kw
+        assert (got[:, 5] == 0).all()
+    # one pruned weight in a block (k = 1) and the default block of 128 columns (two blocks of 256)
+    got = prune.sparsegpt_prune(w[:1, :4], H[:4, :4], 0.25, blocksize=4)
+    assert int((got == 0).sum()) == 1
+    assert torch.allclose(got.double(), slow_sparsegpt(w[:1, :4], H[:4, :4], 0.25, blocksize=4), atol=1e-5)
+    wide, xw = torch.randn(2, 256, generator=g), torch.randn(300, 256, generator=g)
+    got = prune.sparsegpt_prune(wide, xw.T @ xw, 0.5)
+    assert torch.allclose(got.double(), slow_sparsegpt(wide, xw.T @ xw, 0.5, blocksize=128), atol=1e-4)
+
+
 def test_sparsegpt_dampening_is_a_fraction_of_the_mean_diagonal():
     g = torch.Generator().manual_seed(7)
     w, x = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g)  # rank 6 < 8: dampening matters
     H = x.T @ x
     for damp in (0.01, 0.1):
         assert torch.allclose(prune.sparsegpt_prune(w, H, 0.5, blocksize=8, percdamp=damp).double(),
-                              slow_sparsegpt(w, H, 0.5, damp), atol=1e-4)
+                              slow_sparsegpt(w, H, 0.5, percdamp=damp), atol=1e-4)
 
 
 def test_relative_error_from_the_gram_matrix():
@@ -257,6 +303,8 @@ def test_owl_sparsities_by_hand():
     # centred (mean 0.07): -0.07, 0.01, -0.03, 0.09; subtracted from 0.6: 0.67, 0.59, 0.63, 0.51
     assert prune.owl_sparsities([0.01, 0.03, 0.02, 0.05], 0.6, 0.08) == pytest.approx([0.67, 0.59, 0.63, 0.51])
     assert prune.owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]  # no spread: uniform
+    s = prune.owl_sparsities([0.013, 0.0271, 0.0199, 0.0457, 0.0311], 0.55, 0.07)
+    assert abs(sum(s) / len(s) - 0.55) < 1e-12  # the mean is the target, to float64 precision
     # the mean of 1, 1, 1, 10 is 3.25: with M = 2 only 10 (> 6.5) is an outlier; pooled over two
     # matrices the same four scores with M = 0.5 (threshold 1.625) again give 1 of 4
     assert prune.outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 10.0])], 2.0) == 0.25
@@ -282,6 +330,10 @@ def test_expert_mse_sums_per_expert_means_over_teacher_routed_tokens():
             slow += sum(sq) / (len(toks) * 64)  # the mean over the tokens' elements
     assert got.item() == pytest.approx(slow, rel=1e-5)
     assert distill.kd_lambda(torch.tensor(2.4), torch.tensor(0.8)) == pytest.approx(3.0)  # L_CE / L_expert, not inverted
+    assert distill.kd_lambda(torch.tensor(3.0), torch.tensor(1.0)) == 3.0
+    for ce, l_exp in ((2.0, 0.0), (float("nan"), 1.0), (1.0, float("nan")), (float("inf"), 1.0)):
+        with pytest.raises(data.DataError, match="undefined"):
+            distill.kd_lambda(torch.tensor(ce), torch.tensor(l_exp))
 
 
 # --- the load-balancing loss ---------------------------------------------------------------
@@ -306,6 +358,9 @@ def test_load_balancing_loss_against_a_loop():
     assert pt.load_balancing_loss([a, b], 2).item() == pytest.approx(pooled, rel=1e-5)
     per_layer = (slow_balance(a.tolist(), 2) + slow_balance(b.tolist(), 2)) / 2
     assert pt.load_balancing_loss([a, b], 2, per_layer=True).item() == pytest.approx(per_layer, rel=1e-5)
+    c = torch.randn(8, 4, generator=g)
+    c[:, 3] = -20.0  # the last expert is never chosen: f_3 = 0, its P_3 still counted
+    assert pt.load_balancing_loss([c], 2).item() == pytest.approx(slow_balance(c.tolist(), 2), rel=1e-5)
 
 
 # --- NAEE ---------------------------------------------------------------------------------------
@@ -354,6 +409,9 @@ def test_js_divergence_by_hand():
         kl = lambda s, t: sum(si * math.log(si / ti) for si, ti in zip(s, t))
         total += 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
     assert ep.js_divergence(a, b) == pytest.approx(total / 2, rel=1e-9)
+    # over the last dimension whatever the rank: [2, 1, 3] is the same two rows
+    assert ep.js_divergence(a[:, None, :], b[:, None, :]) == pytest.approx(total / 2, rel=1e-9)
+    assert ep.js_divergence(a.reshape(1, 2, 3), b.reshape(1, 2, 3)) == pytest.approx(total / 2, rel=1e-9)
 
 
 def test_cd_moe_weight_counts_a_single_token_and_an_unrouted_last_expert():
