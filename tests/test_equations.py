@@ -148,9 +148,10 @@ def test_row_group_not_matrix_group():
 
 
 def test_masks_are_boolean_and_ties_are_broken_by_the_lower_index():
-    tied = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    tied = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
     m = prune.unstructured_mask(tied, 0.5)
-    assert m.dtype == torch.bool and m.tolist() == [[True, True, False, False], [False, True, True, False]]
+    assert m.dtype == torch.bool and m.tolist() == [[True, True, False, False], [False, True, True, False],
+                                                    [True, True, False, False]]  # one below the tie, one tie
     none = prune.unstructured_mask(tied, 0.1)  # floor(0.4) = 0 pruned per row
     assert none.dtype == torch.bool and none.shape == tied.shape and not none.any()
     assert prune.nm_mask(tied, 2, 4).dtype == torch.bool
@@ -268,6 +269,12 @@ def test_sparsegpt_lazy_blocks_nm_dead_inputs_and_the_default_block():
         got = prune.sparsegpt_prune(w, H, 0.5, **kw)
         assert torch.allclose(got.double(), slow_sparsegpt(w, H, 0.5, **kw), atol=1e-4), kw
         assert (got[:, 5] == 0).all()
+    # a dead input's weights are zero whatever the mask, and where H is small its diagonal of 1 sets the
+    # dampening (1% of the mean diagonal)
+    for scale, sparsity in ((1.0, 0.1), (0.01, 0.5)):
+        got = prune.sparsegpt_prune(w, H * scale ** 2, sparsity, blocksize=16)
+        assert (got[:, 5] == 0).all()
+        assert torch.allclose(got.double(), slow_sparsegpt(w, H * scale ** 2, sparsity, blocksize=16), atol=1e-4)
     # one pruned weight in a block (k = 1) and the default block of 128 columns (two blocks of 256)
     got = prune.sparsegpt_prune(w[:1, :4], H[:4, :4], 0.25, blocksize=4)
     assert int((got == 0).sum()) == 1
@@ -304,7 +311,8 @@ def test_owl_sparsities_by_hand():
     assert prune.owl_sparsities([0.01, 0.03, 0.02, 0.05], 0.6, 0.08) == pytest.approx([0.67, 0.59, 0.63, 0.51])
     assert prune.owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]  # no spread: uniform
     s = prune.owl_sparsities([0.013, 0.0271, 0.0199, 0.0457, 0.0311], 0.55, 0.07)
-    assert abs(sum(s) / len(s) - 0.55) < 1e-12  # the mean is the target, to float64 precision
+    assert abs(sum(s) / len(s) - 0.55) < 1e-12  # the mean is the target
+    assert prune.owl_sparsities([0.01, 0.03], 0.5, 0.1) == pytest.approx([0.6, 0.4], abs=1e-12)  # float64 arithmetic
     # the mean of 1, 1, 1, 10 is 3.25: with M = 2 only 10 (> 6.5) is an outlier; pooled over two
     # matrices the same four scores with M = 0.5 (threshold 1.625) again give 1 of 4
     assert prune.outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 10.0])], 2.0) == 0.25
