@@ -18,6 +18,7 @@ embedded model; the time of every part is printed and recorded):
   - owl:         OWL's non-uniform layer sparsity against uniform, Wanda and MoE-Pruner at 50% and 70%
   - distill:     expert-wise distillation of MoE-Pruner and Wanda at 50% and 2:4 (Eq. 10, full mode;
                  per-expert mode for MoE-Pruner) and its ablation (CE only, expert MSE only) (~90 minutes)
+  - dtype:       MoE-Pruner 50% with the layer forward in float32 and in bfloat16: masks and perplexity
 
 Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy; the
 calibration sweep uses their first n rows; anatomy's draw d is drawn with seed d) and every
@@ -63,7 +64,7 @@ except ImportError:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")
 CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
-PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill")
+PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype")
 # MoE-Pruner Table 2, WikiText perplexity of Mixtral-8x7B (for the side-by-side table).
 PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.97, ("moe-pruner", "50%"): 4.68,
                 ("sparsegpt", "2:4"): 7.09, ("wanda", "2:4"): 6.98, ("moe-pruner", "2:4"): 5.88}
@@ -316,6 +317,24 @@ def part_owl(s: Setup) -> list:
     return rows
 
 
+def part_dtype(s: Setup, nsamples: int = 16) -> dict:
+    """MoE-Pruner 50% with the layer forward in float32 and in bfloat16 (autocast) on the first
+    nsamples calibration windows: how many weights' masks differ, and both perplexities."""
+    f = calib_file(s, s.calib[:nsamples], f"first-{nsamples}")
+    keep, s.keep, rows = s.keep, True, {}
+    for dtype in ("float32", "bfloat16"):
+        rows[dtype] = pruned(s, f"dtype-{dtype}", prune.PruneArgs("moe-pruner", 0.5, calib_tokens=f, device=s.device,
+                                                                  dtype=dtype))
+    s.keep = keep
+    paths = [os.path.join(s.work, f"dtype-{d}") for d in ("float32", "bfloat16")]
+    diff = mask_difference(*paths, s.config.num_hidden_layers)
+    if not keep:
+        for p in paths:
+            shutil.rmtree(p)
+    return {"nsamples": nsamples, "float32": rows["float32"], "bfloat16": rows["bfloat16"],
+            "mask_difference": sum(r["mask_difference"] for r in diff) / len(diff), "per_layer": diff}
+
+
 def part_distill(s: Setup, dense_ppl: float) -> list:
     """Prune (moe-pruner, wanda; 50% and 2:4), distil with distill.py's defaults, evaluate; for
     moe-pruner also the per-expert mode and the ablation of Eq. 10's terms."""
@@ -423,6 +442,12 @@ def markdown(res: dict) -> str:
                 c = {r["layer_sparsity"]: r["ppl"] for r in res["owl"] if r["method"] == method and r["sparsity"] == sp}
                 out.append(f"| {method} | {sp:.0%} | {c['uniform']:.3f} | {c['owl']:.3f} |")
         out.append("")
+    if res.get("dtype"):
+        d = res["dtype"]
+        out.append(f"Compute dtype, MoE-Pruner 50% on the first {d['nsamples']} calibration windows: perplexity "
+                   f"{d['float32']['ppl']:.4f} (float32) and {d['bfloat16']['ppl']:.4f} (bfloat16); "
+                   f"{d['mask_difference']:.3%} of the expert weights have another mask; pruning took "
+                   f"{d['float32']['prune_seconds']:.0f} s and {d['bfloat16']['prune_seconds']:.0f} s.\n")
     if res.get("distill"):
         st = res["distill"][0]["settings"]
         out.append(f"Distillation: {st['samples']} windows x {st['seqlen']} tokens, {st['epochs']} epochs, lr {st['lr']}; "
@@ -545,6 +570,8 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
                 results["owl"] = part_owl(s)
             elif part == "distill":
                 results["distill"] = part_distill(s, results["dense_ppl"])
+            elif part == "dtype":
+                results["dtype"] = part_dtype(s)
             results["minutes"][part] = (time.time() - t) / 60
             log(f"part {part}: {results['minutes'][part]:.1f} min")
         results["total_minutes"] = (time.time() - t0) / 60
