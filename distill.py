@@ -81,15 +81,6 @@ def expert_term(expert: mm.Expert, x_s: torch.Tensor, call: mm.ExpertCall, count
     return (y_s.float() - call.y.float()).pow(2).sum() / (count * y_s.shape[-1])
 
 
-def expert_mse(teacher_calls: dict, student_inputs: dict, student: mm.Mixtral) -> torch.Tensor:
-    """The expert term of Eq. 10: sum over layers and experts of MSE(teacher expert output,
-    student expert output) on the tokens the teacher routes to each expert.
-    teacher_calls: {layer: [ExpertCall]} from the teacher's forward; student_inputs: {layer:
-    [N, hidden] the student's MoE-block input}."""
-    return sum(expert_term(student.model.layers[l].block_sparse_moe.experts[c.expert], student_inputs[l], c,
-                           len(c.tokens)) for l, calls in teacher_calls.items() for c in calls)
-
-
 def kd_lambda(ce: torch.Tensor, l_expert: torch.Tensor) -> float:
     """Eq. 10's lambda, set to L_CE / L_expert (the paper) so that both terms start equal."""
     if not (torch.isfinite(ce) and torch.isfinite(l_expert)) or l_expert.item() == 0:

@@ -4,11 +4,13 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import checkpoint  # noqa: E402
+import distill  # noqa: E402
 import mini_mixtral as mm  # noqa: E402
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
@@ -70,3 +72,11 @@ def script_error(capsys, main, argv, alone=True) -> str:
     if alone:
         assert len(lines) == 1, lines
     return lines[-1]
+
+
+def expert_mse(teacher_calls: dict, student_inputs: dict, student) -> torch.Tensor:
+    """Eq. 10's expert term over a whole model, from distill.expert_term: the sum over layers and
+    experts of MSE(teacher expert output, student expert output) on the tokens the teacher routed
+    to each expert. teacher_calls: {layer: [ExpertCall]}; student_inputs: {layer: [N, hidden]}."""
+    return sum(distill.expert_term(student.model.layers[l].block_sparse_moe.experts[c.expert], student_inputs[l], c,
+                                   len(c.tokens)) for l, calls in teacher_calls.items() for c in calls)

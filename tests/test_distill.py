@@ -11,7 +11,7 @@ import data
 import distill
 import checkpoint
 import prune
-from conftest import random_model, script_error, small_tokenizer, TEXT, write_checkpoint
+from conftest import expert_mse, random_model, script_error, small_tokenizer, TEXT, write_checkpoint
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_lambda_is_ce_over_expert_loss_on_the_first_batch(tmp_path, pair, text_f
         teacher(first, observers=observers)
         logits = student(first)
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, 300), first[:, 1:].reshape(-1))
-        l_exp = distill.expert_mse(calls, inputs, student)
+        l_exp = expert_mse(calls, inputs, student)
     assert rep["lambda"] == pytest.approx((ce / l_exp).item(), rel=1e-5)
 
 
@@ -73,7 +73,7 @@ def test_expert_loss_is_zero_for_an_identical_student_and_counts_teacher_routed_
     with torch.no_grad():
         teacher(x, observers=t_calls.observers)
         student(x)
-    assert distill.expert_mse(t_calls.calls, inputs, student).item() == pytest.approx(0, abs=1e-12)
+    assert expert_mse(t_calls.calls, inputs, student).item() == pytest.approx(0, abs=1e-12)
     assert sum(len(c.tokens) for c in t_calls.calls[0]) == 2 * 16 * 2  # top-2: each token in two experts' MSE
     assert t_calls.counts(2, 4, "cpu").sum() == 2 * 2 * 16 * 2
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_expert_loss_is_zero_for_an_identical_student_and_counts_teacher_routed_
         student(x)
     calls = [c for c in t_calls.calls[1] if c.expert == 2]
     want = F.mse_loss(2 * calls[0].y, calls[0].y).item() if calls else 0.0
-    assert distill.expert_mse({1: t_calls.calls[1]}, inputs, student).item() == pytest.approx(want, rel=1e-5)
+    assert expert_mse({1: t_calls.calls[1]}, inputs, student).item() == pytest.approx(want, rel=1e-5)
 
 
 def test_per_expert_mode(tmp_path, pair, text_file):

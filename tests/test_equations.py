@@ -19,7 +19,7 @@ import expert_prune as ep
 import mini_mixtral as mm
 import pretrain_tiny as pt
 import prune
-from conftest import random_model
+from conftest import expert_mse, random_model
 
 
 def softmax(row):
@@ -329,7 +329,7 @@ def test_expert_mse_sums_per_expert_means_over_teacher_routed_tokens():
     teacher_y = torch.randn(6, 64, generator=torch.Generator().manual_seed(10))
     calls = {0: [mm.ExpertCall(1, torch.tensor([0, 2, 5]), None, None, None, teacher_y[[0, 2, 5]]),
                  mm.ExpertCall(3, torch.tensor([1]), None, None, None, teacher_y[[1]])]}
-    got = distill.expert_mse(calls, {0: x_s}, m)
+    got = expert_mse(calls, {0: x_s}, m)
     experts = m.model.layers[0].block_sparse_moe.experts
     with torch.no_grad():
         slow = 0.0

@@ -261,13 +261,17 @@ def test_distilling_an_unpruned_student_is_refused_not_nan(world, capsys):
 
 
 def test_a_non_finite_loss_stops_distillation_and_writes_nothing(world, monkeypatch, capsys):
-    calls = []
-    orig = distill.expert_mse
+    first_batch_done = []  # lambda is set on the first batch; every expert term after it is infinite
+    orig_term, orig_lambda = distill.expert_term, distill.kd_lambda
+
+    def lambda_once(*a):
+        first_batch_done.append(1)
+        return orig_lambda(*a)
 
     def diverging(*a):
-        calls.append(1)
-        return orig(*a) * (float("inf") if len(calls) == 2 else 1.0)
-    monkeypatch.setattr(distill, "expert_mse", diverging)
+        return orig_term(*a) * (float("inf") if first_batch_done else 1.0)
+    monkeypatch.setattr(distill, "kd_lambda", lambda_once)
+    monkeypatch.setattr(distill, "expert_term", diverging)
     out = world["tmp"] / "out"
     line = script_error(capsys, distill.main, distill_argv(world, out, "--batch-size", "2"), alone=False)
     assert "non-finite loss at step 1" in line and not out.exists()
