@@ -79,13 +79,21 @@ def timed(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def gemm_and_expert_rates(tokens: int, hidden: int, inter: int, dtype, repeats: int) -> dict:
-    """GFLOP/s of one [tokens, hidden] x [hidden, inter] GEMM and of one SwiGLU expert's forward."""
+def gemm_and_expert_rates(routed: int, hidden: int, inter: int, dtype, repeats: int, seconds: float = 2.0) -> dict:
+    """GFLOP/s of one [tokens, hidden] x [hidden, inter] GEMM (F.linear, the call prune.py's forward
+    makes) and of one SwiGLU expert's forward, at the routed token count, or at as many tokens as
+    one GEMM runs in about `seconds` where the dtype is too slow for that (bfloat16 without
+    hardware support runs ~100x slower than float32: 8192 tokens would take half an hour)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
     w1, w3 = (torch.randn(inter, hidden, generator=g).to(dtype) * 0.02 for _ in range(2))
     w2 = torch.randn(hidden, inter, generator=g).to(dtype) * 0.02
-    gemm = timed(lambda: x @ w1.T, repeats)
+    probe = torch.randn(64, hidden, generator=g).to(dtype)
+    F.linear(probe, w1)  # warm-up: the first call allocates
+    t = time.perf_counter()
+    F.linear(probe, w1)
+    tokens = max(64, min(routed, int(64 * seconds / (time.perf_counter() - t)) // 64 * 64))
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    gemm = timed(lambda: F.linear(x, w1), repeats)
     expert = timed(lambda: F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2), repeats)
     flops_gemm, flops_expert = 2 * tokens * hidden * inter, 3 * 2 * tokens * hidden * inter
     return {"tokens": tokens, "gemm_gflops": flops_gemm / gemm / 1e9, "expert_gflops": flops_expert / expert / 1e9,
@@ -153,12 +161,13 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
     routed = tokens * config.num_experts_per_tok // config.num_local_experts  # an expert's share, balanced routing
     rates = {d: gemm_and_expert_rates(routed, config.hidden_size, config.intermediate_size, DTYPES[d], repeats)
              for d in ("float32", "bfloat16")}
-    print(f"\none expert at Mixtral-8x7B's shape, {routed} routed tokens ({nsamples} x {seqlen} calibration "
-          f"tokens, top-2 of 8):")
-    print("| dtype | GEMM [tokens, 4096] x [4096, 14336] GFLOP/s | expert forward GFLOP/s | fraction of the GEMM peak |")
-    print("|---|---|---|---|")
+    print(f"\none expert at Mixtral-8x7B's shape; {routed} routed tokens at {nsamples} x {seqlen} calibration "
+          f"tokens, top-2 of 8 (fewer where a dtype is too slow to time that many):")
+    print("| dtype | tokens | GEMM [tokens, 4096] x [4096, 14336] GFLOP/s | expert forward GFLOP/s | fraction of the GEMM peak |")
+    print("|---|---|---|---|---|")
     for d, r in rates.items():
-        print(f"| {d} | {r['gemm_gflops']:.1f} | {r['expert_gflops']:.1f} | {r['expert_gflops'] / r['gemm_gflops']:.2f} |")
+        print(f"| {d} | {r['tokens']} | {r['gemm_gflops']:.1f} | {r['expert_gflops']:.1f} | "
+              f"{r['expert_gflops'] / r['gemm_gflops']:.2f} |")
     ratio = rates["bfloat16"]["gemm_gflops"] / rates["float32"]["gemm_gflops"]
     print(f"bfloat16 / float32 GEMM rate: {ratio:.2f}x")
 
@@ -178,7 +187,7 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
         for dtype in dtypes:
             n_tokens = tokens
             if dtype == "bfloat16" and ratio < 1:
-                n_tokens = bf16_tokens or max(64, int(tokens * ratio * 20) // 64 * 64)
+                n_tokens = bf16_tokens or min(tokens, max(64, int(tokens * ratio * 20) // 64 * 64))
             shape = (nsamples, seqlen) if n_tokens == tokens else (1, min(n_tokens, seqlen))
             calib = os.path.join(work, f"calib-{shape[0]}x{shape[1]}.npy")
             np.save(calib, rng.integers(0, config.vocab_size, size=shape))

@@ -41,3 +41,10 @@ def test_projection_arithmetic():
     assert p["projected_hours"] == pytest.approx(245 * 32 / 3600)
     act = 3 * 4096 * 4
     assert p["projected_peak_gib"] == pytest.approx(10 + act * (128 * 2048 - 16 * 2048) / bench_scale.GiB)
+
+
+def test_rates_are_timed_at_the_routed_tokens_when_fast_enough_and_never_more():
+    fast = bench_scale.gemm_and_expert_rates(96, 64, 128, torch.float32, repeats=1)
+    assert fast["tokens"] == 96 and fast["gemm_gflops"] > 0 and fast["expert_gflops"] > 0
+    slow = bench_scale.gemm_and_expert_rates(10**6, 64, 128, torch.float32, repeats=1, seconds=1e-9)
+    assert slow["tokens"] == 64  # a dtype too slow to time: the smallest batch, not the routed million
