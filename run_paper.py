@@ -28,6 +28,7 @@ unless --keep.
 
     python run_paper.py --overwrite                                     # table, sweeps
     python run_paper.py --parts anatomy --out results/anatomy --overwrite
+    python run_paper.py --replot --out results/anatomy                 # tables and plots again, nothing run
     python run_paper.py --model Mixtral-8x7B-v0.1 --calib-data c4-train.00000-of-01024.json.gz \\
         --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --eval-windows 0 --device cuda
 """
@@ -578,14 +579,21 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+    results["command"] = command
     write_output_file(os.path.join(out, "results.json"), json.dumps(results, indent=2), overwrite=True)
+    print(write_report(results, out))
+    return results
+
+
+def write_report(results: dict, out: str) -> str:
+    """out/README.md (the tables) and the plots, from the results; returns the tables."""
+    command = results.get("command") or f"python run_paper.py --parts {','.join(results['parts'])} --out {out}"
     tables = markdown(results)
     plotted = plots(results, out)
     write_output_file(os.path.join(out, "README.md"), f"# Results\n\nWritten by `{command}` "
                       f"({results['total_minutes']:.0f} minutes); results.json holds every number.\n\n{tables}\n"
                       + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted), overwrite=True)
-    print(tables)
-    return results
+    return tables
 
 
 def main(argv=None):
@@ -611,8 +619,17 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--replot", action="store_true",
+                   help="run nothing: rewrite --out's README.md and plots from its results.json (e.g. after "
+                        "installing matplotlib)")
     a = p.parse_args(argv)
     with cli.errors():
+        if a.replot:
+            path = os.path.join(a.out, "results.json")
+            if not os.path.isfile(path):
+                raise data.DataError(f"--replot: no {path}")
+            with open(path) as f:
+                return print(write_report(json.load(f), a.out))
         try:
             sweep = [float(v) for v in a.sweep.split(",")]
             calib_sweep = [int(v) for v in a.calib_sweep.split(",")]

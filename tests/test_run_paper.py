@@ -29,6 +29,11 @@ def test_run_paper_small(tmp_path, ckpt, text_file, monkeypatch):
     assert np.load(out / "calib_tokens.npy").shape == (8, 32)
     assert "| moe-pruner |" in (out / "README.md").read_text()
     assert not [d for d in os.listdir(tmp_path) if d.startswith("run_paper-")]  # pruned checkpoints deleted
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# Results\n\nWritten by `python run_paper.py --model")
+    (out / "README.md").unlink()
+    run_paper.main(["--replot", "--out", str(out)])  # the same tables again, from results.json alone
+    assert (out / "README.md").read_text() == readme
 
 
 def test_gate_anatomy_is_flat_for_top1_routing_and_not_for_top2(tmp_path):
