@@ -22,6 +22,7 @@ so in one line when the disk lacks it. Never run in CI: it takes tens of minutes
 
     python bench_scale.py                                   # 2 layers, 16 x 2048 tokens
     python bench_scale.py --layers 1 --nsamples 4 --methods moe-pruner --dtypes float32
+    python bench_scale.py --rates-only --repeats 5            # this machine's GEMM rates, a minute
 """
 
 import json
@@ -68,15 +69,18 @@ def write_checkpoint(path: str, config: MixtralConfig, max_shard_bytes: int = 5 
                 w.flush()  # one shard per layer, as prune.py writes
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timed(fns: list, repeats: int) -> list:
+    """The fastest of repeats runs of each of fns, after one warm-up, the functions taking turns
+    so that a load that comes and goes on the machine falls on all of them alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 def gemm_and_expert_rates(routed: int, hidden: int, inter: int, dtype, repeats: int, seconds: float = 2.0) -> dict:
@@ -93,8 +97,8 @@ def gemm_and_expert_rates(routed: int, hidden: int, inter: int, dtype, repeats: 
     F.linear(probe, w1)
     tokens = max(64, min(routed, int(64 * seconds / (time.perf_counter() - t)) // 64 * 64))
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    gemm = timed(lambda: F.linear(x, w1), repeats)
-    expert = timed(lambda: F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2), repeats)
+    gemm, expert = timed([lambda: F.linear(x, w1), lambda: F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)],
+                         repeats)
     flops_gemm, flops_expert = 2 * tokens * hidden * inter, 3 * 2 * tokens * hidden * inter
     return {"tokens": tokens, "gemm_gflops": flops_gemm / gemm / 1e9, "expert_gflops": flops_expert / expert / 1e9,
             "expert_s": expert}
@@ -144,6 +148,24 @@ def projection(run: dict, config: MixtralConfig, tokens: int, target_tokens: int
             "projected_peak_gib": peak / GiB}
 
 
+def machine_rates(config: MixtralConfig, nsamples: int, seqlen: int, repeats: int) -> dict:
+    """Steps 1-2: print and return the GEMM and expert-forward rates of both dtypes."""
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    routed = nsamples * seqlen * config.num_experts_per_tok // config.num_local_experts  # an expert's share, balanced
+    rates = {d: gemm_and_expert_rates(routed, config.hidden_size, config.intermediate_size, DTYPES[d], repeats)
+             for d in ("float32", "bfloat16")}
+    print(f"\none expert at Mixtral-8x7B's shape; {routed} routed tokens at {nsamples} x {seqlen} calibration "
+          f"tokens, top-2 of 8 (fewer where a dtype is too slow to time that many); fastest of {repeats} runs:")
+    print("| dtype | tokens | GEMM [tokens, 4096] x [4096, 14336] GFLOP/s | expert forward GFLOP/s | fraction of the GEMM peak |")
+    print("|---|---|---|---|---|")
+    for d, r in rates.items():
+        print(f"| {d} | {r['tokens']} | {r['gemm_gflops']:.1f} | {r['expert_gflops']:.1f} | "
+              f"{r['expert_gflops'] / r['gemm_gflops']:.2f} |")
+    print(f"bfloat16 / float32 GEMM rate: {rates['bfloat16']['gemm_gflops'] / rates['float32']['gemm_gflops']:.2f}x")
+    return rates
+
+
 def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, bf16_tokens: int = None,
           batch_size: int = 4, repeats: int = 3, folder: str = None, keep: bool = False, json_path: str = None) -> dict:
     config = full_width_config(layers)
@@ -155,21 +177,9 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
         print(f"bench_scale.py: {free / GiB:.1f} GiB free in {work}, {need / GiB:.1f} GiB needed; nothing measured")
         return {}
     threads = torch.get_num_threads()
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
     tokens = nsamples * seqlen
-    routed = tokens * config.num_experts_per_tok // config.num_local_experts  # an expert's share, balanced routing
-    rates = {d: gemm_and_expert_rates(routed, config.hidden_size, config.intermediate_size, DTYPES[d], repeats)
-             for d in ("float32", "bfloat16")}
-    print(f"\none expert at Mixtral-8x7B's shape; {routed} routed tokens at {nsamples} x {seqlen} calibration "
-          f"tokens, top-2 of 8 (fewer where a dtype is too slow to time that many):")
-    print("| dtype | tokens | GEMM [tokens, 4096] x [4096, 14336] GFLOP/s | expert forward GFLOP/s | fraction of the GEMM peak |")
-    print("|---|---|---|---|---|")
-    for d, r in rates.items():
-        print(f"| {d} | {r['tokens']} | {r['gemm_gflops']:.1f} | {r['expert_gflops']:.1f} | "
-              f"{r['expert_gflops'] / r['gemm_gflops']:.2f} |")
+    rates = machine_rates(config, nsamples, seqlen, repeats)
     ratio = rates["bfloat16"]["gemm_gflops"] / rates["float32"]["gemm_gflops"]
-    print(f"bfloat16 / float32 GEMM rate: {ratio:.2f}x")
 
     model = os.path.join(work, "mixtral-8x7b-width")
     t0 = time.time()
@@ -238,8 +248,11 @@ def main(argv=None):
     p.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint")
     p.add_argument("--json", help="also write every measurement to this file")
+    p.add_argument("--rates-only", action="store_true", help="only steps 1-2: the GEMM and expert rates (seconds, no disk)")
     a = p.parse_args(argv)
     with cli.errors():
+        if a.rates_only:
+            return machine_rates(full_width_config(a.layers), a.nsamples, a.seqlen, a.repeats)
         return bench(a.layers, a.nsamples, a.seqlen, a.methods.split(","), a.dtypes.split(","), a.bf16_tokens,
                      a.batch_size, a.repeats, a.dir, a.keep, a.json)
 
