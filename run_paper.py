@@ -418,14 +418,15 @@ def markdown(res: dict) -> str:
             cells = [next(f"{r['ppl']:.3f} ({r['overall_sparsity']:.1%})" for r in a["scope"]
                           if r["name"] == name and r["scope"] == sc) for sc in ("experts", "+attention", "+attention+router")]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("\nPer layer: renormalised gates (mean +- sd), top-k probability mass, the spread (coefficient of "
+        out.append("\nPer layer: the spread (sd) of the renormalised gates over every routed (token, expert) pair "
+                   "(their mean is 1/k by construction), the top-k probability mass, the spread (coefficient of "
                    "variation over input columns) of r_j = ||X_j Gate|| / ||X_j|| for the w1/w3 input x and the w2 "
                    "input h, and the fraction of weights whose 50% mask differs between MoE-Pruner and Wanda.\n")
-        out.append("| layer | gate | top-k mass | r_j spread, x | r_j spread, h | mask difference w1 / w3 / w2 |\n"
+        out.append("| layer | gate sd | top-k mass | r_j spread, x | r_j spread, h | mask difference w1 / w3 / w2 |\n"
                    "|---|---|---|---|---|---|")
         for g in a["gates"]:
             d = {r["matrix"]: r["mask_difference"] for r in a["mask_difference"] if r["layer"] == g["layer"]}
-            out.append(f"| {g['layer']} | {g['gate_mean']:.3f} +- {g['gate_std']:.3f} | {g['topk_mass']:.3f} | "
+            out.append(f"| {g['layer']} | {g['gate_std']:.3f} | {g['topk_mass']:.3f} | "
                        f"{g['r_spread_x']:.4f} | {g['r_spread_h']:.4f} | {d['w1']:.2%} / {d['w3']:.2%} / {d['w2']:.2%} |")
         out.append("")
     if res.get("expert_level"):
