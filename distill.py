@@ -49,7 +49,7 @@ import data
 import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, check_output, load_layer, load_model, read_config
-from layerwise import embed_windows, layers, run_layer
+from layerwise import compute_dtype, embed_windows, layers, run_layer
 from progress import log
 
 
@@ -66,6 +66,7 @@ class DistillConfig:
     rebalance_every: int = 0  # 0: lambda fixed after the first batch (paper); N: re-balance every N steps
     seed: int = 0
     loss: str = "eq10"  # eq10: L_CE + lambda L_expert (the paper); ce: L_CE alone; mse: L_expert alone (ablations)
+    dtype: str = "float32"  # compute dtype on CPU (bfloat16: autocast, fast only with AMX / AVX-512 BF16); CUDA: bf16
 
 
 # -----------------------------------------------------------------------------
@@ -184,8 +185,10 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
     L, E = student.config.num_hidden_layers, student.config.num_local_experts
     t_calls = TeacherCalls(L)
     s_loss = ExpertLoss(student, t_calls)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not distributed.active() \
-        else torch.autocast("cpu", enabled=False)  # under torchrun on CUDA, FSDP2's policy computes in bf16
+    if device.type == "cuda":  # bf16: autocast in one process; under torchrun FSDP2's mixed-precision policy
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not distributed.active())
+    else:
+        autocast = compute_dtype(device.type, cfg.dtype)
     W = distributed.world()
     g = torch.Generator().manual_seed(cfg.seed)
     lam, history, step, t0 = None, [], 0, time.time()
@@ -260,14 +263,16 @@ def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, wr
             inputs[c.expert].append(c.x)
             targets[c.expert].append(c.y)
 
-        x = run_layer(t_layer, x, pos, cfg.batch_size, observer)  # teacher activations feed l+1
+        with torch.no_grad():  # the teacher's outputs are targets, not part of any graph
+            x = run_layer(t_layer, x, pos, cfg.batch_size, observer, cfg.dtype)  # teacher activations feed l+1
         del t_layer
         layer_hist = []
         for e, expert in enumerate(s_layer.block_sparse_moe.experts):
             if not inputs[e] or e % distributed.world() != distributed.rank():  # expert parallel: every W-th
                 continue
             xe, ye = torch.cat(inputs[e]), torch.cat(targets[e])  # [n_e, hidden] cached routed inputs and outputs
-            before, after = train_expert(expert, xe, ye, cfg)
+            with compute_dtype(torch.device(device).type, cfg.dtype):
+                before, after = train_expert(expert, xe, ye, cfg)
             layer_hist.append({"expert": e, "tokens": len(xe), "mse_before": before, "mse_after": after})
         gather_experts(s_layer)
         layer_hist = sorted(distributed.gather_lists(layer_hist), key=lambda h: h["expert"])
@@ -403,7 +408,7 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
 FIELD_TYPES = {"samples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
                "warmup_steps": cli.nonnegative_int, "batch_size": cli.positive_int, "grad_accum": cli.positive_int,
                "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": int,
-               "loss": str}
+               "loss": str, "dtype": str}
 
 
 def main(argv=None):
@@ -419,7 +424,7 @@ def main(argv=None):
                         "train split, default)")
     for f, default in asdict(DistillConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=FIELD_TYPES[f], default=default,
-                       choices=("eq10", "ce", "mse") if f == "loss" else None,
+                       choices={"loss": ("eq10", "ce", "mse"), "dtype": ("float32", "bfloat16")}.get(f),
                        help=f"DistillConfig.{f} (default {default}; see the module docstring)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
     p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "

@@ -55,7 +55,7 @@ import data
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, check_output, save_model
 from checkpoint import load_model as load_plain_model
-from layerwise import Positions, embed_windows, layers, run_layer
+from layerwise import Positions, compute_dtype, embed_windows, layers, run_layer
 from progress import log
 
 
@@ -210,13 +210,15 @@ SELECTIONS = ("naee", "reap")  # how the r kept experts are chosen
 
 def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out: str, overwrite: bool = False,
          batch_size: int = 8, device="cpu", protocol: str = "layerwise", log=log, report_extra: dict = None,
-         select: str = "naee") -> dict:
+         select: str = "naee", dtype: str = "float32") -> dict:
     """NAEE expert pruning to r experts per layer (r = n: none) and optional dynamic skipping.
 
     protocol "layerwise" (the reference's layerwise_pruning, default): every layer's subset is
     chosen on the inputs and outputs of the *dense* model, so the layers are independent.
     "progressive" (the reference's progressive_pruning): layer l's inputs come through the
-    already-pruned layers 0..l-1, the target being the unpruned block on those inputs."""
+    already-pruned layers 0..l-1, the target being the unpruned block on those inputs.
+    dtype: the compute dtype of every forward (layerwise.compute_dtype); errors and saliencies
+    are accumulated in float64 either way."""
     if protocol not in PROTOCOLS:
         raise data.DataError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     if select not in SELECTIONS:
@@ -230,7 +232,8 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
     new = mm.MixtralConfig.from_dict({**config.to_dict(), "num_local_experts": r})
     x, pos = embed_windows(reader, tokens, device)
     kept, betas, per_layer = [], [], []
-    with CheckpointWriter(out, new, overwrite=overwrite, src_dir=reader.path) as writer:
+    with CheckpointWriter(out, new, overwrite=overwrite, src_dir=reader.path) as writer, \
+            compute_dtype(torch.device(device).type, dtype):
         for l, layer in layers(reader, writer, device):
             t0 = time.time()
             dense_next = run_layer(layer, x, pos, batch_size) if protocol == "layerwise" else None
@@ -346,14 +349,16 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
 
 
 def cd_moe(model_dir: str, tokens: torch.Tensor, n_layers: int, n_experts: int, out: str, overwrite: bool = False,
-           batch_size: int = 8, device="cpu", log=log, report_extra: dict = None) -> dict:
-    """CD-MoE: condense n_layers layers to n_experts always-on experts each; write the checkpoint."""
+           batch_size: int = 8, device="cpu", log=log, report_extra: dict = None, dtype: str = "float32") -> dict:
+    """CD-MoE: condense n_layers layers to n_experts always-on experts each, every forward in
+    dtype (layerwise.compute_dtype); write the checkpoint."""
     config = CheckpointReader(model_dir).config
     if not (1 <= n_layers <= config.num_hidden_layers and 1 <= n_experts <= config.num_local_experts):
         raise data.DataError(f"--condense-layers must lie in [1, {config.num_hidden_layers}] and "
                              f"--condense-experts in [1, {config.num_local_experts}]")
     model = load_plain_model(model_dir, torch.float32, device)
-    condensed = condense(model, tokens.to(device), n_layers, n_experts, batch_size, log)
+    with compute_dtype(torch.device(device).type, dtype):
+        condensed = condense(model, tokens.to(device), n_layers, n_experts, batch_size, log)
     model.config = mm.MixtralConfig.from_dict({**config.to_dict(), "condensed_layers": condensed})
     report = {"method": "cd-moe", "condensed_layers": condensed, "calibration_tokens": tokens.numel(),
               **(report_extra or {})}
@@ -419,6 +424,10 @@ def main(argv=None):
     cli.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of every forward: bfloat16 runs the matrix products in bfloat16 (autocast; the "
+                        "weights stay exact, errors and saliencies are accumulated in float64); fast only on CPUs with "
+                        "AMX or AVX-512 BF16 and on GPUs")
     p.add_argument("--recipe", help="repeat the run an expert_prune_report.json records; flags given as well override it")
     args = p.parse_args(argv)
     with cli.errors():
@@ -439,10 +448,10 @@ def main(argv=None):
                              "model": data.shown_path(model_dir)}, **({"recipe": recipe} if recipe else {})}
         if args.condense_layers:
             return cd_moe(model_dir, tokens, args.condense_layers, args.condense_experts, args.out, args.overwrite,
-                          args.batch_size, args.device, report_extra=recorded)
+                          args.batch_size, args.device, report_extra=recorded, dtype=args.dtype)
         return naee(reader, tokens, args.r if args.r is not None else config.num_local_experts, args.skip,
                     args.out, args.overwrite, args.batch_size, args.device, args.protocol, report_extra=recorded,
-                    select=args.select)
+                    select=args.select, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ and Wanda's reference code, and the shape of MoE-Pruner's Algorithm 1.
             x = run_layer(layer, x, pos, batch_size)
 """
 
+import contextlib
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -42,15 +43,23 @@ def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device="cpu", 
 
 
 @torch.no_grad()
+def compute_dtype(device_type: str, dtype) -> contextlib.AbstractContextManager:
+    """The context a forward runs in: for bfloat16 (torch.bfloat16 or "bfloat16") the matrix
+    products under autocast, the weights staying float32 so that pruning and writing them back
+    are exact (on a CPU with AMX or AVX-512 BF16, or a GPU, several times faster; on a CPU
+    without them, several times slower); for float32 nothing changes, and an enclosing
+    compute_dtype still applies."""
+    if dtype in (torch.bfloat16, "bfloat16"):  # no weight-cast cache: a training loop may run inside it
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
 def run_layer(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_size: int, observer=None,
               dtype=torch.float32):
     """The layer's outputs for all windows, x [n, T, hidden] -> [n, T, hidden] in x's dtype,
-    batch_size windows at a time. dtype float32 computes in float32; bfloat16 runs the matrix
-    products in bfloat16 under autocast (the weights stay float32, so pruning and writing them
-    back are exact; on a CPU with AMX or AVX-512 BF16, or a GPU, it is several times faster)."""
+    batch_size windows at a time, computed in dtype (see compute_dtype)."""
     out = torch.empty_like(x)
-    device_type = x.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with compute_dtype(x.device.type, dtype):
         for i in range(0, len(x), batch_size):
             y = layer(x[i:i + batch_size].float(), pos.cos, pos.sin, pos.mask, observer)[0]
             out[i:i + batch_size] = y.to(x.dtype)

@@ -139,3 +139,17 @@ def test_a_distill_recipe_repeats_the_run_bit_for_bit(tmp_path, pair, text_file)
     rep = distill.main(["--recipe", os.path.join(first, "distill_report.json"), "--epochs", "1",
                         "--out", str(tmp_path / "kd3")])
     assert rep["recipe"]["overridden"] == {"epochs": 1}
+
+
+def test_per_expert_mode_in_bfloat16_learns_and_keeps_the_mask(tmp_path, pair, text_file):
+    teacher, student = pair
+    out = str(tmp_path / "kd")
+    rep = distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", out,
+                        "--mode", "per-expert", "--dtype", "bfloat16", *ARGS])
+    assert rep["settings"]["dtype"] == "bfloat16"
+    experts = [e for l in rep["layers"] for e in l["experts"]]
+    assert experts and all(e["mse_after"] < e["mse_before"] for e in experts)
+    s, o = checkpoint.CheckpointReader(student), checkpoint.CheckpointReader(out)
+    for k in s.weight_map:
+        if ".experts." in k:
+            assert torch.equal(s.get(k) == 0, o.get(k) == 0), k

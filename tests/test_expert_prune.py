@@ -219,3 +219,22 @@ def test_an_expert_prune_recipe_repeats_the_run(tmp_path, ckpt, text_file):
     assert rep["recipe"]["overridden"] == {}
     a, b = checkpoint.load_model(first), checkpoint.load_model(str(tmp_path / "again"))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_bfloat16_compute_runs_end_to_end_and_computes_in_bfloat16(tmp_path, ckpt, text_file):
+    """--dtype bfloat16: the forwards run under autocast (the subset errors move off the float32
+    ones, a little), the experts are sliced as in float32 and the weights are written exactly."""
+    common = ["--model", ckpt, "--r", "3", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32"]
+    f32 = ep.main([*common, "--out", str(tmp_path / "f32")])
+    b16 = ep.main([*common, "--out", str(tmp_path / "b16"), "--dtype", "bfloat16"])
+    assert b16["args"]["dtype"] == "bfloat16"
+    for a, b in zip(f32["layers"], b16["layers"]):
+        assert a["error"] != b["error"] and b["error"] == pytest.approx(a["error"], rel=0.05)
+    src = checkpoint.CheckpointReader(ckpt)
+    out = checkpoint.CheckpointReader(str(tmp_path / "b16"))
+    for l, keep in enumerate(b16["kept_experts"]):
+        assert torch.equal(out.get(f"model.layers.{l}.block_sparse_moe.experts.0.w1.weight"),
+                           src.get(f"model.layers.{l}.block_sparse_moe.experts.{keep[0]}.w1.weight"))
+    cd = ep.main([*common[:2], "--condense-layers", "1", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
+                  "--out", str(tmp_path / "cd"), "--dtype", "bfloat16"])
+    assert len(cd["condensed_layers"]) == 1
