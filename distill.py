@@ -49,7 +49,7 @@ import data
 import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, check_output, load_layer, load_model, read_config
-from layerwise import compute_dtype, embed_windows, layers, run_layer
+from layerwise import COMPUTE_DTYPES, compute_dtype, embed_windows, layers, run_layer
 from progress import log
 
 
@@ -263,8 +263,7 @@ def distill_per_expert(teacher_dir, student_dir, windows, cfg: DistillConfig, wr
             inputs[c.expert].append(c.x)
             targets[c.expert].append(c.y)
 
-        with torch.no_grad():  # the teacher's outputs are targets, not part of any graph
-            x = run_layer(t_layer, x, pos, cfg.batch_size, observer, cfg.dtype)  # teacher activations feed l+1
+        x = run_layer(t_layer, x, pos, cfg.batch_size, observer, cfg.dtype)  # teacher activations feed l+1
         del t_layer
         layer_hist = []
         for e, expert in enumerate(s_layer.block_sparse_moe.experts):
@@ -424,7 +423,7 @@ def main(argv=None):
                         "train split, default)")
     for f, default in asdict(DistillConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=FIELD_TYPES[f], default=default,
-                       choices={"loss": ("eq10", "ce", "mse"), "dtype": ("float32", "bfloat16")}.get(f),
+                       choices={"loss": ("eq10", "ce", "mse"), "dtype": COMPUTE_DTYPES}.get(f),
                        help=f"DistillConfig.{f} (default {default}; see the module docstring)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
     p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "

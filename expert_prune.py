@@ -55,7 +55,7 @@ import data
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, check_output, save_model
 from checkpoint import load_model as load_plain_model
-from layerwise import Positions, compute_dtype, embed_windows, layers, run_layer
+from layerwise import COMPUTE_DTYPES, Positions, compute_dtype, embed_windows, layers, run_layer
 from progress import log
 
 
@@ -424,7 +424,7 @@ def main(argv=None):
     cli.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                    help="compute dtype of every forward: bfloat16 runs the matrix products in bfloat16 (autocast; the "
                         "weights stay exact, errors and saliencies are accumulated in float64); fast only on CPUs with "
                         "AMX or AVX-512 BF16 and on GPUs")

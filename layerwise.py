@@ -42,7 +42,9 @@ def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device="cpu", 
     return x, Positions(cos, sin, mm.attention_mask(tokens.shape[1], reader.config.sliding_window, device))
 
 
-@torch.no_grad()
+COMPUTE_DTYPES = ("float32", "bfloat16")  # what --dtype accepts wherever a layer forward runs
+
+
 def compute_dtype(device_type: str, dtype) -> contextlib.AbstractContextManager:
     """The context a forward runs in: for bfloat16 (torch.bfloat16 or "bfloat16") the matrix
     products under autocast, the weights staying float32 so that pruning and writing them back
@@ -54,6 +56,7 @@ def compute_dtype(device_type: str, dtype) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@torch.no_grad()
 def run_layer(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_size: int, observer=None,
               dtype=torch.float32):
     """The layer's outputs for all windows, x [n, T, hidden] -> [n, T, hidden] in x's dtype,

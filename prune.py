@@ -50,7 +50,7 @@ import data
 import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, check_output, expected_shapes
-from layerwise import Positions, embed_windows, layers, run_layer
+from layerwise import COMPUTE_DTYPES, Positions, embed_windows, layers, run_layer
 from progress import Laps, log
 
 METHODS = ("moe-pruner", "wanda", "sparsegpt", "magnitude")
@@ -512,7 +512,7 @@ def check_args(args: PruneArgs, config: mm.MixtralConfig, nm):
                                              and args.owl_m > 0):
         raise data.DataError(f"--owl-lambda {args.owl_lambda} must keep every layer in [0, 1) around --sparsity "
                              f"{args.sparsity}, and --owl-m {args.owl_m} must be > 0")
-    if args.dtype not in ("float32", "bfloat16"):
+    if args.dtype not in COMPUTE_DTYPES:
         raise data.DataError(f"--dtype {args.dtype!r}: float32 or bfloat16")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
@@ -644,7 +644,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="calibration windows per forward pass")
     p.add_argument("--act-dtype", default="float32", choices=list(DTYPES),
                    help="dtype the calibration activations are kept in between layers (half precision halves memory)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                    help="compute dtype of the layer forward: bfloat16 runs the matrix products in bfloat16 (autocast; "
                         "weights, masks and statistics stay exact), several times faster on CPUs with AMX or AVX-512 "
                         "BF16 and on GPUs; statistics are accumulated in float64, Hessians in float32")
