@@ -71,7 +71,7 @@ class TrainConfig:
     moe_lr: float = 5e-4  # upcycled training restarts warm, at half the peak
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    aux_loss_coef: float = 0.02  # load-balancing weight; Switch uses 0.01. Reviving collapsed experts took 1.0
+    aux_loss_coef: float = 0.02  # per-layer: Switch's 0.01 per layer (load_balancing_loss). Reviving collapsed experts took 1.0
     balance: str = "per-layer"  # Switch's per-layer loss; "pooled" = transformers' all-layers-pooled form
     grad_clip: float = 1.0
     eval_windows: int = 64  # held-out windows for the final report
@@ -124,7 +124,10 @@ def load_balancing_loss(router_logits: list, top_k: int, per_layer: bool = False
     layer's tokens first, exactly as transformers' load_balancing_loss_func does: that balances
     only the experts' total over layers, so one layer can send most tokens to experts that
     another layer avoids. per_layer=True is Switch Transformers' form (Fedus et al. 2021, Eq. 4,
-    applied in every MoE layer): the mean over layers of each layer's own loss.
+    applied in every MoE layer), averaged over layers. Scale: f sums to top_k here, as in
+    transformers, and to 1 in Switch and Megatron, which add every layer's loss at the full
+    coefficient; so a coefficient c here is their c * top_k / layers per layer (0.02 with top-2
+    and 4 layers = Switch's 0.01).
     """
     if per_layer:
         return torch.stack([load_balancing_loss([l], top_k) for l in router_logits]).mean()
