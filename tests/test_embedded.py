@@ -11,16 +11,20 @@ import eval_ppl
 import checkpoint
 
 MODEL = data.SHIPPED_MODEL
-MODELS = [m for m in (data.SHIPPED_MODEL, data.DECISIVE_MODEL) if os.path.isdir(m)]
+MODELS = [data.SHIPPED_MODEL, data.DECISIVE_MODEL]  # both are committed; neither may go missing
 
 
-def test_shipped_model_is_an_official_layout_half_precision_mixtral():
-    reader = checkpoint.CheckpointReader(MODEL)  # checks every key and shape against config.json
+def test_the_default_model_is_the_shipped_one():
+    assert data.default_model_dir() == MODEL != data.DECISIVE_MODEL
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_shipped_model_is_an_official_layout_half_precision_mixtral(model):
+    reader = checkpoint.CheckpointReader(model)  # checks every key and shape against config.json
     assert reader.stored_dtype() == torch.float16
-    assert data.default_model_dir() == MODEL
-    size = sum(os.path.getsize(os.path.join(MODEL, f)) for f in os.listdir(MODEL))
+    size = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model))
     assert size < 40 * 2**20
-    ids = data.load_tokenizer(MODEL).encode("def f(x):\n    return x\n").ids
+    ids = data.load_tokenizer(model).encode("def f(x):\n    return x\n").ids
     assert max(ids) < reader.config.vocab_size
 
 
@@ -36,12 +40,13 @@ def test_shipped_model_reproduces_its_report(model):
     assert ppl < report["unigram_ppl"] / 5
 
 
-def test_shipped_model_matches_transformers():
+@pytest.mark.parametrize("model", MODELS)
+def test_shipped_model_matches_transformers(model):
     transformers = pytest.importorskip("transformers")
     idx = torch.randint(0, 4096, (1, 64), generator=torch.Generator().manual_seed(0))
-    hf = transformers.MixtralForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    hf = transformers.MixtralForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (hf(idx).logits - checkpoint.load_model(MODEL)(idx)).abs().max() <= 1e-4
+        assert (hf(idx).logits - checkpoint.load_model(model)(idx)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -61,8 +66,6 @@ def test_shipped_model_experts_are_balanced(model):
 def test_the_decisive_model_routes_decisively():
     """models/tiny-mixtral-decisive: the router puts >= 60% of its probability on the two chosen
     experts in every layer (the shipped model: 35-44%)."""
-    if not os.path.isdir(data.DECISIVE_MODEL):
-        pytest.skip("no models/tiny-mixtral-decisive")
     tok = data.load_tokenizer(data.DECISIVE_MODEL)
     windows = data.calibration_windows(data.encode(tok, data.stdlib_text("calib")), 16, 512, seed=0)
     with torch.no_grad():
