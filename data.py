@@ -222,8 +222,13 @@ def load_token_file(path: str, vocab_size: int) -> torch.Tensor:
 
 
 def text_source(spec: str, split: str) -> str:
-    """--data / --calib-data: a path, or 'stdlib' for the embedded corpus's `split`."""
-    return stdlib_text(split) if spec in (None, "stdlib") else read_text(spec)
+    """--data / --calib-data: a path; 'stdlib' for the embedded corpus's `split` (the script's own:
+    eval for evaluation, calib for calibration); 'stdlib:SPLIT' for a named split (train, calib, eval)."""
+    if spec in (None, "stdlib"):
+        return stdlib_text(split)
+    if spec.startswith("stdlib:"):
+        return stdlib_text(spec[len("stdlib:"):])  # stdlib_files rejects an unknown split
+    return read_text(spec)
 
 
 def resolve_wikitext(spec: str, split: str) -> str:

@@ -157,7 +157,8 @@ def main(argv=None):
                         "printed as one table; default: the embedded tiny Mixtral")
     p.add_argument("--data", default="stdlib",
                    help="text to evaluate: a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
-                        "or 'stdlib' for the embedded corpus's held-out eval split (default)")
+                        "'stdlib' for the embedded corpus's held-out eval split (default), or 'stdlib:calib' "
+                        "(stdlib:train) for its calibration (training) split, e.g. to measure the router there")
     p.add_argument("--split", default="test", choices=("test", "validation"),
                    help="with a WikiText directory: wiki.test.raw (Wanda's and SparseGPT's choice, default) or "
                         "wiki.valid.raw (what the MoE-Pruner paper says it used)")
@@ -192,7 +193,8 @@ def main(argv=None):
     if args.router_stats:
         for r in results:
             for x in r["router"]:
-                print(f"{r['model']} layer {x['layer']}: load CV {x['load_cv']:.3f}, top-1 gate "
+                print(f"{r['model']} layer {x['layer']}: load CV {x['load_cv']:.3f}, smallest top-1 share "
+                      f"{100 * min(x['top1_counts']) / sum(x['top1_counts']):.1f}%, top-1 gate "
                       f"{x['top1_gate_mean']:.3f} +- {x['top1_gate_std']:.3f}, top-k probability mass "
                       f"{x['topk_mass']:.3f}", file=sys.stderr)
     return results

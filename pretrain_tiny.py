@@ -75,7 +75,8 @@ class TrainConfig:
     balance: str = "per-layer"  # Switch's per-layer loss; "pooled" = transformers' all-layers-pooled form
     grad_clip: float = 1.0
     eval_windows: int = 64  # held-out windows for the final report
-    # Levers for a decisive router (all off by default, which is how the shipped model was trained):
+    # Levers for a decisive router, all off by default as for models/tiny-mixtral; models/tiny-mixtral-decisive
+    # used 0.1, 10 and 0 with --aux-loss-coef 0.04 (docs/embedded-model.md has both commands):
     upcycle_noise: float = 0.0  # relative std of Gaussian noise added to each upcycled expert copy (breaks symmetry)
     router_lr_mult: float = 1.0  # the router's learning rate = moe_lr x this
     router_weight_decay: float = -1.0  # the router's weight decay; -1: the same as weight_decay

@@ -140,3 +140,9 @@ def test_wikitext_directory_and_split(tmp_path, ckpt, capsys):
     valid = eval_ppl.main(["--model", ckpt, "--data", str(d), "--split", "validation", "--seqlen", "32"])[0]
     assert test["ppl"] != valid["ppl"]
     assert "no wiki.test.raw" in cli_error(capsys, ["--model", ckpt, "--data", str(tmp_path)])
+
+
+def test_a_named_stdlib_split_is_that_split(ckpt, capsys):
+    assert data.text_source("stdlib:calib", "eval") == data.stdlib_text("calib") != data.text_source("stdlib", "eval")
+    assert data.text_source("stdlib", "calib") == data.stdlib_text("calib")
+    assert "unknown split 'valid'" in cli_error(capsys, ["--model", ckpt, "--data", "stdlib:valid"])
