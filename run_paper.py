@@ -29,6 +29,7 @@ unless --keep.
     python run_paper.py --overwrite                                     # table, sweeps
     python run_paper.py --parts anatomy --out results/anatomy --overwrite
     python run_paper.py --replot --out results/anatomy                 # tables and plots again, nothing run
+    python run_paper.py --compare results results/decisive             # two runs' tables side by side
     python run_paper.py --model Mixtral-8x7B-v0.1 --calib-data c4-train.00000-of-01024.json.gz \\
         --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --eval-windows 0 --device cuda
 """
@@ -463,6 +464,48 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+
+def side_by_side(results: list) -> str:
+    """Several runs' tables as one (e.g. the same parts on two models): each cell holds the runs'
+    values in order, "a / b". Pruning settings that every run has; the anatomy when every run has it."""
+    join = lambda values: " / ".join(values)
+    out = ["Each cell: " + join(r["model"] for r in results) + ".\n"]
+    label = lambda r: r["nm"] or f"{r['sparsity']:.0%}"  # 50%, 2:4, ...
+    ppl = [{(r["method"], label(r)): r["ppl"] for r in res.get("runs", []) if r["part"] in ("table", "sparsity")}
+           for res in results]
+    order = ("50%", "2:4", "4:8", "30%", "70%", "80%")  # Table 2 first, then the rest of Figure 5
+    settings = [x for x in order if all(("wanda", x) in p and ("moe-pruner", x) in p for p in ppl)]
+    if settings:
+        out.append("| method | " + " | ".join(settings) + " |\n|---" + "|---" * len(settings) + "|")
+        out.append("| dense | " + join(f"{res['dense_ppl']:.3f}" for res in results) + " |" + " |" * (len(settings) - 1))
+        for m in METHODS:
+            out.append(f"| {m} | " + " | ".join(join(f"{p[m, x]:.3f}" if (m, x) in p else "-" for p in ppl)
+                                                 for x in settings) + " |")
+        out.append("| moe-pruner - wanda | " + " | ".join(
+            join(f"{p['moe-pruner', x] - p['wanda', x]:+.3f}" for p in ppl) for x in settings) + " |\n")
+    if all(res.get("anatomy") for res in results):
+        summaries = [{(x["setting"], x["name"]): x for x in anatomy_summary(res["anatomy"])} for res in results]
+        cell = lambda x: (f"{x['mean']:+.3f} ({x['wins']}/{x['draws']})" if "wins" in x
+                          else f"{x['mean']:.3f}" + (f" +- {x['sd']:.3f}" if x["sd"] is not None else ""))
+        out.append("The router's hint: mean +- sd over the calibration draws; MoE-Pruner - Wanda paired by draw, "
+                   "(draws where MoE-Pruner wins / draws).\n")
+        out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
+        for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
+            out.append(f"| {name} | " + " | ".join(join(cell(sm[x, name]) for sm in summaries)
+                                                   for x in ("50%", "2:4", "70%")) + " |")
+        out.append("\n| layer | gate sd | top-k mass | r_j spread, x | r_j spread, h | mask difference w1, w3, w2 |\n"
+                   "|---|---|---|---|---|---|")
+        anatomies = [res["anatomy"] for res in results]
+        for layer in range(min(len(a["gates"]) for a in anatomies)):
+            g = [a["gates"][layer] for a in anatomies]
+            diff = lambda a, m: next(r["mask_difference"] for r in a["mask_difference"]
+                                     if r["layer"] == layer and r["matrix"] == m)
+            out.append(f"| {layer} | " + " | ".join(join(f.format(x[k]) for x in g) for k, f in (
+                ("gate_std", "{:.3f}"), ("topk_mass", "{:.3f}"), ("r_spread_x", "{:.4f}"), ("r_spread_h", "{:.4f}")))
+                + " | " + join(", ".join(f"{diff(a, m):.2%}" for m in ("w1", "w3", "w2")) for a in anatomies) + " |")
+        out.append("")
+    return "\n".join(out)
+
 def plots(res: dict, out_dir: str) -> list:
     """The figures, as PNG files in out_dir; returns their names (none without matplotlib)."""
     if plt is None:
@@ -623,8 +666,20 @@ def main(argv=None):
     p.add_argument("--replot", action="store_true",
                    help="run nothing: rewrite --out's README.md and plots from its results.json (e.g. after "
                         "installing matplotlib)")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="run nothing: print the tables of these --out folders side by side (e.g. one model's "
+                        "results next to another's), from their results.json")
     a = p.parse_args(argv)
     with cli.errors():
+        if a.compare:
+            missing = [d for d in a.compare if not os.path.isfile(os.path.join(d, "results.json"))]
+            if missing:
+                raise data.DataError(f"--compare: no {os.path.join(missing[0], 'results.json')}")
+            results = []
+            for d in a.compare:
+                with open(os.path.join(d, "results.json")) as f:
+                    results.append(json.load(f))
+            return print(side_by_side(results))
         if a.replot:
             path = os.path.join(a.out, "results.json")
             if not os.path.isfile(path):

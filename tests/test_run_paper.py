@@ -5,6 +5,7 @@ import os
 import tempfile
 
 import numpy as np
+import pytest
 import torch
 
 import run_paper
@@ -61,3 +62,41 @@ def test_anatomy_summary_pairs_draws():
     assert abs(diff["mean"] - 0.0) < 1e-12 and diff["wins"] == 1 and diff["draws"] == 2
     wanda = next(r for r in summary if r["setting"] == "50%" and r["name"] == "wanda")
     assert abs(wanda["mean"] - 7.2) < 1e-12 and abs(wanda["sd"] - 0.2828427) < 1e-6
+
+
+def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
+    def results(model, shift, with_70):
+        runs = [{"part": "table", "method": m, "sparsity": 0.5, "nm": nm, "ppl": p + shift}
+                for m, p in (("magnitude", 9.0), ("wanda", 8.0), ("sparsegpt", 7.0), ("moe-pruner", 7.9))
+                for nm in (None, "2:4")]
+        if with_70:
+            runs += [{"part": "sparsity", "method": m, "sparsity": 0.7, "nm": None, "ppl": 20.0} for m in run_paper.METHODS]
+        return {"model": model, "dense_ppl": 6.0 + shift, "runs": runs}
+    for name, res in (("a", results("A", 0.0, True)), ("b", results("B", 0.5, False))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    run_paper.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    table = capsys.readouterr().out
+    assert table.startswith("Each cell: A / B.")
+    assert "| method | 50% | 2:4 |\n" in table  # 70% is in one run only: left out
+    assert "| wanda | 8.000 / 8.500 | 8.000 / 8.500 |" in table
+    assert "| moe-pruner - wanda | -0.100 / -0.100 | -0.100 / -0.100 |" in table
+    assert "The router's hint" not in table  # neither run has the anatomy
+    runs = [{"setting": s, "name": n, "draw": d, "ppl": p} for s in ("50%", "2:4", "70%")
+            for n, d, p in (("magnitude", 0, 9.0), ("router-blind wanda", 0, 8.0), ("router-blind wanda", 1, 8.2),
+                            ("wanda", 0, 7.0), ("wanda", 1, 7.4), ("moe-pruner", 0, 6.9), ("moe-pruner", 1, 7.3),
+                            ("sparsegpt", 0, 6.0))]
+    gates = [{"layer": 0, "gate_std": 0.1, "topk_mass": 0.4, "r_spread_x": 0.01, "r_spread_h": 0.04}]
+    masks = [{"layer": 0, "matrix": m, "mask_difference": 0.005} for m in ("w1", "w3", "w2")]
+    for name in "ab":
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        res["anatomy"] = {"runs": runs, "gates": gates, "mask_difference": masks, "draws": 2}
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    run_paper.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    table = capsys.readouterr().out
+    assert "| moe-pruner - wanda | -0.100 (2/2) / -0.100 (2/2) |" in table
+    assert "| wanda | 7.200 +- 0.283 / 7.200 +- 0.283 |" in table
+    assert "| 0 | 0.100 / 0.100 | 0.400 / 0.400 | 0.0100 / 0.0100 | 0.0400 / 0.0400 | 0.50%, 0.50%, 0.50% / 0.50%, 0.50%, 0.50% |" in table
+    with pytest.raises(SystemExit):
+        run_paper.main(["--compare", str(tmp_path / "a"), str(tmp_path / "none")])
+    assert "--compare: no" in capsys.readouterr().err
