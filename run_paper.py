@@ -485,17 +485,23 @@ def side_by_side(results: list) -> str:
             join(f"{p['moe-pruner', x] - p['wanda', x]:+.3f}" for p in ppl) for x in settings) + " |\n")
     if all(res.get("anatomy") for res in results):
         summaries = [{(x["setting"], x["name"]): x for x in anatomy_summary(res["anatomy"])} for res in results]
-        cell = lambda x: (f"{x['mean']:+.3f} ({x['wins']}/{x['draws']})" if "wins" in x
-                          else f"{x['mean']:.3f}" + (f" +- {x['sd']:.3f}" if x["sd"] is not None else ""))
+        sd = lambda x: f" +- {x['sd']:.3f}" if x["sd"] is not None else ""
+        cell = lambda x: (f"{x['mean']:+.3f}{sd(x)} ({x['wins']}/{x['draws']})" if "wins" in x
+                          else f"{x['mean']:.3f}{sd(x)}")
         out.append("The router's hint: mean +- sd over the calibration draws; MoE-Pruner - Wanda paired by draw, "
                    "(draws where MoE-Pruner wins / draws).\n")
         out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
         for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
             out.append(f"| {name} | " + " | ".join(join(cell(sm[x, name]) for sm in summaries)
                                                    for x in ("50%", "2:4", "70%")) + " |")
+        anatomies = [res["anatomy"] for res in results]
+        scopes = ("experts", "+attention", "+attention+router")
+        out.append("\nScope at 50% (draw 0):\n\n| method | " + " | ".join(scopes) + " |\n|---|---|---|---|")
+        for name in ("router-blind wanda", "wanda", "moe-pruner", "sparsegpt"):
+            out.append(f"| {name} | " + " | ".join(join(f"{r['ppl']:.3f}" for a in anatomies for r in a["scope"]
+                                                        if r["name"] == name and r["scope"] == sc) for sc in scopes) + " |")
         out.append("\n| layer | gate sd | top-k mass | r_j spread, x | r_j spread, h | mask difference w1, w3, w2 |\n"
                    "|---|---|---|---|---|---|")
-        anatomies = [res["anatomy"] for res in results]
         for layer in range(min(len(a["gates"]) for a in anatomies)):
             g = [a["gates"][layer] for a in anatomies]
             diff = lambda a, m: next(r["mask_difference"] for r in a["mask_difference"]

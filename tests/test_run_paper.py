@@ -90,11 +90,14 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
     masks = [{"layer": 0, "matrix": m, "mask_difference": 0.005} for m in ("w1", "w3", "w2")]
     for name in "ab":
         res = json.loads((tmp_path / name / "results.json").read_text())
-        res["anatomy"] = {"runs": runs, "gates": gates, "mask_difference": masks, "draws": 2}
+        scope = [{"name": n, "scope": sc, "ppl": p} for n in ("router-blind wanda", "wanda", "moe-pruner", "sparsegpt")
+                 for sc, p in (("experts", 7.0), ("+attention", 7.5), ("+attention+router", 8.0))]
+        res["anatomy"] = {"runs": runs, "gates": gates, "mask_difference": masks, "draws": 2, "scope": scope}
         (tmp_path / name / "results.json").write_text(json.dumps(res))
     run_paper.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
     table = capsys.readouterr().out
-    assert "| moe-pruner - wanda | -0.100 (2/2) / -0.100 (2/2) |" in table
+    assert "| moe-pruner - wanda | -0.100 +- 0.000 (2/2) / -0.100 +- 0.000 (2/2) |" in table
+    assert "| wanda | 7.000 / 7.000 | 7.500 / 7.500 |" in table  # the scope table
     assert "| wanda | 7.200 +- 0.283 / 7.200 +- 0.283 |" in table
     assert "| 0 | 0.100 / 0.100 | 0.400 / 0.400 | 0.0100 / 0.0100 | 0.0400 / 0.0400 | 0.50%, 0.50%, 0.50% / 0.50%, 0.50%, 0.50% |" in table
     with pytest.raises(SystemExit):
