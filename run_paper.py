@@ -488,7 +488,7 @@ def side_by_side(results: list) -> str:
         sd = lambda x: f" +- {x['sd']:.3f}" if x["sd"] is not None else ""
         cell = lambda x: (f"{x['mean']:+.3f}{sd(x)} ({x['wins']}/{x['draws']})" if "wins" in x
                           else f"{x['mean']:.3f}{sd(x)}")
-        out.append("The router's hint: mean +- sd over the calibration draws; MoE-Pruner - Wanda paired by draw, "
+        out.append("The router's hint: mean +- sd over the calibration draws; MoE-Pruner - Wanda paired by draw "
                    "(draws where MoE-Pruner wins / draws).\n")
         out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
         for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
@@ -511,6 +511,7 @@ def side_by_side(results: list) -> str:
                 + " | " + join(", ".join(f"{diff(a, m):.2%}" for m in ("w1", "w3", "w2")) for a in anatomies) + " |")
         out.append("")
     return "\n".join(out)
+
 
 def plots(res: dict, out_dir: str) -> list:
     """The figures, as PNG files in out_dir; returns their names (none without matplotlib)."""
