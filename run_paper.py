@@ -260,6 +260,12 @@ def anatomy_summary(a: dict) -> list:
     return out
 
 
+def anatomy_cell(r: dict) -> str:
+    """One anatomy_summary row as a table cell: mean +- sd; the paired difference signed, with its wins."""
+    sd = f" +- {r['sd']:.3f}" if r["sd"] is not None else ""
+    return f"{r['mean']:+.3f}{sd} (wins {r['wins']}/{r['draws']})" if "wins" in r else f"{r['mean']:.3f}{sd}"
+
+
 # -----------------------------------------------------------------------------
 # experts, owl, distill
 
@@ -405,13 +411,8 @@ def markdown(res: dict) -> str:
         out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
         summary = anatomy_summary(a)
         for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
-            cells = []
-            for setting in ("50%", "2:4", "70%"):
-                r = next(x for x in summary if x["setting"] == setting and x["name"] == name)
-                sd = f" +- {r['sd']:.3f}" if r["sd"] is not None else ""
-                wins = f" (wins {r['wins']}/{r['draws']})" if "wins" in r else ""
-                cells.append(f"{r['mean']:+.3f}{sd}{wins}" if name.endswith("wanda") and " - " in name
-                             else f"{r['mean']:.3f}{sd}")
+            cells = [anatomy_cell(next(x for x in summary if x["setting"] == setting and x["name"] == name))
+                     for setting in ("50%", "2:4", "70%")]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("\nScope at 50% (draw 0): perplexity (whole-model sparsity).\n")
         out.append("| method | experts | +attention | +attention+router |\n|---|---|---|---|")
@@ -464,7 +465,6 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
-
 def side_by_side(results: list) -> str:
     """Several runs' tables as one (e.g. the same parts on two models): each cell holds the runs'
     values in order, "a / b". Pruning settings that every run has; the anatomy when every run has it."""
@@ -485,14 +485,11 @@ def side_by_side(results: list) -> str:
             join(f"{p['moe-pruner', x] - p['wanda', x]:+.3f}" for p in ppl) for x in settings) + " |\n")
     if all(res.get("anatomy") for res in results):
         summaries = [{(x["setting"], x["name"]): x for x in anatomy_summary(res["anatomy"])} for res in results]
-        sd = lambda x: f" +- {x['sd']:.3f}" if x["sd"] is not None else ""
-        cell = lambda x: (f"{x['mean']:+.3f}{sd(x)} ({x['wins']}/{x['draws']})" if "wins" in x
-                          else f"{x['mean']:.3f}{sd(x)}")
-        out.append("The router's hint: mean +- sd over the calibration draws; MoE-Pruner - Wanda paired by draw "
-                   "(draws where MoE-Pruner wins / draws).\n")
+        out.append("The router's hint: mean +- sd over the calibration draws; MoE-Pruner - Wanda paired by draw, "
+                   "with the draws where MoE-Pruner wins.\n")
         out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
         for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
-            out.append(f"| {name} | " + " | ".join(join(cell(sm[x, name]) for sm in summaries)
+            out.append(f"| {name} | " + " | ".join(join(anatomy_cell(sm[x, name]) for sm in summaries)
                                                    for x in ("50%", "2:4", "70%")) + " |")
         anatomies = [res["anatomy"] for res in results]
         scopes = ("experts", "+attention", "+attention+router")
@@ -647,6 +644,15 @@ def write_report(results: dict, out: str) -> str:
     return tables
 
 
+def read_results(folder: str, flag: str) -> dict:
+    """folder/results.json, for a flag that runs nothing (--replot, --compare)."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        raise data.DataError(f"{flag}: no {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
@@ -679,20 +685,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     with cli.errors():
         if a.compare:
-            missing = [d for d in a.compare if not os.path.isfile(os.path.join(d, "results.json"))]
-            if missing:
-                raise data.DataError(f"--compare: no {os.path.join(missing[0], 'results.json')}")
-            results = []
-            for d in a.compare:
-                with open(os.path.join(d, "results.json")) as f:
-                    results.append(json.load(f))
-            return print(side_by_side(results))
+            return print(side_by_side([read_results(d, "--compare") for d in a.compare]))
         if a.replot:
-            path = os.path.join(a.out, "results.json")
-            if not os.path.isfile(path):
-                raise data.DataError(f"--replot: no {path}")
-            with open(path) as f:
-                return print(write_report(json.load(f), a.out))
+            return print(write_report(read_results(a.out, "--replot"), a.out))
         try:
             sweep = [float(v) for v in a.sweep.split(",")]
             calib_sweep = [int(v) for v in a.calib_sweep.split(",")]

@@ -96,7 +96,7 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
         (tmp_path / name / "results.json").write_text(json.dumps(res))
     run_paper.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
     table = capsys.readouterr().out
-    assert "| moe-pruner - wanda | -0.100 +- 0.000 (2/2) / -0.100 +- 0.000 (2/2) |" in table
+    assert "| moe-pruner - wanda | -0.100 +- 0.000 (wins 2/2) / -0.100 +- 0.000 (wins 2/2) |" in table
     assert "| wanda | 7.000 / 7.000 | 7.500 / 7.500 |" in table  # the scope table
     assert "| wanda | 7.200 +- 0.283 / 7.200 +- 0.283 |" in table
     assert "| 0 | 0.100 / 0.100 | 0.400 / 0.400 | 0.0100 / 0.0100 | 0.0400 / 0.0400 | 0.50%, 0.50%, 0.50% / 0.50%, 0.50%, 0.50% |" in table
