@@ -267,13 +267,13 @@ def check_output_file(path: str, overwrite: bool = False):
         raise CheckpointError(f"cannot create {path}: no permission to write in {folder}")
 
 
-def write_output_file(path: str, text: str, overwrite: bool = False):
-    """Write a results file whole or not at all: a temporary sibling, then one link (which fails
-    if path appeared meanwhile) or, with overwrite, one atomic replace."""
+def write_output_file(path: str, text, overwrite: bool = False):
+    """Write a results file (text, or bytes) whole or not at all: a temporary sibling, then one link
+    (which fails if path appeared meanwhile) or, with overwrite, one atomic replace."""
     check_output_file(path, overwrite)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(os.path.abspath(path)))
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         if overwrite:

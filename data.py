@@ -16,16 +16,19 @@ References: Wanda (Sun et al. 2023, arXiv 2306.11695) and SparseGPT (Frantar & A
 arXiv 2301.00774) calibration protocol; MoE-Pruner Section 4.1 (128 C4 sequences).
 """
 
+import argparse
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import sys
-import sysconfig
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from checkpoint import CheckpointError, check_output_file, write_output_file
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # The trained tiny Mixtral shipped with the repo (see pretrain_tiny.py); every script's default.
@@ -61,40 +64,60 @@ def default_model_dir() -> str:
 
 
 # -----------------------------------------------------------------------------
-# The embedded corpus: the standard library's source
+# The embedded corpus: a snapshot of CPython 3.11.7's standard library, shipped in corpus/
 
+# The one corpus every number of this project is measured on, whatever Python runs the scripts
+# (each interpreter's own stdlib differs: 3.12 has no distutils, and many files changed).
+CORPUS = "CPython 3.11.7 stdlib"
+CORPUS_DIR = os.path.join(REPO, "corpus")
 # Percent of files in each split, by a hash of the file's path: enough held-out text for
-# calibration (128 x 512 tokens) and evaluation (~100 windows of 512) with 90% left to train on.
+# calibration (89 files, 1154 windows of 512 tokens) and evaluation (83 files, 753 windows of 512)
+# with 90% left to train on.
 SPLITS = {"train": (0, 90), "calib": (90, 95), "eval": (95, 100)}
+# SHA-256 of each shipped split file: a modified, truncated or regenerated snapshot is refused.
+CORPUS_SHA256 = {
+    "train": "f93e84896b67ceb0d67fe54a1ead4b139327d3a16b9768754fd1d749a24697b4",
+    "calib": "4afa7014baf33980d0182486fb9421037916d65230647cac00fafe1508e364d2",
+    "eval": "c1bb2678ebc05b05a67e725c9e28892d528332c331d4dd724a5787b693c36ddc",
+}
 
 
-def stdlib_root() -> str:
-    return sysconfig.get_paths()["stdlib"]
+def split_of(path: str) -> str:
+    """The split of a stdlib file, by the SHA-1 of its path relative to the stdlib root ('/'-separated):
+    deterministic, and no file's text is in two splits."""
+    bucket = int(hashlib.sha1(path.encode()).hexdigest(), 16) % 100
+    return next(s for s, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
 
-def stdlib_files(split: str) -> list:
-    """Sorted .py files of the running interpreter's stdlib (site-packages excluded) in a split."""
+def corpus_file(split: str) -> str:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    lo, hi = SPLITS[split]
-    root = stdlib_root()
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
-        for fn in sorted(filenames):
-            if fn.endswith(".py"):
-                rel = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
-                bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 100
-                if lo <= bucket < hi:
-                    out.append(os.path.join(dirpath, fn))
-    return out
+    return os.path.join(CORPUS_DIR, f"stdlib-{split}.jsonl.xz")
 
 
-def stdlib_texts(split: str):
-    """The files of one split, in sorted order, one string each."""
-    for fn in stdlib_files(split):
-        with open(fn, encoding="utf-8", errors="replace") as f:
-            yield f.read()
+def corpus_records(split: str) -> list:
+    """The files of one split as [{"path": relative path, "text": its text}] in the order of a sorted
+    walk of the stdlib (a folder's files, then its subfolders), read from the shipped snapshot and
+    checked against its SHA-256."""
+    fn = corpus_file(split)
+    try:
+        with open(fn, "rb") as f:
+            packed = f.read()
+    except OSError as e:
+        raise DataError(f"{shown_path(fn)}: cannot read the shipped corpus ({e.strerror})") from None
+    if hashlib.sha256(packed).hexdigest() != CORPUS_SHA256[split]:
+        raise DataError(f"{shown_path(fn)}: not the shipped snapshot (its SHA-256 differs); restore it with git")
+    return [json.loads(line) for line in lzma.decompress(packed).decode("utf-8").splitlines()]
+
+
+def stdlib_paths(split: str) -> list:
+    """The relative paths of one split's files, in corpus order."""
+    return [r["path"] for r in corpus_records(split)]
+
+
+def stdlib_texts(split: str) -> list:
+    """The files of one split, in corpus order, one string each."""
+    return [r["text"] for r in corpus_records(split)]
 
 
 def stdlib_text(split: str) -> str:
@@ -103,8 +126,37 @@ def stdlib_text(split: str) -> str:
 
 
 def corpus_id() -> str:
-    """Which stdlib the embedded corpus is: it changes with the Python version."""
-    return f"CPython {sys.version.split()[0]} stdlib"
+    """Which corpus the embedded text is (recorded in reports); the same on every interpreter."""
+    return CORPUS
+
+
+def write_corpus(stdlib_root: str, out_dir: str, overwrite: bool = False) -> dict:
+    """Build the snapshot from a standard library folder (CPython 3.11.7's reproduces the shipped
+    files byte for byte): every .py file outside site-packages, read as UTF-8 with undecodable bytes
+    replaced and newlines universal, one JSON line per file, xz-compressed per split. Returns
+    {split: SHA-256}."""
+    records = {s: [] for s in SPLITS}
+    for dirpath, dirnames, filenames in os.walk(stdlib_root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, fn), stdlib_root).replace(os.sep, "/")
+                with open(os.path.join(dirpath, fn), encoding="utf-8", errors="replace") as f:
+                    records[split_of(rel)].append({"path": rel, "text": f.read()})
+    if not records["eval"]:
+        raise DataError(f"{stdlib_root}: no .py files (not a standard library folder)")
+    os.makedirs(out_dir, exist_ok=True)
+    outputs = {split: os.path.join(out_dir, os.path.basename(corpus_file(split))) for split in SPLITS}
+    for path in outputs.values():  # all refused before any is written
+        check_output_file(path, overwrite)
+    digests = {}
+    for split, recs in records.items():
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+        # preset 9 | EXTREME: the smallest file (4.7 MB for all three splits); xz decompresses it in 0.3 s
+        packed = lzma.compress(lines.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)
+        write_output_file(outputs[split], packed, overwrite)
+        digests[split] = hashlib.sha256(packed).hexdigest()
+    return digests
 
 
 # -----------------------------------------------------------------------------
@@ -201,6 +253,31 @@ def eval_windows(ids: np.ndarray, seqlen: int) -> torch.Tensor:
     return torch.from_numpy(ids[: n * seqlen].astype(np.int64).reshape(n, seqlen))  # [windows, seqlen]
 
 
+# Evaluation windows of the embedded corpus when none are asked for: 128 x 512 = 65k tokens, a
+# sixth of the eval split, spread over all of it (a model's evaluation takes seconds, not minutes).
+EVAL_SAMPLE = 128
+
+
+def eval_window_count(spec: str, asked: int = None) -> int:
+    """How many evaluation windows to use: as asked (0 = all); by default EVAL_SAMPLE of the embedded
+    corpus and all of any other text (the literature's protocol evaluates every window)."""
+    if asked is not None:
+        return asked
+    return EVAL_SAMPLE if spec in (None, "stdlib") or spec.startswith("stdlib:") else 0
+
+
+def sample_windows(windows: torch.Tensor, n: int) -> tuple:
+    """n of the evaluation windows spread evenly over the whole text (window floor(i * N / n) for
+    i < n), so that a sample represents every part of the held-out split rather than its first
+    files; all windows when n is 0, None or at least N. The one rule of every script that evaluates
+    on fewer than all windows. Returns (windows [n, seqlen], their indices)."""
+    N = len(windows)
+    if not n or n >= N:
+        return windows, list(range(N))
+    idx = [i * N // n for i in range(n)]  # strictly increasing, since N > n
+    return windows[idx], idx
+
+
 def load_token_file(path: str, vocab_size: int) -> torch.Tensor:
     """An int array [nsamples, seqlen] from a .npy file, checked and used verbatim."""
     if not os.path.isfile(path):
@@ -262,3 +339,22 @@ def calibration_tokens(model_dir: str, vocab_size: int, max_positions: int, cali
         raise DataError(f"calibration windows of {tokens.shape[1]} tokens exceed max_position_embeddings "
                         f"{max_positions}")
     return tokens
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Rebuild the shipped corpus snapshot (corpus/) from a standard "
+                                            "library folder, e.g. CPython 3.11.7's lib/python3.11, and print the "
+                                            "SHA-256 of each split's file (CORPUS_SHA256 above).")
+    p.add_argument("--stdlib", required=True, help="the standard library folder to read")
+    p.add_argument("--out", default=CORPUS_DIR, help="folder for stdlib-{train,calib,eval}.jsonl.xz (default: corpus/)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files already in --out")
+    a = p.parse_args(argv)
+    try:
+        for split, digest in write_corpus(a.stdlib, a.out, a.overwrite).items():
+            print(f"{split}: {digest}")
+    except (DataError, CheckpointError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -95,10 +95,12 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
 
 
 def evaluation_windows(model_dir: str, text: str = "stdlib", split: str = "test", seqlen: int = None,
-                       max_windows: int = None, cache: dict = None) -> torch.Tensor:
-    """[n, seqlen] windows of text tokenised with model_dir's tokenizer (seqlen default: 2048, the
-    literature's, capped at the model's context). cache shares them between models with the same
-    tokenizer, so every model sees exactly the same tokens."""
+                       eval_windows: int = None, cache: dict = None) -> tuple:
+    """The windows of text tokenised with model_dir's tokenizer (seqlen default: 2048, the
+    literature's, capped at the model's context): all of them, or eval_windows of them spread evenly
+    over the text (data.sample_windows). cache shares them between models with the same tokenizer,
+    so every model sees exactly the same tokens. Returns (windows [n, seqlen], their indices, how
+    many windows the whole text has)."""
     config = read_config(model_dir)
     seqlen = seqlen or min(2048, config.max_position_embeddings)
     if seqlen > config.max_position_embeddings:
@@ -111,11 +113,12 @@ def evaluation_windows(model_dir: str, text: str = "stdlib", split: str = "test"
     key = (tok.to_str(), seqlen)
     if key not in cache:
         ids = data.encode(tok, data.text_source(data.resolve_wikitext(text, split), "eval"))
-        cache[key] = data.eval_windows(ids, seqlen)[:max_windows]
-    windows = cache[key]
+        every = data.eval_windows(ids, seqlen)  # [N, seqlen]
+        cache[key] = (*data.sample_windows(every, eval_windows), len(every))
+    windows, indices, total = cache[key]
     if windows.max() >= config.vocab_size:
         raise data.DataError(f"{model_dir}: tokenizer produced id {windows.max()} >= vocab_size {config.vocab_size}")
-    return windows
+    return windows, indices, total
 
 
 def evaluate(model_dir: str, windows: torch.Tensor, dtype: str = "float32", device: str = "cpu",
@@ -139,10 +142,11 @@ def evaluate(model_dir: str, windows: torch.Tensor, dtype: str = "float32", devi
 
 
 def markdown_table(results, router=False):
-    head = "| model | perplexity | windows x seqlen | tok/s |" + (" load CV (Eq. 4-5), mean / per layer |" if router else "")
+    head = "| model | perplexity | windows (of the text's) x seqlen | tok/s |" + (" load CV (Eq. 4-5), mean / per layer |" if router else "")
     lines = [head, "|---" * (5 if router else 4) + "|"]
     for r in results:
-        row = f"| {r['model']} | {r['ppl']:.3f} | {r['windows']} x {r['seqlen']} | {r['tokens_per_s']:.0f} |"
+        row = (f"| {r['model']} | {r['ppl']:.3f} | {r['windows']} (of {r.get('windows_in_text', r['windows'])}) x {r['seqlen']} | "
+               f"{r['tokens_per_s']:.0f} |")
         if router:
             per_layer = ", ".join(f"{x['load_cv']:.2f}" for x in r["router"])
             row += f" {r['load_cv_mean']:.3f} / {per_layer} |"
@@ -165,7 +169,11 @@ def main(argv=None):
     p.add_argument("--seqlen", type=cli.seqlen, default=None,
                    help="window length in tokens (default 2048 as in the pruning literature, or the model's "
                         "max_position_embeddings if that is smaller, e.g. 512 for the embedded model)")
-    p.add_argument("--max-windows", type=cli.positive_int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--eval-windows", "--max-windows", type=cli.nonnegative_int, default=None,
+                   help=f"evaluate N windows spread evenly over the whole text; 0 = all. Default: "
+                        f"{data.EVAL_SAMPLE} for the embedded corpus (the sample of README's tables; all 753 of 512 "
+                        f"tokens with 0), all for any other text (the literature's protocol). --max-windows is the "
+                        f"old spelling")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -183,9 +191,11 @@ def main(argv=None):
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
         for model_dir in args.model or [data.default_model_dir()]:
-            windows = evaluation_windows(model_dir, args.data, args.split, args.seqlen, args.max_windows, cache)
+            windows, indices, total = evaluation_windows(model_dir, args.data, args.split, args.seqlen,
+                                                         data.eval_window_count(args.data, args.eval_windows), cache)
             results.append({**evaluate(model_dir, windows, args.dtype, args.device, args.batch_size,
-                                       args.router_stats), "data": args.data})
+                                       args.router_stats), "data": args.data, "windows_in_text": total,
+                            "window_indices": indices})
         if args.json:
             write_output_file(args.json, json.dumps(results[0] if len(results) == 1 else results, indent=2),
                               args.overwrite)

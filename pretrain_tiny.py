@@ -74,7 +74,7 @@ class TrainConfig:
     aux_loss_coef: float = 0.02  # per-layer: Switch's 0.01 per layer (load_balancing_loss). Reviving collapsed experts took 1.0
     balance: str = "per-layer"  # Switch's per-layer loss; "pooled" = transformers' all-layers-pooled form
     grad_clip: float = 1.0
-    eval_windows: int = 64  # held-out windows for the final report
+    eval_windows: int = 64  # held-out windows for the final report, spread over the eval split (data.sample_windows)
     # Levers for a decisive router, all off by default as for models/tiny-mixtral; models/tiny-mixtral-decisive
     # used 0.1, 10 and 0 with --aux-loss-coef 0.04 (docs/embedded-model.md has both commands):
     upcycle_noise: float = 0.0  # relative std of Gaussian noise added to each upcycled expert copy (breaks symmetry)
@@ -206,7 +206,7 @@ def train_dense_and_upcycle(tc: TrainConfig, train_ids, eval_ids, state, save_st
     dense = mm.init_weights(mm.Mixtral(dense_cfg), seed=tc.seed)
     if state is None or state["stage"] == 2:
         dense = train_stage(dense, train_ids, tc.dense_tokens, tc, tc.lr, 2, state, save_state, save_every, log)
-        dense_ppl = perplexity(dense.eval(), data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows])
+        dense_ppl = perplexity(dense.eval(), data.sample_windows(data.eval_windows(eval_ids, tc.seqlen), tc.eval_windows)[0])
         log(f"dense model: held-out ppl {dense_ppl:.2f}")
         state = None
     else:
@@ -292,13 +292,13 @@ def train(tc: TrainConfig, out: str, overwrite: bool = False, resume: bool = Fal
         moe, dense_ppl = train_dense_and_upcycle(tc, train_ids, eval_ids, state, save_state, save_every, log)
     moe = moe.to(torch.float16).to(torch.float32).eval()  # report on exactly the weights that are shipped
 
-    ew = data.eval_windows(eval_ids, tc.seqlen)[: tc.eval_windows]
+    ew, ew_indices = data.sample_windows(data.eval_windows(eval_ids, tc.seqlen), tc.eval_windows)
     cw = data.calibration_windows(calib_ids, 64, tc.seqlen, tc.seed)
     ppl = perplexity(moe, ew)
     stats = router_stats(moe, cw)
     report = {"train_config": asdict(tc), "corpus": data.corpus_id(), "torch": torch.__version__,
               "tokens": {"train": len(train_ids), "calib": len(calib_ids), "eval": len(eval_ids)},
-              "eval_windows": len(ew), "dense_ppl": dense_ppl, "ppl": ppl,
+              "eval_windows": len(ew), "eval_window_indices": ew_indices, "dense_ppl": dense_ppl, "ppl": ppl,
               "unigram_ppl": unigram_ppl(train_ids, eval_ids, tc.vocab_size), "router_calib": stats,
               "minutes": (time.time() - t_start) / 60,
               "init_from": data.shown_path(init_from), "previous": previous}

@@ -1,13 +1,18 @@
 """
-Progress and log lines for long work, the same in every script.
+Progress and log lines for long work, the same in every script, and the machine a result was
+measured on (recorded in every results file that holds a time).
 
 On a terminal a Progress is one line that updates in place; in a log file (stderr redirected)
 it writes a full line at most every `every` seconds and one at the end, never a long line of
 carriage returns.
 """
 
+import os
+import platform
 import sys
 import time
+
+import torch
 
 
 def log(msg: str):
@@ -57,3 +62,26 @@ class Laps:
         now = time.time()
         self.times[name] = now - self.t
         self.t = now
+
+
+def machine() -> dict:
+    """The processor (or GPU), its cores, the threads torch uses and the software: where a timing
+    was measured, so that a figure is never read as another machine's."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def machine_line(m: dict) -> str:
+    """A machine() record as one phrase: 'AMD EPYC 7B13 (2 cores, torch on 1 thread), Python 3.11.7, torch 2.13.0'."""
+    where = m["gpu"] if m.get("gpu") else f"{m['cpu']} ({m['cores']} cores, torch on {m['torch_threads']} thread" \
+                                         f"{'s' if m['torch_threads'] != 1 else ''})"
+    return f"{where}, Python {m['python']}, torch {m['torch']}"

@@ -36,6 +36,7 @@ unless --keep.
 
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -55,7 +56,7 @@ import mini_mixtral as mm
 import prune
 from checkpoint import CheckpointReader, check_output_file, read_config, write_output_file
 from layerwise import embed_windows, layers, run_layer
-from progress import log
+from progress import log, machine, machine_line
 
 try:  # optional: the plots
     import matplotlib
@@ -82,14 +83,17 @@ class Setup:
     calib_file: str
     ids: np.ndarray  # the calibration split's tokens, for anatomy's other draws
     windows: torch.Tensor  # [n, seqlen] the evaluation windows of every model
+    all_windows: torch.Tensor  # [N, seqlen] every window of the evaluation text, or None when windows are all
     work: str
     device: str
     keep: bool
     done: dict = None  # {prune arguments: row}: a run several parts need is run once
 
 
-def evaluate(s: Setup, path: str) -> float:
-    return eval_ppl.perplexity(expert_prune.load_model(path, torch.float32, s.device), s.windows, 8, s.device)
+def evaluate(s: Setup, path: str, windows: torch.Tensor = None) -> float:
+    """Perplexity of a checkpoint on the evaluation sample (or on the given windows)."""
+    windows = s.windows if windows is None else windows
+    return eval_ppl.perplexity(expert_prune.load_model(path, torch.float32, s.device), windows, 8, s.device)
 
 
 def calib_file(s: Setup, tokens: np.ndarray, name: str) -> str:
@@ -98,8 +102,9 @@ def calib_file(s: Setup, tokens: np.ndarray, name: str) -> str:
     return fn
 
 
-def pruned(s: Setup, name: str, args: prune.PruneArgs) -> dict:
-    """Prune with args into the work folder, evaluate, delete (unless --keep); the row of a table."""
+def pruned(s: Setup, name: str, args: prune.PruneArgs, whole: bool = False) -> dict:
+    """Prune with args into the work folder, evaluate (with whole, also on every window of the
+    evaluation text when the sample is fewer), delete (unless --keep); the row of a table."""
     key = repr(args)
     if s.done is not None and key in s.done and not s.keep:
         return dict(s.done[key])
@@ -111,6 +116,8 @@ def pruned(s: Setup, name: str, args: prune.PruneArgs) -> dict:
            "nsamples": report["calibration"]["nsamples"], "prune_seconds": seconds,
            "expert_sparsity": report["expert_sparsity"], "overall_sparsity": report["overall_sparsity"],
            "mean_matrix_error": report["mean_matrix_error"]}
+    if whole and s.all_windows is not None:
+        row["ppl_all"] = evaluate(s, out, s.all_windows)
     if s.done is not None:
         s.done[key] = row
     if not s.keep:
@@ -124,8 +131,10 @@ def pruned(s: Setup, name: str, args: prune.PruneArgs) -> dict:
 
 
 def part_table(s: Setup) -> list:
+    """Table 2; at 50% and 2:4 each model is also evaluated on every window, to show the sample agrees."""
     return [{**pruned(s, f"{m}-{nm or 50}".replace(":", "of"), prune.PruneArgs(m, 0.5, nm, calib_tokens=s.calib_file,
-                                                                                 device=s.device)), "part": "table"}
+                                                                                 device=s.device),
+                      whole=nm in (None, "2:4")), "part": "table"}
             for nm in (None, "2:4", "4:8") for m in METHODS]
 
 
@@ -378,90 +387,198 @@ def part_distill(s: Setup, dense_ppl: float) -> list:
 # Tables and plots
 
 
+def eval_sample_phrase(res: dict) -> str:
+    """Which evaluation windows a run used, in words."""
+    n, total = res["eval_windows"], res.get("eval_windows_in_text")
+    if total is None:  # results written before the sample was recorded: the first n windows
+        return f"the first {n} windows"
+    return f"all {n} windows" if n == total else f"{n} of the {total} windows, spread evenly (data.sample_windows)"
+
+
+def find(res: dict, part: str, **kw) -> list:
+    """The runs of one part whose fields equal kw."""
+    return [r for r in res.get("runs", []) if r["part"] == part and all(r.get(k) == v for k, v in kw.items())]
+
+
+def table2(res: dict) -> str:
+    """The paper's Table 2 in shape: 50%, 2:4, 4:8 beside its Mixtral-8x7B numbers."""
+    if not find(res, "table"):
+        return ""
+    out = ["| method | 50% | 2:4 | 4:8 | Mixtral-8x7B (paper) 50% | 2:4 |\n|---|---|---|---|---|---|",
+           f"| dense | {res['dense_ppl']:.3f} | | | {PAPER_TABLE2['dense']} | |"]
+    for m in METHODS:
+        cell = lambda nm: next((f"{r['ppl']:.3f}" for r in find(res, "table", method=m, nm=nm)), "")
+        paper = lambda k: PAPER_TABLE2.get((m, k), "-")
+        out.append(f"| {m} | {cell(None)} | {cell('2:4')} | {cell('4:8')} | {paper('50%')} | {paper('2:4')} |")
+    return "\n".join(out)
+
+
+def table2_all_windows(res: dict) -> str:
+    """Table 2's 50% and 2:4 checkpoints on every window of the evaluation text, beside the sample."""
+    if res.get("dense_ppl_all") is None:
+        return ""
+    out = [f"| method | 50%, sample | 50%, all {res['eval_windows_in_text']} | 2:4, sample | "
+           f"2:4, all {res['eval_windows_in_text']} |\n|---|---|---|---|---|",
+           f"| dense | {res['dense_ppl']:.3f} | {res['dense_ppl_all']:.3f} | | |"]
+    for m in METHODS:
+        cells = [f"{r[k]:.3f}" for nm in (None, "2:4") for r in find(res, "table", method=m, nm=nm)
+                 for k in ("ppl", "ppl_all")]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def prune_times(res: dict) -> str:
+    rows = [r for m in METHODS for r in find(res, "table", method=m, nm=None)]
+    if not rows:
+        return ""
+    return "Pruning wall time (s, 50% unstructured): " + ", ".join(f"{r['method']} {r['prune_seconds']:.1f}" for r in rows)
+
+
+def sweep_table(res: dict, part: str) -> str:
+    """Figure 5 (part "sparsity") or Figure 4 (part "calibration") as a table."""
+    key, label, cell, methods = {"sparsity": ("sparsity", "method", "{:.0%}", METHODS),
+                                 "calibration": ("nsamples", "method (50%)", "n={}", CALIB_METHODS)}[part]
+    xs = sorted({r[key] for r in find(res, part)})
+    if not xs:
+        return ""
+    out = [f"| {label} | " + " | ".join(cell.format(x) for x in xs) + " |\n|---" + "|---" * len(xs) + "|"]
+    for m in methods:
+        out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.3f}" for x in xs for r in find(res, part, method=m, **{key: x}))
+                   + " |")
+    return "\n".join(out)
+
+
+def sparsity_table(res: dict) -> str:
+    return sweep_table(res, "sparsity")
+
+
+def calibration_table(res: dict) -> str:
+    return sweep_table(res, "calibration")
+
+
+def hint_table(res: dict) -> str:
+    """The anatomy: each method's mean +- sd over the draws; MoE-Pruner - Wanda paired by draw."""
+    if not res.get("anatomy"):
+        return ""
+    summary = anatomy_summary(res["anatomy"])
+    out = ["| method | 50% | 2:4 | 70% |\n|---|---|---|---|"]
+    for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
+        cells = [anatomy_cell(next(x for x in summary if x["setting"] == setting and x["name"] == name))
+                 for setting in ("50%", "2:4", "70%")]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def scope_table(res: dict) -> str:
+    if not res.get("anatomy"):
+        return ""
+    out = ["| method | experts | +attention | +attention+router |\n|---|---|---|---|"]
+    for name in ("router-blind wanda", "wanda", "moe-pruner", "sparsegpt"):
+        cells = [next(f"{r['ppl']:.3f} ({r['overall_sparsity']:.1%})" for r in res["anatomy"]["scope"]
+                      if r["name"] == name and r["scope"] == sc) for sc in ("experts", "+attention", "+attention+router")]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def gates_table(res: dict) -> str:
+    if not res.get("anatomy"):
+        return ""
+    a = res["anatomy"]
+    out = ["| layer | gate sd | top-k mass | r_j spread, x | r_j spread, h | mask difference w1 / w3 / w2 |\n"
+           "|---|---|---|---|---|---|"]
+    for g in a["gates"]:
+        d = {r["matrix"]: r["mask_difference"] for r in a["mask_difference"] if r["layer"] == g["layer"]}
+        out.append(f"| {g['layer']} | {g['gate_std']:.3f} | {g['topk_mass']:.3f} | "
+                   f"{g['r_spread_x']:.4f} | {g['r_spread_h']:.4f} | {d['w1']:.2%} / {d['w3']:.2%} / {d['w2']:.2%} |")
+    return "\n".join(out)
+
+
+def experts_table(res: dict) -> str:
+    if not res.get("expert_level"):
+        return ""
+    out = ["| variant | perplexity | stored expert params (nonzero) | expert storage, fp16 MB | expert MACs/token "
+           "(executed) | nonzero expert MACs/token | skipped expert calls |\n|---|---|---|---|---|---|---|"]
+    for r in res["expert_level"]:
+        out.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['expert_params_fraction']:.1%} | {r['expert_fp16_MB']:.1f} "
+                   f"| {r['expert_macs_per_token'] / 1e6:.2f}M | {r['nonzero_expert_macs_per_token'] / 1e6:.2f}M "
+                   f"| {r['skip_fraction']:.1%} |")
+    return "\n".join(out)
+
+
+def owl_table(res: dict) -> str:
+    if not res.get("owl"):
+        return ""
+    out = ["| method | sparsity | uniform | OWL |\n|---|---|---|---|"]
+    for method in ("wanda", "moe-pruner"):
+        for sp in (0.5, 0.7):
+            c = {r["layer_sparsity"]: r["ppl"] for r in res["owl"] if r["method"] == method and r["sparsity"] == sp}
+            out.append(f"| {method} | {sp:.0%} | {c['uniform']:.3f} | {c['owl']:.3f} |")
+    return "\n".join(out)
+
+
+def dtype_line(res: dict) -> str:
+    d = res.get("dtype")
+    if not d:
+        return ""
+    return (f"Compute dtype, MoE-Pruner 50% on the first {d['nsamples']} calibration windows: perplexity "
+            f"{d['float32']['ppl']:.4f} (float32) and {d['bfloat16']['ppl']:.4f} (bfloat16); "
+            f"{d['mask_difference']:.3%} of the expert weights have another mask; pruning took "
+            f"{d['float32']['prune_seconds']:.0f} s and {d['bfloat16']['prune_seconds']:.0f} s.")
+
+
+def distill_table(res: dict) -> str:
+    if not res.get("distill"):
+        return ""
+    st = res["distill"][0]["settings"]
+    out = [f"Distillation: {st['samples']} windows x {st['seqlen']} tokens, {st['epochs']} epochs, lr {st['lr']}; "
+           "loss eq10 = L_CE + lambda L_expert (Eq. 10), ce = L_CE alone, mse = L_expert alone.\n",
+           "| method | sparsity | KD mode | loss | dense | pruned | distilled | pruning gap recovered | KD seconds |\n"
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["distill"]:
+        out.append(f"| {r['method']} | {r['sparsity']} | {r['mode']} | {r['loss']} | {r['dense_ppl']:.3f} | "
+                   f"{r['pruned_ppl']:.3f} | {r['distilled_ppl']:.3f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} |")
+    return "\n".join(out)
+
+
+# The results README's sections in order: (name in the documents' markers, caption, table). A
+# document copies one with <!-- table FOLDER NAME --> ... <!-- end table --> (see render_document).
+SECTIONS = (
+    ("table2", "Table 2 in shape: perplexity of each method at 50%, 2:4 and 4:8, beside the paper's Mixtral-8x7B "
+               "WikiText numbers.", table2),
+    ("all-windows", "The sample against the whole evaluation text: Table 2's 50% and 2:4 checkpoints on the "
+                    "sample and on every window.", table2_all_windows),
+    ("times", "", prune_times),
+    ("sparsity", "Figure 5 in shape: perplexity against sparsity.", sparsity_table),
+    ("calibration", "Figure 4 in shape: perplexity against the number of calibration windows, at 50% (the "
+                    "first n of the shared calibration windows).", calibration_table),
+    ("hint", "The router's hint: perplexity, mean +- sd over the calibration draws (magnitude needs none; "
+             "SparseGPT on draw 0 for reference); the last row pairs MoE-Pruner with Wanda draw by draw, with "
+             "the draws where MoE-Pruner wins.", hint_table),
+    ("scope", "Scope at 50% (draw 0): perplexity (whole-model sparsity) when attention, then the router, are "
+              "pruned too.", scope_table),
+    ("gates", "Per layer: the spread (sd) of the renormalised gates over every routed (token, expert) pair "
+              "(their mean is 1/k by construction), the top-k probability mass, the spread (coefficient of "
+              "variation over input columns) of r_j = ||X_j Gate|| / ||X_j|| for the w1/w3 input x and the w2 "
+              "input h, and the fraction of weights whose 50% mask differs between MoE-Pruner and Wanda.",
+     gates_table),
+    ("experts", "Expert-level methods against weight pruning: perplexity, what is stored and what is executed "
+                "(r: experts kept per layer).", experts_table),
+    ("owl", "OWL's per-layer sparsity against uniform sparsity (the mean kept).", owl_table),
+    ("dtype", "", dtype_line),
+    ("distill", "Expert-wise distillation (Eq. 10) after pruning, and its ablation.", distill_table),
+)
+
+
 def markdown(res: dict) -> str:
-    runs = res.get("runs", [])
-    find = lambda part, **kw: [r for r in runs if r["part"] == part and all(r.get(k) == v for k, v in kw.items())]
+    """The results README's text: what was run, then every section the results hold, captioned."""
     out = [f"Model {res['model']}; {res['nsamples']} calibration windows x {res['seqlen']} tokens ({res['calib_data']}); "
-           f"perplexity on {res['eval_windows']} windows x {res['seqlen']} tokens of {res['eval_data']}; dense "
+           f"perplexity on {eval_sample_phrase(res)} x {res['seqlen']} tokens of {res['eval_data']}; dense "
            f"{res['dense_ppl']:.3f}. Minutes per part: " + ", ".join(f"{k} {v:.0f}" for k, v in res["minutes"].items())
-           + ".\n"]
-    if find("table"):
-        out.append("| method | 50% | 2:4 | 4:8 | Mixtral-8x7B (paper) 50% | 2:4 |\n|---|---|---|---|---|---|")
-        out.append(f"| dense | {res['dense_ppl']:.3f} | | | {PAPER_TABLE2['dense']} | |")
-        for m in METHODS:
-            cell = lambda nm: next((f"{r['ppl']:.3f}" for r in find("table", method=m, nm=nm)), "")
-            paper = lambda k: PAPER_TABLE2.get((m, k), "-")
-            out.append(f"| {m} | {cell(None)} | {cell('2:4')} | {cell('4:8')} | {paper('50%')} | {paper('2:4')} |")
-        out.append("\nPruning wall time (s, 50% unstructured): " + ", ".join(
-            f"{m} {r['prune_seconds']:.1f}" for m in METHODS for r in find("table", method=m, nm=None)) + "\n")
-    for part, key, label, cell, methods in (("sparsity", "sparsity", "method", "{:.0%}", METHODS),
-                                            ("calibration", "nsamples", "method (50%)", "n={}", CALIB_METHODS)):
-        xs = sorted({r[key] for r in find(part)})
-        if not xs:
-            continue
-        out.append(f"| {label} | " + " | ".join(cell.format(x) for x in xs) + " |\n|---" + "|---" * len(xs) + "|")
-        for m in methods:
-            out.append(f"| {m} | " + " | ".join(f"{r['ppl']:.3f}" for x in xs for r in find(part, method=m, **{key: x}))
-                       + " |")
-        out.append("")
-    if res.get("anatomy"):
-        a = res["anatomy"]
-        out.append(f"The router's hint: perplexity, mean +- sd over {a['draws']} calibration draws (magnitude needs "
-                   f"none; SparseGPT on draw 0 for reference); the last row pairs MoE-Pruner with Wanda draw by draw.\n")
-        out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
-        summary = anatomy_summary(a)
-        for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
-            cells = [anatomy_cell(next(x for x in summary if x["setting"] == setting and x["name"] == name))
-                     for setting in ("50%", "2:4", "70%")]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("\nScope at 50% (draw 0): perplexity (whole-model sparsity).\n")
-        out.append("| method | experts | +attention | +attention+router |\n|---|---|---|---|")
-        for name in ("router-blind wanda", "wanda", "moe-pruner", "sparsegpt"):
-            cells = [next(f"{r['ppl']:.3f} ({r['overall_sparsity']:.1%})" for r in a["scope"]
-                          if r["name"] == name and r["scope"] == sc) for sc in ("experts", "+attention", "+attention+router")]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        out.append("\nPer layer: the spread (sd) of the renormalised gates over every routed (token, expert) pair "
-                   "(their mean is 1/k by construction), the top-k probability mass, the spread (coefficient of "
-                   "variation over input columns) of r_j = ||X_j Gate|| / ||X_j|| for the w1/w3 input x and the w2 "
-                   "input h, and the fraction of weights whose 50% mask differs between MoE-Pruner and Wanda.\n")
-        out.append("| layer | gate sd | top-k mass | r_j spread, x | r_j spread, h | mask difference w1 / w3 / w2 |\n"
-                   "|---|---|---|---|---|---|")
-        for g in a["gates"]:
-            d = {r["matrix"]: r["mask_difference"] for r in a["mask_difference"] if r["layer"] == g["layer"]}
-            out.append(f"| {g['layer']} | {g['gate_std']:.3f} | {g['topk_mass']:.3f} | "
-                       f"{g['r_spread_x']:.4f} | {g['r_spread_h']:.4f} | {d['w1']:.2%} / {d['w3']:.2%} / {d['w2']:.2%} |")
-        out.append("")
-    if res.get("expert_level"):
-        out.append("| variant | perplexity | stored expert params (nonzero) | expert storage, fp16 MB | expert MACs/token "
-                   "(executed) | nonzero expert MACs/token | skipped expert calls |\n|---|---|---|---|---|---|---|")
-        for r in res["expert_level"]:
-            out.append(f"| {r['variant']} | {r['ppl']:.3f} | {r['expert_params_fraction']:.1%} | {r['expert_fp16_MB']:.1f} "
-                       f"| {r['expert_macs_per_token'] / 1e6:.2f}M | {r['nonzero_expert_macs_per_token'] / 1e6:.2f}M "
-                       f"| {r['skip_fraction']:.1%} |")
-        out.append("")
-    if res.get("owl"):
-        out.append("| method | sparsity | uniform | OWL |\n|---|---|---|---|")
-        for method in ("wanda", "moe-pruner"):
-            for sp in (0.5, 0.7):
-                c = {r["layer_sparsity"]: r["ppl"] for r in res["owl"] if r["method"] == method and r["sparsity"] == sp}
-                out.append(f"| {method} | {sp:.0%} | {c['uniform']:.3f} | {c['owl']:.3f} |")
-        out.append("")
-    if res.get("dtype"):
-        d = res["dtype"]
-        out.append(f"Compute dtype, MoE-Pruner 50% on the first {d['nsamples']} calibration windows: perplexity "
-                   f"{d['float32']['ppl']:.4f} (float32) and {d['bfloat16']['ppl']:.4f} (bfloat16); "
-                   f"{d['mask_difference']:.3%} of the expert weights have another mask; pruning took "
-                   f"{d['float32']['prune_seconds']:.0f} s and {d['bfloat16']['prune_seconds']:.0f} s.\n")
-    if res.get("distill"):
-        st = res["distill"][0]["settings"]
-        out.append(f"Distillation: {st['samples']} windows x {st['seqlen']} tokens, {st['epochs']} epochs, lr {st['lr']}; "
-                   "loss eq10 = L_CE + lambda L_expert (Eq. 10), ce = L_CE alone, mse = L_expert alone.\n")
-        out.append("| method | sparsity | KD mode | loss | dense | pruned | distilled | pruning gap recovered | KD seconds |\n"
-                   "|---|---|---|---|---|---|---|---|---|")
-        for r in res["distill"]:
-            out.append(f"| {r['method']} | {r['sparsity']} | {r['mode']} | {r['loss']} | {r['dense_ppl']:.3f} | "
-                       f"{r['pruned_ppl']:.3f} | {r['distilled_ppl']:.3f} | {r['gap_recovered']:.1%} | {r['seconds']:.0f} |")
-        out.append("")
+           + (f", on {machine_line(res['machine'])}" if res.get("machine") else "") + ".\n"]
+    for name, caption, table in SECTIONS:
+        text = table(res)
+        if text:
+            out.append((f"{caption}\n\n" if caption else "") + text + "\n")
     return "\n".join(out)
 
 
@@ -508,6 +625,114 @@ def side_by_side(results: list) -> str:
                 + " | " + join(", ".join(f"{diff(a, m):.2%}" for m in ("w1", "w3", "w2")) for a in anatomies) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def facts(res: dict) -> dict:
+    """The numbers the documents quote in their sentences, by name, formatted as quoted: a sentence
+    holds <!-- value FOLDER NAME -->6.118<!-- end --> and render_document keeps it equal to the results."""
+    out = {"minutes": f"{res['total_minutes']:.0f}", "dense": f"{res['dense_ppl']:.3f}",
+           "eval-windows": str(res["eval_windows"]), "eval-windows-in-text": str(res.get("eval_windows_in_text"))}
+    if res.get("machine"):
+        out["machine"] = machine_line(res["machine"])
+    if res.get("dense_ppl_all") is not None:
+        out["dense-all"] = f"{res['dense_ppl_all']:.3f}"
+    label = lambda r: r["nm"] or f"{r['sparsity']:.0%}"  # 50%, 2:4, ...
+    ppl = {}
+    for r in res.get("runs", []):
+        if r["part"] in ("table", "sparsity"):
+            ppl[r["method"], label(r)] = r["ppl"]
+            out[f"ppl:{r['method']}:{label(r)}"] = f"{r['ppl']:.3f}"
+            if "ppl_all" in r:
+                out[f"all:{r['method']}:{label(r)}"] = f"{r['ppl_all']:.3f}"
+        if r["part"] == "calibration":
+            out[f"ppl:{r['method']}:n={r['nsamples']}"] = f"{r['ppl']:.3f}"
+    gains = {x: ppl["moe-pruner", x] - ppl["wanda", x] for (m, x) in ppl if m == "wanda" and ("moe-pruner", x) in ppl}
+    for x, g in gains.items():
+        out[f"gain:{x}"] = f"{g:+.3f}"
+        out[f"gain%:{x}"] = f"{-g / ppl['wanda', x]:.1%}"
+    if res.get("anatomy"):
+        a = res["anatomy"]
+        sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}
+        for x in ("50%", "2:4", "70%"):
+            out[f"hint-routed:{x}"] = f"{sm[x, 'router-blind wanda']['mean'] - sm[x, 'wanda']['mean']:.3f}"
+            out[f"hint-gate:{x}"] = f"{-sm[x, 'moe-pruner - wanda']['mean']:.3f}"
+        paired = [sm[x, "moe-pruner - wanda"] for x in ("50%", "2:4", "70%")]
+        out["hint-wins"] = f"{sum(p['wins'] for p in paired)} of {sum(p['draws'] for p in paired)}"
+        diff = [r["mask_difference"] for r in a["mask_difference"]]
+        out["mask-difference"] = f"{min(diff):.1%}-{max(diff):.1%}"
+        mass = [g["topk_mass"] for g in a["gates"]]
+        out["topk-mass"] = f"{min(mass):.2f}-{max(mass):.2f}"
+    return out
+
+
+def evaluation_facts(results: list) -> dict:
+    """The numbers of an eval_ppl.py --json file (one model or a list) that documents quote, by model."""
+    out = {}
+    for r in results if isinstance(results, list) else [results]:
+        m = r["model"]
+        out[f"ppl:{m}"] = f"{r['ppl']:.3f}"
+        out[f"windows:{m}"] = str(r["windows"])
+        for x in r.get("router", []):
+            shares = [c / sum(x["top1_counts"]) for c in x["top1_counts"]]
+            out[f"load-cv:{m}:{x['layer']}"] = f"{x['load_cv']:.3f}"
+            out[f"smallest-share:{m}:{x['layer']}"] = f"{min(shares):.1%}"
+            out[f"topk-mass:{m}:{x['layer']}"] = f"{x['topk_mass']:.3f}"
+        if r.get("router"):
+            mass = [x["topk_mass"] for x in r["router"]]
+            cv = [x["load_cv"] for x in r["router"]]
+            out[f"topk-mass:{m}"] = f"{min(mass):.2f}-{max(mass):.2f}"
+            out[f"topk-mass%:{m}"] = f"{min(mass):.0%}-{max(mass):.0%}"
+            out[f"load-cv:{m}"] = f"{min(cv):.2f}-{max(cv):.2f}"
+    return out
+
+
+def render_document(text: str, root: str = data.REPO) -> str:
+    """A Markdown document with its results copied in anew: every block between
+    <!-- table FOLDER SECTION --> and <!-- end table --> becomes that section of FOLDER/results.json
+    (FOLDER+FOLDER... with SECTION 'compare': the runs side by side; an eval_ppl.py --json file with
+    SECTION 'eval': its table), and every value between <!-- value FOLDER NAME --> and <!-- end -->
+    becomes facts(FOLDER's results)[NAME] (evaluation_facts for a .json file). FOLDER is relative
+    to root. A document rendered from the committed results is itself: the test of that
+    keeps every table and number in README.md and docs/ equal to results/."""
+    cache = {}
+
+    def results(folder: str):
+        if folder not in cache:
+            path = os.path.join(root, folder)
+            cache[folder] = read_json(path, "a document's marker") if folder.endswith(".json") else \
+                read_results(path, "a document's marker")
+        return cache[folder]
+
+    def table(m: re.Match) -> str:
+        folders, name = m.group(1).split("+"), m.group(2)
+        if name == "compare":
+            body = side_by_side([results(f) for f in folders])
+        elif name == "eval" and len(folders) == 1 and folders[0].endswith(".json"):
+            r = results(folders[0])
+            r = r if isinstance(r, list) else [r]
+            body = eval_ppl.markdown_table(r, all("router" in x for x in r))
+        else:
+            section = next((t for n, _, t in SECTIONS if n == name), None)
+            if section is None or len(folders) != 1:
+                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, "
+                                     + ", ".join(n for n, _, _ in SECTIONS))
+            body = section(results(folders[0]))
+        return f"<!-- table {m.group(1)} {name} -->\n{body.strip()}\n<!-- end table -->"
+
+    def value(m: re.Match) -> str:
+        f = evaluation_facts(results(m.group(1))) if m.group(1).endswith(".json") else facts(results(m.group(1)))
+        if m.group(2) not in f:
+            raise data.DataError(f"{m.group(1)} has no value {m.group(2)!r}; it has {', '.join(sorted(f))}")
+        return f"<!-- value {m.group(1)} {m.group(2)} -->{f[m.group(2)]}<!-- end -->"
+
+    text = re.sub(r"<!-- table (\S+) (\S+) -->\n.*?<!-- end table -->", table, text, flags=re.S)
+    return re.sub(r"<!-- value (\S+) (\S+) -->.*?<!-- end -->", value, text)
+
+
+def documents(root: str = data.REPO) -> list:
+    """The documents whose numbers come from results/: README.md and docs/*.md."""
+    docs = os.path.join(root, "docs")
+    return [os.path.join(root, "README.md")] + sorted(os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md"))
 
 
 def plots(res: dict, out_dir: str) -> list:
@@ -574,7 +799,7 @@ def plots(res: dict, out_dir: str) -> list:
 
 
 def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdlib", nsamples=128, seqlen=None,
-        eval_windows=128, seed=0, sweep=(0.3, 0.5, 0.7, 0.8), calib_sweep=(2, 8, 32, 128), draws=5, device=None,
+        eval_windows=None, seed=0, sweep=(0.3, 0.5, 0.7, 0.8), calib_sweep=(2, 8, 32, 128), draws=5, device=None,
         keep=False, overwrite=False, command="python run_paper.py") -> dict:
     """Every part asked for, on the same calibration and evaluation windows; writes out/results.json,
     out/README.md and the plots. Returns the results."""
@@ -589,19 +814,24 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
     ids = data.encode(tok, data.text_source(calib_data, "calib"))
     calib = data.calibration_windows(ids, nsamples, seqlen, seed).numpy()  # one set for every method
     eval_ids = data.encode(tok, data.text_source(data.resolve_wikitext(eval_data, "test"), "eval"))
-    windows = data.eval_windows(eval_ids, seqlen)[: eval_windows or None]  # one set for every model
+    every = data.eval_windows(eval_ids, seqlen)  # [N, seqlen]
+    windows, indices = data.sample_windows(every, data.eval_window_count(eval_data, eval_windows))  # every model's
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, "checkpoints") if keep else tempfile.mkdtemp(prefix="run_paper-")
     os.makedirs(work, exist_ok=True)
     np.save(os.path.join(out, "calib_tokens.npy"), calib)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = Setup(model, config, calib, os.path.join(out, "calib_tokens.npy"), ids, windows, work, device, keep, {})
+    s = Setup(model, config, calib, os.path.join(out, "calib_tokens.npy"), ids, windows,
+              every if len(windows) < len(every) else None, work, device, keep, {})
     results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": nsamples,
                "calib_data": calib_data, "eval_data": eval_data, "eval_windows": len(windows),
-               "eval_tokens": windows.numel(), "parts": parts, "minutes": {}, "runs": []}
+               "eval_windows_in_text": len(every), "eval_window_indices": indices, "eval_tokens": windows.numel(),
+               "machine": machine(), "parts": parts, "minutes": {}, "runs": []}
     try:
         t0 = time.time()
         results["dense_ppl"] = evaluate(s, model)
+        if s.all_windows is not None and "table" in parts:
+            results["dense_ppl_all"] = evaluate(s, model, s.all_windows)
         log(f"dense: ppl {results['dense_ppl']:.3f}")
         for part in parts:
             t = time.time()
@@ -635,22 +865,37 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
 
 def write_report(results: dict, out: str) -> str:
     """out/README.md (the tables) and the plots, from the results; returns the tables."""
-    command = results.get("command") or f"python run_paper.py --parts {','.join(results['parts'])} --out {out}"
-    tables = markdown(results)
     plotted = plots(results, out)
-    write_output_file(os.path.join(out, "README.md"), f"# Results\n\nWritten by `{command}` "
-                      f"({results['total_minutes']:.0f} minutes); results.json holds every number.\n\n{tables}\n"
-                      + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted), overwrite=True)
-    return tables
+    write_output_file(os.path.join(out, "README.md"), readme(results, out, plotted), overwrite=True)
+    return markdown(results)
+
+
+def readme(results: dict, out: str, plotted: list) -> str:
+    """The text of out/README.md: the command, the tables, the plots."""
+    command = results.get("command") or f"python run_paper.py --parts {','.join(results['parts'])} --out {out}"
+    return (f"# Results\n\nWritten by `{command}` ({results['total_minutes']:.0f} minutes); results.json holds "
+            f"every number.\n\n{markdown(results)}\n" + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted))
+
+
+def read_json(path: str, flag: str):
+    """A JSON file a flag or a document names, or one error line."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise data.DataError(f"{flag}: no {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise data.DataError(f"{flag}: {path} is not readable JSON ({e})") from None
 
 
 def read_results(folder: str, flag: str) -> dict:
     """folder/results.json, for a flag that runs nothing (--replot, --compare)."""
     path = os.path.join(folder, "results.json")
-    if not os.path.isfile(path):
-        raise data.DataError(f"{flag}: no {path}")
-    with open(path) as f:
-        return json.load(f)
+    res = read_json(path, flag)
+    missing = [k for k in ("model", "dense_ppl", "parts", "minutes") if not isinstance(res, dict) or k not in res]
+    if missing:
+        raise data.DataError(f"{flag}: {path} is not a run_paper.py results file (no {missing[0]!r})")
+    return res
 
 
 def main(argv=None):
@@ -665,8 +910,9 @@ def main(argv=None):
     p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
     p.add_argument("--seqlen", type=cli.seqlen, default=None,
                    help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
-    p.add_argument("--eval-windows", type=cli.nonnegative_int, default=128,
-                   help="evaluation windows per model (default 128: 65k tokens on the embedded model; 0 = all)")
+    p.add_argument("--eval-windows", type=cli.nonnegative_int, default=None,
+                   help=f"evaluation windows per model, spread evenly over the whole text; 0 = all. Default: "
+                        f"{data.EVAL_SAMPLE} for the embedded corpus (65k tokens), all for any other text")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--sweep", default="0.3,0.5,0.7,0.8",
                    help="sparsities of the Figure 5 sweep (finer: 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8, about twice as long)")
@@ -682,8 +928,21 @@ def main(argv=None):
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="run nothing: print the tables of these --out folders side by side (e.g. one model's "
                         "results next to another's), from their results.json")
+    p.add_argument("--docs", action="store_true",
+                   help="run nothing: copy the tables and numbers of results/ anew into README.md and docs/*.md "
+                        "(where their <!-- table --> and <!-- value --> markers say)")
     a = p.parse_args(argv)
     with cli.errors():
+        if a.docs:
+            changed = []
+            for path in documents():
+                with open(path) as f:
+                    text = f.read()
+                new = render_document(text)
+                if new != text:
+                    write_output_file(path, new, overwrite=True)
+                    changed.append(data.shown_path(path))
+            return print("rewritten: " + (", ".join(changed) if changed else "nothing (every document is current)"))
         if a.compare:
             return print(side_by_side([read_results(d, "--compare") for d in a.compare]))
         if a.replot:

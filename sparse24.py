@@ -319,7 +319,7 @@ def main(argv=None):
         if args.run:
             cfg = read_config(model_dir)
             ids = data.encode(data.load_tokenizer(model_dir), data.stdlib_text("eval"))
-            windows = data.eval_windows(ids, min(512, cfg.max_position_embeddings))[:4]
+            windows = data.sample_windows(data.eval_windows(ids, min(512, cfg.max_position_embeddings)), 4)[0]
             run = compare_logits(model_dir, args.backend, dtype or torch.float16, windows, args.include_attention)
             report["run"] = {"backend": args.backend, "gpu": torch.cuda.get_device_name(), **run}
             print(f"{args.backend} on {report['run']['gpu']}: max |logit difference| {run['max_abs_diff']:.4g} "

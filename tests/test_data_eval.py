@@ -14,14 +14,73 @@ from conftest import TEXT, random_model, script_error, small_tokenizer, write_ch
 
 
 def test_stdlib_splits_are_disjoint_deterministic_and_complete():
-    splits = {s: data.stdlib_files(s) for s in data.SPLITS}
+    splits = {s: data.stdlib_paths(s) for s in data.SPLITS}
     allf = [f for s in splits.values() for f in s]
-    assert len(allf) == len(set(allf)) > 100
-    assert data.stdlib_files("eval") == splits["eval"]
-    assert 0.8 < len(splits["train"]) / len(allf) < 0.97  # ~90% by hash of the path
+    assert len(allf) == len(set(allf)) == 1618 + 89 + 83  # CPython 3.11.7's .py files outside site-packages
+    assert [len(splits[s]) for s in ("train", "calib", "eval")] == [1618, 89, 83]
+    assert all(data.split_of(f) == s for s, files in splits.items() for f in files)  # the path's hash decides
+    # the order of a sorted walk: a folder's files, then its subfolders
+    assert splits["eval"][:5] == ["copyreg.py", "modulefinder.py", "token.py", "asyncio/protocols.py",
+                                  "asyncio/subprocess.py"]
     assert all(f.endswith(".py") and "site-packages" not in f for f in allf)
+    assert "distutils/util.py" in splits["eval"]  # a 3.11 file, absent from 3.12's stdlib: the snapshot, not this Python
     with pytest.raises(data.DataError, match="unknown split"):
-        data.stdlib_files("test")
+        data.stdlib_paths("test")
+
+
+def test_the_shipped_corpus_is_the_snapshot_and_refuses_a_modified_one(tmp_path, monkeypatch):
+    import hashlib
+    for split, digest in data.CORPUS_SHA256.items():
+        with open(data.corpus_file(split), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest
+    assert data.corpus_id() == "CPython 3.11.7 stdlib"
+    text = data.stdlib_text("eval")
+    assert len(text) == 1241196 and text == "\n\n".join(data.stdlib_texts("eval"))  # files joined by a blank line
+    # a modified copy is refused with one line naming the file
+    monkeypatch.setattr(data, "CORPUS_DIR", str(tmp_path))
+    (tmp_path / "stdlib-eval.jsonl.xz").write_bytes(b"not the snapshot")
+    with pytest.raises(data.DataError, match="not the shipped snapshot"):
+        data.stdlib_text("eval")
+    with pytest.raises(data.DataError, match="cannot read the shipped corpus"):
+        data.stdlib_text("calib")
+
+
+def test_write_corpus_rebuilds_a_split_from_a_stdlib_folder(tmp_path):
+    root = tmp_path / "lib"
+    for rel in ("a.py", "pkg/b.py", "pkg/c.txt", "site-packages/d.py", "x/y/z.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(f"# {rel}\r\nprint(1)\n".encode() + b"\xff")
+    files = {f"f{i}.py" for i in range(40)}  # enough paths that every split gets some
+    for rel in files:
+        (root / rel).write_text(f"x = {rel!r}\n")
+    digests = data.write_corpus(str(root), str(tmp_path / "corpus"))
+    import lzma, json
+    got = {}
+    for split in data.SPLITS:
+        packed = (tmp_path / "corpus" / f"stdlib-{split}.jsonl.xz").read_bytes()
+        import hashlib
+        assert hashlib.sha256(packed).hexdigest() == digests[split]
+        for line in lzma.decompress(packed).decode().splitlines():
+            r = json.loads(line)
+            assert data.split_of(r["path"]) == split
+            got[r["path"]] = r["text"]
+    assert set(got) == files | {"a.py", "pkg/b.py", "x/y/z.py"}  # .py only, no site-packages
+    assert got["pkg/b.py"] == "# pkg/b.py\nprint(1)\n\ufffd"  # universal newlines, undecodable bytes replaced
+    with pytest.raises(data.DataError, match="no .py files"):
+        data.write_corpus(str(tmp_path / "corpus"), str(tmp_path / "again"))
+
+
+def test_sample_windows_spread_evenly_over_the_whole_text():
+    w = torch.arange(753).reshape(753, 1)
+    s, idx = data.sample_windows(w, 128)
+    assert len(idx) == 128 and idx[0] == 0 and idx == sorted(set(idx)) and s[:, 0].tolist() == idx
+    gaps = {b - a for a, b in zip(idx, idx[1:])}
+    assert gaps <= {5, 6} and idx[-1] >= 753 - 6  # every part of the text, not its first files
+    assert data.sample_windows(w, 0)[1] == data.sample_windows(w, 753)[1] == data.sample_windows(w, 999)[1] \
+        == list(range(753))
+    assert data.sample_windows(w, 3)[1] == [0, 251, 502]
+    assert data.eval_window_count("stdlib") == data.eval_window_count("stdlib:calib") == data.EVAL_SAMPLE == 128
+    assert data.eval_window_count("wiki.test.raw") == 0 and data.eval_window_count("stdlib", 0) == 0
 
 
 def test_calibration_windows_are_seeded_slices():
@@ -125,7 +184,15 @@ def test_several_models_share_windows_and_make_one_table(tmp_path, text_file, ca
     table = capsys.readouterr().out
     assert table.count("\n| ") == 3 and f"| {b} |" in table  # 3 rows below the header
     assert res[0]["ppl"] == res[2]["ppl"] != res[1]["ppl"]
-    assert [r["windows"] for r in json.load(open(out))] == [5, 5, 5]
+    written = json.load(open(out))
+    assert [r["windows"] for r in written] == [5, 5, 5]
+    n = written[0]["windows_in_text"]
+    assert n > 5 and written[0]["window_indices"] == [i * n // 5 for i in range(5)]  # spread over the text
+    assert f"5 (of {n}) x 32" in table
+    # a text file's default is every window (the literature's protocol); 0 asks for all as well
+    every = eval_ppl.main(["--model", a, "--data", text_file, "--seqlen", "32"])[0]
+    assert every["windows"] == n and eval_ppl.main(["--model", a, "--data", text_file, "--seqlen", "32",
+                                                    "--eval-windows", "0"])[0]["ppl"] == every["ppl"]
     cv = res[0]["router"][0]
     assert sum(cv["top1_counts"]) == 5 * 32 and cv["load_cv"] == pytest.approx(
         eval_ppl.expert_load_cv(torch.tensor(cv["top1_counts"])))

@@ -31,10 +31,11 @@ def test_shipped_model_is_an_official_layout_half_precision_mixtral(model):
 @pytest.mark.parametrize("model", MODELS)
 def test_shipped_model_reproduces_its_report(model):
     report = json.load(open(os.path.join(model, "report.json")))
-    if report["corpus"] != data.corpus_id():
-        pytest.skip(f"trained on {report['corpus']}, this interpreter has {data.corpus_id()}")
+    assert report["corpus"] == data.corpus_id()  # the shipped snapshot, whatever Python runs this
     ids = data.encode(data.load_tokenizer(model), data.stdlib_text("eval"))
-    windows = data.eval_windows(ids, report["train_config"]["seqlen"])[: report["eval_windows"]]
+    windows = data.eval_windows(ids, report["train_config"]["seqlen"])
+    # the windows the report names; the shipped models' reports were written on the first 64
+    windows = windows[report.get("eval_window_indices", list(range(report["eval_windows"])))]
     ppl = eval_ppl.perplexity(checkpoint.load_model(model), windows)
     assert ppl == pytest.approx(report["ppl"], rel=1e-4)
     assert ppl < report["unigram_ppl"] / 5

@@ -39,7 +39,8 @@ def test_enumeration_matches_brute_force_on_whole_layers():
         brute = []
         for s in itertools.combinations(range(6), 3):  # the whole smaller layer, run for real
             out = sliced(layer, list(s))(x, cos, sin)[0]
-            brute.append(sum((out[w] - ref[w]).double().pow(2).sum().sqrt() for w in range(len(x))))  # per window
+            # one norm per batch of 2 windows (the reference's enumerate(): one per cached forward), summed
+            brute.append(sum((out[b:b + 2] - ref[b:b + 2]).double().pow(2).sum().sqrt() for b in range(0, len(x), 2)))
     assert int(torch.stack(brute).argmin()) == int(errors.argmin())
     assert torch.allclose(torch.stack(brute).double(), errors, rtol=1e-3, atol=1e-5)
 
@@ -192,13 +193,16 @@ def test_reap_keeps_the_experts_a_hand_computation_keeps(tmp_path, ckpt, text_fi
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(5))
     cos, sin = mm.rope_cos_sin(m.config, 16)
     sal = ep.reap_saliency(layer, x, Positions(cos, sin, None), batch_size=1)
-    # by hand: route every token, and for each expert average gate * ||expert(x)|| over its tokens
+    # by hand: route every token, and for each expert average its router probability (softmax over
+    # all experts, not the renormalised top-2 gate) * ||expert(x)|| over its tokens
     with torch.no_grad():
         h = layer.post_attention_layernorm(layer.attend(x, cos, sin)).reshape(-1, 64)
-        w, idx = mm.route(layer.block_sparse_moe.gate(h), 2)
+        logits = layer.block_sparse_moe.gate(h)
+        w, idx = mm.route(logits, 2)
+        p = torch.softmax(logits, dim=-1)
         hand = []
         for e in range(4):
-            vals = [w[t, k].item() * layer.block_sparse_moe.experts[e](h[t]).norm().item()
+            vals = [p[t, e].item() * layer.block_sparse_moe.experts[e](h[t]).norm().item()
                     for t in range(len(h)) for k in range(2) if idx[t, k] == e]
             hand.append(sum(vals) / len(vals) if vals else 0.0)
     assert torch.allclose(sal, torch.tensor(hand, dtype=torch.float64), rtol=1e-5)
@@ -238,3 +242,19 @@ def test_bfloat16_compute_runs_end_to_end_and_computes_in_bfloat16(tmp_path, ckp
     cd = ep.main([*common[:2], "--condense-layers", "1", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
                   "--out", str(tmp_path / "cd"), "--dtype", "bfloat16"])
     assert len(cd["condensed_layers"]) == 1
+
+
+def test_progressive_protocol_targets_the_dense_models_block_outputs():
+    """The reference's progressive_pruning caches Z once from the dense model: with inputs from a
+    pruned stream, the target is the unpruned block on the *dense* inputs, not on the pruned ones."""
+    m, layer, x, cos, sin = layer_inputs()
+    pos = Positions(cos, sin, None)
+    x_pruned = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    subsets, errors = ep.subset_errors(layer, x_pruned, pos, r=3, batch_size=3, target_x=x)
+    with torch.no_grad():
+        moe_in = lambda v: layer.post_attention_layernorm(layer.attend(v, cos, sin))
+        z_dense = layer.block_sparse_moe(moe_in(x))[0]  # [3, 10, 64] the dense model's block output
+        for s, err in zip(subsets, errors):
+            z_s = sliced(layer, list(s)).block_sparse_moe(moe_in(x_pruned))[0]
+            assert err.item() == pytest.approx((z_s - z_dense).double().pow(2).sum().sqrt().item(), rel=1e-4)
+    assert not torch.allclose(errors, ep.subset_errors(layer, x_pruned, pos, r=3, batch_size=3)[1])

@@ -143,7 +143,9 @@ def test_layer_sparsity_list_and_owl(tmp_path, ckpt, text_file, capsys):
     assert (s[0] < s[1]) == (d[0] > d[1])  # more outliers, less pruned
     assert max(abs(v - 0.5) for v in s) == pytest.approx(0.1)
     for bad, msg in ((["--layer-sparsity", "0.5"], "need 2 values"), (["--layer-sparsity", "x,y"], "comma list"),
-                     (["--layer-sparsity", "owl", "--owl-lambda", "0.6"], "--owl-lambda")):
+                     (["--layer-sparsity", "owl", "--owl-lambda", "0.6"], "--owl-lambda"),
+                     # 0.5 + 2 x 0.26 >= 1: a layer could be asked for 100%, refused before any work
+                     (["--layer-sparsity", "owl", "--owl-lambda", "0.26"], "+- 2 x lambda")):
         assert msg in script_error(capsys, prune.main, ["--model", ckpt, "--calib-data", text_file, *CALIB, "--method",
                                                         "wanda", *bad, "--out", str(tmp_path / "bad")])
 
@@ -154,6 +156,9 @@ def test_owl_sparsities_arithmetic():
     assert sorted(range(4), key=lambda i: s[i]) == [3, 1, 2, 0]  # the outlier ratios' order, reversed
     assert max(s) - min(s) == pytest.approx(0.16)
     assert prune.owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+    # one outlying layer of four moves by 2 lam (L - 1) / L = 0.12, beyond +- lam, within +- 2 lam
+    one = prune.owl_sparsities([0.09, 0.01, 0.01, 0.01], 0.7, 0.08)
+    assert one[0] == pytest.approx(0.58) and max(abs(v - 0.7) for v in one) > 0.08
     assert prune.outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 10.0])], 2.0) == 0.25  # mean 3.25: only 10 > 6.5
 
 
