@@ -7,7 +7,8 @@ NAEE, "Not All Experts are Equal" (Lu et al. 2024, arXiv 2402.14800):
     expert's router logit is set to -inf, so tokens re-route to the top-k of the kept experts
     (renormalised); keep the subset whose block output is closest to the original: the sum over
     calibration windows of the (unsquared) Frobenius norm of the difference, as the reference
-    code (Lucky-Lance/Expert_Sparsity, wrapper.enumerate) computes it. The result is a smaller
+    code (Lucky-Lance/Expert_Sparsity, wrapper.enumerate) computes it: one norm per batch of 8
+    windows (--batch-size), summed over the batches. The result is a smaller
     Mixtral (num_local_experts = r, router rows sliced, experts re-indexed) in the official
     layout, which transformers loads too.
   - dynamic skipping (Section 3.2): with top-2 weights g0 >= g1, skip the second expert when
@@ -18,11 +19,12 @@ Layers are processed one at a time as in prune.py (layerwise.py). --protocol lay
 reference's layerwise_pruning, default) chooses every layer's experts on the *dense* model's
 inputs and outputs (X and Z of every MoE block cached from the unpruned model); --protocol
 progressive (its progressive_pruning) feeds layer l the outputs of the already-pruned layers
-0..l-1 and targets the unpruned block on those inputs.
+0..l-1 and targets the dense model's block outputs (Z cached once from the unpruned model).
 
 REAP, Router-weighted Expert Activation Pruning (arXiv 2510.13999; llm-compressor's
 REAPPruningModifier), with --select reap: an expert's saliency is the mean, over the calibration
-tokens routed to it, of gate x ||expert output||_2; the r most salient experts of each layer are
+tokens routed to it, of its router probability (softmax before top-k renormalisation) x
+||expert output||_2; the r most salient experts of each layer are
 kept, and the output is sliced and re-indexed as NAEE's is. The expert-level use of the router's
 hint that MoE-Pruner uses at the level of weights.
 
@@ -142,27 +144,30 @@ def masked_route(router_logits, keep, top_k):
 
 
 @torch.no_grad()
-def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: int, batch_size: int):
+def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: int, batch_size: int,
+                  target_x: torch.Tensor = None):
     """NAEE's criterion for every r-subset of experts: the Frobenius norm (not squared) of the
-    change in the MoE block's output on one calibration window, summed over the windows (the
-    reference's enumerate(), one window per batch). x: [n, T, hidden] the layer's inputs.
+    change in the MoE block's output on one batch of batch_size calibration windows, summed over
+    the batches (the reference's enumerate(): one norm per cached forward, of 8 windows by default).
+    x: [n, T, hidden] the layer's inputs; target_x: the inputs whose unpruned block output Z is the
+    target (the dense model's, for the progressive protocol), x itself by default.
     Returns (subsets, errors [n_subsets] float64)."""
     block = layer.block_sparse_moe
     n = len(block.experts)
     subsets = list(itertools.combinations(range(n), r))
     errors = torch.zeros(len(subsets), dtype=torch.float64)
+    moe_input = lambda inputs: layer.post_attention_layernorm(layer.attend(inputs.float(), *pos))
     for i in range(0, len(x), batch_size):
-        b, T, H = x[i:i + batch_size].shape
-        h = layer.post_attention_layernorm(layer.attend(x[i:i + batch_size].float(), *pos))
-        h = h.reshape(-1, H)  # [N, hidden] the MoE block's input, N = b * T
-        y, logits = block(h[None])  # [1, N, hidden] the original output
-        y = y[0]
+        H = x.shape[-1]
+        h = moe_input(x[i:i + batch_size]).reshape(-1, H)  # [N, hidden] the MoE block's input, N = b * T
+        logits = block.gate(h)  # [N, n_experts]
+        target = h if target_x is None else moe_input(target_x[i:i + batch_size]).reshape(-1, H)
+        y = block(target[None])[0][0]  # [N, hidden] Z, the unpruned block's output
         outs = torch.stack([e(h) for e in block.experts], dim=1)  # [N, n_experts, hidden] every expert, every token
         for s, keep in enumerate(subsets):
             w, idx = masked_route(logits, keep, block.top_k)  # [N, k]
             y_s = (outs.gather(1, idx[:, :, None].expand(-1, -1, H)) * w[:, :, None]).sum(1)  # [N, hidden]
-            diff = (y_s.to(y.dtype) - y).double().reshape(b, T, H)
-            errors[s] += diff.pow(2).sum(dim=(1, 2)).sqrt().sum()  # ||Z - Z_s||_F per window
+            errors[s] += (y_s.to(y.dtype) - y).double().pow(2).sum().sqrt()  # ||Z - Z_s||_F of the batch
     return subsets, errors
 
 
@@ -191,14 +196,18 @@ def skip_ratios(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_s
 @torch.no_grad()
 def reap_saliency(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_size: int) -> torch.Tensor:
     """REAP (Router-weighted Expert Activation Pruning, arXiv 2510.13999): an expert's saliency is the
-    mean, over the calibration tokens routed to it, of its renormalised gate times the L2 norm of
-    its output, gate_e(x) * ||E_e(x)||_2. The expert-level analogue of MoE-Pruner's router hint.
+    mean, over the calibration tokens routed to it, of its router probability times the L2 norm of
+    its output, p_e(x) * ||E_e(x)||_2, with p_e the softmax over all experts before the top-k
+    renormalisation (the reference's reading for Mixtral, whose router has no norm_topk_prob
+    setting). The expert-level analogue of MoE-Pruner's router hint.
     Returns [n_experts] float64 (0 for an expert no token reached)."""
-    n = len(layer.block_sparse_moe.experts)
+    block = layer.block_sparse_moe
+    n = len(block.experts)
     sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
 
     def observer(c: mm.ExpertCall):
-        sums[c.expert] += (c.gate.double() * c.y.double().norm(dim=-1)).sum()
+        prob = torch.softmax(block.gate(c.x).double(), dim=-1)[:, c.expert]  # [routed tokens] p_e, not renormalised
+        sums[c.expert] += (prob * c.y.double().norm(dim=-1)).sum()
         counts[c.expert] += len(c.tokens)
     run_layer(layer, x, pos, batch_size, observer)
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
@@ -216,7 +225,8 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
     protocol "layerwise" (the reference's layerwise_pruning, default): every layer's subset is
     chosen on the inputs and outputs of the *dense* model, so the layers are independent.
     "progressive" (the reference's progressive_pruning): layer l's inputs come through the
-    already-pruned layers 0..l-1, the target being the unpruned block on those inputs.
+    already-pruned layers 0..l-1, the target being the unpruned model's block output (Z cached
+    once from the dense model).
     dtype: the compute dtype of every forward (layerwise.compute_dtype); errors and saliencies
     are accumulated in float64 either way."""
     if protocol not in PROTOCOLS:
@@ -231,19 +241,23 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
         raise data.DataError(f"dynamic skipping is defined for top-2 routing; this model routes to {k}")
     new = mm.MixtralConfig.from_dict({**config.to_dict(), "num_local_experts": r})
     x, pos = embed_windows(reader, tokens, device)
+    x_dense = x  # the unpruned model's activations (the same tensor as x under the layerwise protocol)
     kept, betas, per_layer = [], [], []
     with CheckpointWriter(out, new, overwrite=overwrite, src_dir=reader.path) as writer, \
             compute_dtype(torch.device(device).type, dtype):
         for l, layer in layers(reader, writer, device):
             t0 = time.time()
-            dense_next = run_layer(layer, x, pos, batch_size) if protocol == "layerwise" else None
+            # the unpruned layer's outputs on the dense model's inputs: layer l+1's inputs (layerwise), or
+            # the dense stream whose MoE outputs are the targets (progressive)
+            dense_next = run_layer(layer, x_dense, pos, batch_size)
             if r < n and select == "reap":  # the r experts of highest saliency, in their original order
                 saliency = reap_saliency(layer, x, pos, batch_size)
                 keep = sorted(torch.argsort(saliency, descending=True, stable=True)[:r].tolist())
                 slice_experts(layer.block_sparse_moe, keep)
                 per_layer.append({"layer": l, "keep": keep, "saliency": saliency.tolist()})
             elif r < n:
-                subsets, errors = subset_errors(layer, x, pos, r, batch_size)
+                subsets, errors = subset_errors(layer, x, pos, r, batch_size,
+                                                None if protocol == "layerwise" else x_dense)
                 best = int(errors.argmin())
                 keep = list(subsets[best])
                 slice_experts(layer.block_sparse_moe, keep)
@@ -256,6 +270,7 @@ def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out
             kept.append(keep)
             # layer l+1's inputs: the dense layer's outputs (layerwise) or the pruned layer's (progressive)
             x = dense_next if protocol == "layerwise" else run_layer(layer, x, pos, batch_size)
+            x_dense = dense_next
             del dense_next
             log(f"layer {l}: keep experts {keep}" + (f", skip beta {betas[-1]:.3f}" if skip else "")
                 + f" ({time.time() - t0:.1f}s)")

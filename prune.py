@@ -246,7 +246,7 @@ class PruneArgs:
     stats_tokens: str = "routed"  # "all": each expert's statistics over every token (a router-blind Wanda)
     group: str = "row"  # comparison group of an unstructured mask: "row" or "matrix"
     layer_sparsity: Optional[str] = None  # per-layer sparsities "s0,s1,...", or "owl" (Yin et al. 2023)
-    owl_lambda: float = 0.08  # OWL: layer sparsities lie within sparsity +- lambda (reference default 0.08)
+    owl_lambda: float = 0.08  # OWL: layer sparsities span 2 lambda around sparsity (reference default 0.08)
     owl_m: float = 5.0  # OWL: an outlier score is > M x its layer's mean score (reference default 5)
     blocksize: int = 128  # SparseGPT: lazy-update block of columns (reference default)
     percdamp: float = 0.01  # SparseGPT: dampening, a fraction of mean(diag H) (reference default)
@@ -418,8 +418,10 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
 def owl_sparsities(outlier_ratios: list, sparsity: float, lam: float) -> list:
     """OWL (Yin et al. 2023, arXiv 2310.05175, Section 3): layers with more outliers are pruned less.
     The outlier ratios D_l are min-max normalised to [0, 2 lam], centred, and subtracted from the
-    target, so the layer sparsities average exactly `sparsity` and lie in [sparsity - lam,
-    sparsity + lam] (the reference prune_wanda_outlier's arithmetic)."""
+    target (the reference prune_wanda_outlier's arithmetic), so the layer sparsities average exactly
+    `sparsity` and span at most 2 lam: all within sparsity +- lam only when the ratios are spread
+    symmetrically, and within sparsity +- 2 lam always (one outlying layer moves by up to
+    2 lam (L - 1) / L)."""
     d = torch.tensor(outlier_ratios, dtype=torch.float64)
     span = d.max() - d.min()
     scaled = (d - d.min()) / span * 2 * lam if span > 0 else torch.zeros_like(d)
@@ -508,10 +510,10 @@ def check_args(args: PruneArgs, config: mm.MixtralConfig, nm):
         if len(values) != config.num_hidden_layers or not all(0 <= v < 1 for v in values):
             raise data.DataError(f"--layer-sparsity: need {config.num_hidden_layers} values in [0, 1), got "
                                  f"{args.layer_sparsity!r}")
-    if args.layer_sparsity == "owl" and not (0 <= args.owl_lambda <= args.sparsity and args.sparsity + args.owl_lambda < 1
-                                             and args.owl_m > 0):
-        raise data.DataError(f"--owl-lambda {args.owl_lambda} must keep every layer in [0, 1) around --sparsity "
-                             f"{args.sparsity}, and --owl-m {args.owl_m} must be > 0")
+    if args.layer_sparsity == "owl" and not (0 <= 2 * args.owl_lambda <= args.sparsity
+                                             and args.sparsity + 2 * args.owl_lambda < 1 and args.owl_m > 0):
+        raise data.DataError(f"--owl-lambda {args.owl_lambda} must keep every layer in [0, 1): OWL's layers lie within "
+                             f"--sparsity {args.sparsity} +- 2 x lambda; and --owl-m {args.owl_m} must be > 0")
     if args.dtype not in COMPUTE_DTYPES:
         raise data.DataError(f"--dtype {args.dtype!r}: float32 or bfloat16")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -631,9 +633,11 @@ def main(argv=None):
                         "Layerwise sparsity, Yin et al. 2023: layers with more outlier scores pruned less, mean kept "
                         "at --sparsity)")
     p.add_argument("--owl-lambda", type=cli.nonnegative_float, default=0.08,
-                   help="OWL: layer sparsities lie within --sparsity +- lambda (default 0.08, the reference's)")
+                   help="OWL: layer sparsities span 2 x lambda around --sparsity, never beyond +- 2 x lambda "
+                        "(default 0.08, the reference's)")
     p.add_argument("--owl-m", type=cli.positive_float, default=5.0,
-                   help="OWL: a score is an outlier above M x its layer's mean (default 5, the reference's)")
+                   help="OWL: a score is an outlier above M x its layer's mean (default 5, as the reference's README "
+                        "commands; its argparse default is 3)")
     p.add_argument("--percdamp", type=cli.positive_float, default=0.01,
                    help="SparseGPT: dampening added to diag(H), as a fraction of its mean (default 0.01, the reference's)")
     p.add_argument("--blocksize", type=cli.positive_int, default=128,
