@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from typing import Optional
 
@@ -75,13 +76,23 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def read_config(path: str) -> MixtralConfig:
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except PermissionError:  # a folder on its way this user may not enter
+        raise CheckpointError(f"{path}: permission denied") from None
+    except OSError:
+        is_dir = False
+    if not is_dir:
         raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{path}: permission denied (cannot read the checkpoint directory)")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json")
     try:
         with open(cfg_path) as f:
             d = json.load(f)
+    except PermissionError:
+        raise CheckpointError(f"{cfg_path}: permission denied") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     try:

@@ -1,9 +1,12 @@
 """
 Text, tokens and calibration windows: the one data module every script uses.
 
-- The embedded corpus: the Python standard library's own source files of the running
-  interpreter, present on every machine. Split deterministically *by file* (SHA-1 of the path
-  relative to the stdlib root) into train / calib / eval, so no file's text leaks across splits.
+- The embedded corpus: the source files of CPython 3.11.7's standard library, shipped in
+  corpus/ (corpus/README.md: provenance, PSF licence), so that every interpreter reads the same
+  text. Split deterministically *by file* (SHA-1 of the path relative to the stdlib root) into
+  train / calib / eval, so no file's text leaks across splits.
+- The evaluation sample: fewer windows than the text has are always spread evenly over it
+  (sample_windows), never its first ones.
 - Other sources, in their original on-disk form: C4 shards (json or json.gz, one {"text": ...}
   per line), WikiText raw files (wiki.test.raw, wiki.valid.raw), any plain text file.
 - A byte-level BPE tokenizer trained with `tokenizers` (for the embedded model) and the model's

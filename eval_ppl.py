@@ -28,7 +28,7 @@ import data
 import mini_mixtral as mm
 from checkpoint import DTYPES, check_output_file, read_config, write_output_file
 from expert_prune import load_model
-from progress import Progress
+from progress import Progress, machine
 
 
 @torch.no_grad()
@@ -141,15 +141,18 @@ def evaluate(model_dir: str, windows: torch.Tensor, dtype: str = "float32", devi
     return result
 
 
-def markdown_table(results, router=False):
-    head = "| model | perplexity | windows (of the text's) x seqlen | tok/s |" + (" load CV (Eq. 4-5), mean / per layer |" if router else "")
-    lines = [head, "|---" * (5 if router else 4) + "|"]
+def markdown_table(results, router=False, speed=True):
+    """The results as one table; router adds the load CV and top-k mass per layer, speed the tokens/s."""
+    head = ("| model | perplexity | windows (of the text's) x seqlen |" + (" tok/s |" if speed else "")
+            + (" load CV (Eq. 4-5), mean / per layer | top-k mass per layer |" if router else ""))
+    lines = [head, "|---" * head.count(" |") + "|"]
     for r in results:
-        row = (f"| {r['model']} | {r['ppl']:.3f} | {r['windows']} (of {r.get('windows_in_text', r['windows'])}) x {r['seqlen']} | "
-               f"{r['tokens_per_s']:.0f} |")
+        row = (f"| {r['model']} | {r['ppl']:.3f} | {r['windows']} (of {r.get('windows_in_text', r['windows'])}) x "
+               f"{r['seqlen']} |" + (f" {r['tokens_per_s']:.0f} |" if speed else ""))
         if router:
             per_layer = ", ".join(f"{x['load_cv']:.2f}" for x in r["router"])
-            row += f" {r['load_cv_mean']:.3f} / {per_layer} |"
+            mass = ", ".join(f"{x['topk_mass']:.3f}" for x in r["router"])
+            row += f" {r['load_cv_mean']:.3f} / {per_layer} | {mass} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -195,6 +198,7 @@ def main(argv=None):
                                                          data.eval_window_count(args.data, args.eval_windows), cache)
             results.append({**evaluate(model_dir, windows, args.dtype, args.device, args.batch_size,
                                        args.router_stats), "data": args.data, "windows_in_text": total,
+                            "machine": machine(),
                             "window_indices": indices})
         if args.json:
             write_output_file(args.json, json.dumps(results[0] if len(results) == 1 else results, indent=2),

@@ -1,12 +1,12 @@
 """
 The paper's experiments, in shape, on the embedded model (or any checkpoint): one command.
 
-Parts (--parts, a comma list; the default is the first three, ~20 minutes on 2 CPU cores for the
-embedded model; the time of every part is printed and recorded):
+Parts (--parts, a comma list; the default is the first three; the minutes of every part are
+printed and recorded in results.json and the results README, with the machine they ran on):
   - table:       MoE-Pruner's Table 2: dense; magnitude, wanda, sparsegpt, moe-pruner at 50%, 2:4, 4:8
   - sparsity:    its Figure 5, perplexity against sparsity (--sweep; default 30%, 50%, 70%, 80%)
   - calibration: its Figure 4, perplexity against calibration samples at 50% (--calib-sweep; 2, 8, 32, 128)
-  - anatomy:     what the router's hint is worth (~30 minutes): at 50%, 2:4 and 70%, magnitude,
+  - anatomy:     what the router's hint is worth: at 50%, 2:4 and 70%, magnitude,
                  a router-blind Wanda (statistics over all tokens), Wanda (over each expert's routed
                  tokens) and MoE-Pruner (routed tokens weighted by their gates), each as mean +- sd
                  over --draws calibration draws with the paired MoE-Pruner - Wanda difference
@@ -14,15 +14,16 @@ embedded model; the time of every part is printed and recorded):
                  +attention, +attention+router; and per layer the gate statistics that decide how
                  much the gate can change a per-row mask (see gate_anatomy)
   - experts:     expert-level baselines against MoE-Pruner: NAEE expert pruning (r = n-2, n/2) and
-                 dynamic skipping, REAP, CD-MoE condensing (~15 minutes)
+                 dynamic skipping, REAP, CD-MoE condensing
   - owl:         OWL's non-uniform layer sparsity against uniform, Wanda and MoE-Pruner at 50% and 70%
   - distill:     expert-wise distillation of MoE-Pruner and Wanda at 50% and 2:4 (Eq. 10, full mode;
-                 per-expert mode for MoE-Pruner) and its ablation (CE only, expert MSE only) (~90 minutes)
+                 per-expert mode for MoE-Pruner) and its ablation (CE only, expert MSE only)
   - dtype:       MoE-Pruner 50% with the layer forward in float32 and in bfloat16: masks and perplexity
 
 Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy; the
 calibration sweep uses their first n rows; anatomy's draw d is drawn with seed d) and every
-model the same evaluation windows. Results go to --out as results.json and README.md (the
+model the same evaluation windows: on the embedded corpus 128 spread evenly over the eval split
+(data.sample_windows; --eval-windows), on any other text all of them. Results go to --out as results.json and README.md (the
 tables and plots; matplotlib is optional). Pruned checkpoints are deleted after evaluation
 unless --keep.
 
@@ -118,6 +119,9 @@ def pruned(s: Setup, name: str, args: prune.PruneArgs, whole: bool = False) -> d
            "mean_matrix_error": report["mean_matrix_error"]}
     if whole and s.all_windows is not None:
         row["ppl_all"] = evaluate(s, out, s.all_windows)
+    if args.layer_sparsity:  # what OWL chose, and why
+        row.update(layer_sparsities=report["layer_sparsity"], owl_outlier_ratios=report["owl_outlier_ratios"],
+                   layer_output_errors=[x["output_error"] for x in report["layers"]])
     if s.done is not None:
         s.done[key] = row
     if not s.keep:
@@ -649,7 +653,29 @@ def facts(res: dict) -> dict:
     gains = {x: ppl["moe-pruner", x] - ppl["wanda", x] for (m, x) in ppl if m == "wanda" and ("moe-pruner", x) in ppl}
     for x, g in gains.items():
         out[f"gain:{x}"] = f"{g:+.3f}"
-        out[f"gain%:{x}"] = f"{-g / ppl['wanda', x]:.1%}"
+        out[f"gain%:{x}"] = f"{-g / ppl['wanda', x]:.2%}"
+    for (m, x), v in ppl.items():
+        out[f"cost:{m}:{x}"] = f"{v / res['dense_ppl'] - 1:+.1%}"  # perplexity over dense
+    whole = {(r["method"], label(r)): r["ppl_all"] for r in find(res, "table") if "ppl_all" in r}
+    for x in {x for m, x in whole}:
+        if ("wanda", x) in whole and ("moe-pruner", x) in whole:
+            out[f"gain-all:{x}"] = f"{whole['moe-pruner', x] - whole['wanda', x]:+.3f}"
+    for r in res.get("owl", []):
+        key = f"{r['method']}:{r['sparsity']:.0%}"
+        out[f"owl:{key}:{r['layer_sparsity']}"] = f"{r['ppl']:.3f}"
+        if r.get("layer_output_errors"):
+            out[f"layer-errors:{key}:{r['layer_sparsity']}"] = " / ".join(f"{e:.3f}" for e in r["layer_output_errors"])
+        if r.get("owl_outlier_ratios"):
+            out[f"owl-layers:{key}"] = " / ".join(f"{v:.3f}" for v in r["layer_sparsities"])
+            out[f"owl-outliers:{key}"] = f"{min(r['owl_outlier_ratios']):.2%}-{max(r['owl_outlier_ratios']):.2%}"
+    if res.get("dtype"):
+        d = res["dtype"]
+        out["dtype-mask"] = f"{d['mask_difference']:.3%}"
+        for k in ("float32", "bfloat16"):
+            out[f"dtype-ppl:{k}"] = f"{d[k]['ppl']:.4f}"
+            out[f"dtype-seconds:{k}"] = f"{d[k]['prune_seconds']:.0f}"
+    for r in res.get("expert_level", []):
+        out[f"expert:{r['variant'].replace(' ', '_')}"] = f"{r['ppl']:.3f}"
     if res.get("anatomy"):
         a = res["anatomy"]
         sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}
@@ -662,6 +688,22 @@ def facts(res: dict) -> dict:
         out["mask-difference"] = f"{min(diff):.1%}-{max(diff):.1%}"
         mass = [g["topk_mass"] for g in a["gates"]]
         out["topk-mass"] = f"{min(mass):.2f}-{max(mass):.2f}"
+        spread = lambda key, fmt: f"{min(g[key] for g in a['gates']):{fmt}}-{max(g[key] for g in a['gates']):{fmt}}"
+        out["gate-sd"] = spread("gate_std", ".2f")
+        out["r-spread-x"] = spread("r_spread_x", ".1%")
+        out["r-spread-h"] = spread("r_spread_h", ".1%")
+        for kinds, name in ((("w1", "w3"), "w1w3"), (("w2",), "w2")):
+            d = [r["mask_difference"] for r in a["mask_difference"] if r["matrix"] in kinds]
+            out[f"mask-difference:{name}"] = f"{min(d):.1%}-{max(d):.1%}"
+        for x in ("50%", "2:4", "70%"):
+            p = sm[x, "moe-pruner - wanda"]
+            out[f"paired:{x}"] = anatomy_cell(p)
+            out[f"hint-gate%:{x}"] = f"{-p['mean'] / sm[x, 'wanda']['mean']:.2%}"
+            out[f"wins:{x}"] = f"{p['wins']} of {p['draws']}"
+            for name in ("router-blind wanda", "wanda", "moe-pruner"):
+                out[f"sd:{name.replace(' ', '-')}:{x}"] = f"{sm[x, name]['sd']:.3f}"
+        for r in a["scope"]:
+            out[f"scope:{r['name'].replace(' ', '-')}:{r['scope']}"] = f"{r['ppl']:.3f}"
     return out
 
 
@@ -710,7 +752,7 @@ def render_document(text: str, root: str = data.REPO) -> str:
         elif name == "eval" and len(folders) == 1 and folders[0].endswith(".json"):
             r = results(folders[0])
             r = r if isinstance(r, list) else [r]
-            body = eval_ppl.markdown_table(r, all("router" in x for x in r))
+            body = eval_ppl.markdown_table(r, all("router" in x for x in r), speed=False)
         else:
             section = next((t for n, _, t in SECTIONS if n == name), None)
             if section is None or len(folders) != 1:
@@ -735,6 +777,22 @@ def documents(root: str = data.REPO) -> list:
     return [os.path.join(root, "README.md")] + sorted(os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md"))
 
 
+# One look per method in every figure: colour, marker, line (Wanda dashed with open markers, so
+# that MoE-Pruner's line, often within 0.1% of it, never hides it).
+STYLE = {"magnitude": dict(color="tab:gray", marker="v", linestyle="-"),
+         "wanda": dict(color="tab:blue", marker="o", linestyle="--", markerfacecolor="none", markersize=8),
+         "sparsegpt": dict(color="tab:green", marker="s", linestyle="-"),
+         "moe-pruner": dict(color="tab:red", marker="x", linestyle="-", markersize=7)}
+
+
+def readable_log_axis(axis):
+    """Plain tick labels (6, 8, 10, 20) on a log axis instead of 6x10^0, 2x10^1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(plt.NullFormatter())
+
+
 def plots(res: dict, out_dir: str) -> list:
     """The figures, as PNG files in out_dir; returns their names (none without matplotlib)."""
     if plt is None:
@@ -748,49 +806,76 @@ def plots(res: dict, out_dir: str) -> list:
         plt.close(fig)
         written.append(fn)
     title = os.path.basename(os.path.normpath(res["model"]))
+    ylabel = f"perplexity ({res['eval_windows']} held-out windows x {res['seqlen']} tokens)"
     for part, x, xlabel, methods, fn in (("sparsity", "sparsity", "expert sparsity", METHODS, "sparsity_sweep.png"),
-                                         ("calibration", "nsamples", "calibration samples (50% sparsity)",
+                                         ("calibration", "nsamples", "calibration windows (50% sparsity)",
                                           CALIB_METHODS, "calibration_sweep.png")):
         runs = [r for r in res.get("runs", []) if r["part"] == part]
         if not runs:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for m in methods:
             pts = sorted((r[x], r["ppl"]) for r in runs if r["method"] == m)
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=m)
-        ax.axhline(res["dense_ppl"], color="gray", linestyle="--", label="dense")
+            ax.plot([a for a, _ in pts], [b for _, b in pts], label=m, alpha=0.85, **STYLE[m])
+        ax.axhline(res["dense_ppl"], color="black", linestyle=":", linewidth=1, label="dense")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("perplexity")
-        ax.set_xscale("log", base=2) if part == "calibration" else ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        if part == "calibration":
+            ax.set_xscale("log", base=2)
+            xs = sorted({r[x] for r in runs})
+            ax.set_xticks(xs, [str(v) for v in xs])
+        else:
+            ax.set_yscale("log")
+            readable_log_axis(ax.yaxis)
+            ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
-        ax.set_title(f"{title}: {xlabel}")
+        ax.set_title(f"{title}: {'Figure 5' if part == 'sparsity' else 'Figure 4'} in shape")
         save(fig, fn)
     if res.get("anatomy"):
         a = res["anatomy"]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for kind, key, marker in (("w1", "r_spread_x", "o"), ("w3", "r_spread_x", "s"), ("w2", "r_spread_h", "^")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        # w1 and w3 share their input x, so their points nearly coincide: w1 large and hollow, w3 small and solid
+        for kind, key, style in (("w1", "r_spread_x", dict(marker="o", s=90, facecolors="none", edgecolors="tab:blue")),
+                                 ("w3", "r_spread_x", dict(marker="o", s=18, color="tab:orange")),
+                                 ("w2", "r_spread_h", dict(marker="^", s=40, color="tab:green"))):
             xs = [g[key] for g in a["gates"]]
             ys = [r["mask_difference"] for g in a["gates"] for r in a["mask_difference"]
                   if r["layer"] == g["layer"] and r["matrix"] == kind]
-            ax.scatter(xs, ys, marker=marker, label=kind)
-            for g, xv, yv in zip(a["gates"], xs, ys):
-                ax.annotate(str(g["layer"]), (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(xs, ys, label=kind, **style)
+            if kind != "w3":  # w3's labels would sit on w1's
+                for g, xv, yv in zip(a["gates"], xs, ys):
+                    ax.annotate(f"layer {g['layer']}", (xv, yv), fontsize=7, xytext=(6, -3), textcoords="offset points")
         ax.set_xlabel("spread of r_j = ||X_j Gate|| / ||X_j|| over input columns (CV)")
-        ax.set_ylabel("weights whose mask differs, MoE-Pruner vs Wanda")
-        ax.legend(title="matrix (label: layer)")
+        ax.set_ylabel("weights whose 50% mask differs,\nMoE-Pruner vs Wanda")
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.1%}"))
+        ax.grid(alpha=0.3)
+        ax.legend(title="matrix")
         ax.set_title(f"{title}: where the gate changes the mask")
         save(fig, "anatomy.png")
     if res.get("expert_level"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in res["expert_level"]:
-            style = "s" if r["variant"].startswith("MoE-Pruner") else ("o" if r["variant"] == "dense" else "^")
-            ax.scatter(r["expert_params_fraction"], r["ppl"], marker=style)
-            ax.annotate(r["variant"], (r["expert_params_fraction"], r["ppl"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        rows = sorted(res["expert_level"], key=lambda r: (r["expert_params_fraction"], r["ppl"]))
+        for i, r in enumerate(rows):
+            kind = ("MoE-Pruner" if r["variant"].startswith("MoE-Pruner") else "dense" if r["variant"] == "dense"
+                    else r["variant"].split()[0])
+            style = {"MoE-Pruner": ("s", "tab:red"), "dense": ("*", "black"), "NAEE": ("^", "tab:blue"),
+                     "REAP": ("v", "tab:purple"), "CD-MoE": ("D", "tab:olive")}[kind]
+            ax.scatter(r["expert_params_fraction"], r["ppl"], marker=style[0], color=style[1], s=45)
+            # labels of points at the same x alternate left and right, so that they do not overlap
+            left = i % 2 == 1
+            ax.annotate(r["variant"], (r["expert_params_fraction"], r["ppl"]), fontsize=7,
+                        xytext=(-6 if left else 6, 0), textcoords="offset points", ha="right" if left else "left",
+                        va="center")
         ax.set_xlabel("stored expert parameters (nonzero), fraction of dense")
-        ax.set_ylabel("perplexity")
+        ax.set_ylabel(ylabel)
         ax.set_yscale("log")
-        ax.set_title(f"{title}: weight pruning vs expert pruning")
+        readable_log_axis(ax.yaxis)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+        ax.set_xlim(0.4, 1.08)
+        ax.grid(alpha=0.3, which="both")
+        ax.set_title(f"{title}: weight pruning vs expert pruning\n(r = experts kept per layer, of "
+                     f"{res['config']['num_local_experts']})", fontsize=10)
         save(fig, "expert_level.png")
     return written
 
@@ -892,7 +977,7 @@ def read_results(folder: str, flag: str) -> dict:
     """folder/results.json, for a flag that runs nothing (--replot, --compare)."""
     path = os.path.join(folder, "results.json")
     res = read_json(path, flag)
-    missing = [k for k in ("model", "dense_ppl", "parts", "minutes") if not isinstance(res, dict) or k not in res]
+    missing = [k for k in ("model", "dense_ppl") if not isinstance(res, dict) or k not in res]
     if missing:
         raise data.DataError(f"{flag}: {path} is not a run_paper.py results file (no {missing[0]!r})")
     return res

@@ -381,26 +381,29 @@ def test_skip_rule_by_hand():
     assert ep.skip_second(w, 0.5).tolist() == [False, True, False, True, False]
 
 
-def test_subset_error_is_a_sum_of_unsquared_norms_over_windows():
+def test_subset_error_is_a_sum_of_unsquared_norms_over_batches():
+    """NAEE's reference takes one Frobenius norm per cached forward (a batch of windows), unsquared,
+    and sums them: 4 windows in batches of 2 are two norms, not four and not one."""
     m = random_model(num_local_experts=3)
     layer = m.model.layers[0]
-    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(12))
+    x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(12))
     cos, sin = mm.rope_cos_sin(m.config, 5)
     subsets, errors = ep.subset_errors(layer, x, ep.Positions(cos, sin, None), r=2, batch_size=2)
     block = layer.block_sparse_moe
     with torch.no_grad():
-        h = layer.post_attention_layernorm(layer.attend(x, cos, sin))  # [2, 5, 64]
+        h = layer.post_attention_layernorm(layer.attend(x, cos, sin))  # [4, 5, 64]
         for s, keep in enumerate(subsets):
             total = 0.0
-            for win in range(2):
+            for batch in ((0, 1), (2, 3)):
                 sq = 0.0
-                for t in range(5):
-                    full_w, full_e = mm.route(block.gate(h[win, t])[None], 2)
-                    kw, ke = ep.masked_route(block.gate(h[win, t])[None], keep, 2)
-                    y = sum(full_w[0, k] * block.experts[full_e[0, k]](h[win, t]) for k in range(2))
-                    ys = sum(kw[0, k] * block.experts[ke[0, k]](h[win, t]) for k in range(2))
-                    sq += (ys - y).double().pow(2).sum().item()
-                total += math.sqrt(sq)  # a window's Frobenius norm, not squared
+                for win in batch:
+                    for t in range(5):
+                        full_w, full_e = mm.route(block.gate(h[win, t])[None], 2)
+                        kw, ke = ep.masked_route(block.gate(h[win, t])[None], keep, 2)
+                        y = sum(full_w[0, k] * block.experts[full_e[0, k]](h[win, t]) for k in range(2))
+                        ys = sum(kw[0, k] * block.experts[ke[0, k]](h[win, t]) for k in range(2))
+                        sq += (ys - y).double().pow(2).sum().item()
+                total += math.sqrt(sq)  # a batch's Frobenius norm, not squared
             assert errors[s].item() == pytest.approx(total, rel=1e-4)
 
 
@@ -439,7 +442,7 @@ def test_cd_moe_weight_by_hand_not_over_all_tokens():
 # --- REAP -----------------------------------------------------------------------------------
 
 
-def test_reap_saliency_is_the_mean_over_routed_tokens_of_gate_times_output_norm():
+def test_reap_saliency_is_the_mean_over_routed_tokens_of_probability_times_output_norm():
     m = random_model(seed=4)
     layer = m.model.layers[1]
     x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(13))
@@ -449,14 +452,20 @@ def test_reap_saliency_is_the_mean_over_routed_tokens_of_gate_times_output_norm(
     with torch.no_grad():
         h = layer.post_attention_layernorm(layer.attend(x, cos, sin))[0]
         sums, counts = [0.0] * 4, [0] * 4
+        renormalised = [0.0] * 4
         for t in range(6):
             w, e = mm.route(block.gate(h[t])[None], 2)
+            p = softmax(block.gate(h[t]).tolist())  # over all experts: the reference's probability for Mixtral
             for k in range(2):
                 ex = e[0, k].item()
-                sums[ex] += w[0, k].item() * block.experts[ex](h[t]).norm().item()
+                norm = block.experts[ex](h[t]).norm().item()
+                sums[ex] += p[ex] * norm
+                renormalised[ex] += w[0, k].item() * norm
                 counts[ex] += 1
     expect = [s / c if c else 0.0 for s, c in zip(sums, counts)]
     assert got.tolist() == pytest.approx(expect, rel=1e-5)
+    # not the renormalised top-2 gate, which is larger by 1 / (the top-2 probability mass)
+    assert got.tolist() != pytest.approx([r / c if c else 0.0 for r, c in zip(renormalised, counts)], rel=1e-3)
     # the mean over routed tokens, not over all tokens (which would scale each by counts / 6)
     assert any(c not in (0, 6) for c in counts)
 

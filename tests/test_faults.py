@@ -434,8 +434,24 @@ def test_permission_denied_as_a_non_root_user(world):
     locked = world["tmp"] / "locked"
     locked.mkdir(mode=0o555)
     os.chmod(world["tmp"], 0o777)
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                        os.path.join(REPO, "prune.py"), *prune_argv(world, locked / "out")],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 1 and "no permission to write" in r.stderr and "\n" not in r.stderr.strip()
-    assert os.listdir(locked) == []
+    as_nobody = lambda argv: subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                             sys.executable, os.path.join(REPO, "prune.py"), *argv],
+                                            capture_output=True, text=True, cwd=REPO)
+    # pytest's temporary folders are private (drwx------): let nobody through them for this test only
+    opened = [p for p in world["tmp"].parents if not os.stat(p).st_mode & 0o001]
+    modes = {p: os.stat(p).st_mode for p in opened}
+    try:
+        for p in opened:
+            os.chmod(p, modes[p] | 0o001)
+        r = as_nobody(prune_argv(world, locked / "out"))
+        assert r.returncode == 1 and "no permission to write" in r.stderr and "\n" not in r.stderr.strip()
+        assert os.listdir(locked) == []
+        # a checkpoint nobody may read is reported as such, not as missing
+        os.chmod(world["tmp"], 0o700)
+        r = as_nobody(prune_argv(world, "/tmp/never-written"))
+        assert r.returncode == 1 and "permission denied" in r.stderr and "\n" not in r.stderr.strip(), r.stderr
+        assert not os.path.exists("/tmp/never-written")
+    finally:
+        os.chmod(world["tmp"], 0o777)
+        for p in opened:
+            os.chmod(p, modes[p])

@@ -103,3 +103,15 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_paper.main(["--compare", str(tmp_path / "a"), str(tmp_path / "none")])
     assert "--compare: no" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [("{", "is not readable JSON"), ("[]", "not a run_paper.py results file"),
+                                              ("{}", "not a run_paper.py results file (no 'model')")])
+def test_a_corrupt_results_file_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "results.json").write_text(content)
+    for flags in (["--compare", str(tmp_path)], ["--replot", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            run_paper.main(flags)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code != 0 and err.startswith("error: ") and message in err and "\n" not in err
+    assert (tmp_path / "results.json").read_text() == content and os.listdir(tmp_path) == ["results.json"]
