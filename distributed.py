@@ -4,8 +4,8 @@ Several processes through PyTorch's own stack: torchrun starts them, this module
     torchrun --nproc_per_node 8 distill.py ...                          # one node
     torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:29500 --nproc_per_node 8 distill.py ...
 
-Under torchrun (WORLD_SIZE set) `init` joins the process group: nccl with LOCAL_RANK's GPU on
-CUDA, gloo on CPU. Without it every helper here is the identity or a no-op, so each script runs
+Under torchrun (WORLD_SIZE set) `init` joins the process group: on CUDA, nccl for CUDA tensors
+and gloo for the CPU ones, with LOCAL_RANK's GPU; gloo on CPU. Without it every helper here is the identity or a no-op, so each script runs
 exactly as in one process, with no new flag. What the scripts do with several processes:
 
   - prune.py: each rank runs its share of the calibration windows; every matrix's statistics
@@ -48,7 +48,8 @@ def init(device: str) -> str:
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        # nccl reduces only CUDA tensors: the small CPU sums (token counts, error totals) go through gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl")
         return f"cuda:{local}"
     dist.init_process_group("gloo")
     return device

@@ -167,7 +167,7 @@ def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: in
         for s, keep in enumerate(subsets):
             w, idx = masked_route(logits, keep, block.top_k)  # [N, k]
             y_s = (outs.gather(1, idx[:, :, None].expand(-1, -1, H)) * w[:, :, None]).sum(1)  # [N, hidden]
-            errors[s] += (y_s.to(y.dtype) - y).double().pow(2).sum().sqrt()  # ||Z - Z_s||_F of the batch
+            errors[s] += float((y_s.to(y.dtype) - y).double().pow(2).sum().sqrt())  # ||Z - Z_s||_F of the batch
     return subsets, errors
 
 
@@ -207,7 +207,7 @@ def reap_saliency(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch
 
     def observer(c: mm.ExpertCall):
         prob = torch.softmax(block.gate(c.x).double(), dim=-1)[:, c.expert]  # [routed tokens] p_e, not renormalised
-        sums[c.expert] += (prob * c.y.double().norm(dim=-1)).sum()
+        sums[c.expert] += float((prob * c.y.double().norm(dim=-1)).sum())  # a Python float: sums stay on the CPU
         counts[c.expert] += len(c.tokens)
     run_layer(layer, x, pos, batch_size, observer)
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
@@ -301,7 +301,7 @@ def routed_gate_means(weights: torch.Tensor, experts: torch.Tensor, n_experts: i
     i.e. its mean gate *where it is chosen* (0 for an expert no token reached). weights, experts
     [N, k] from route(). Returns [n_experts] float64."""
     flat = experts.reshape(-1)
-    sums = torch.zeros(n_experts, dtype=torch.float64).index_add_(0, flat, weights.reshape(-1).double())
+    sums = torch.zeros(n_experts, dtype=torch.float64, device=flat.device).index_add_(0, flat, weights.reshape(-1).double())
     counts = torch.bincount(flat, minlength=n_experts).double()
     return sums / counts.clamp(min=1)  # an expert no token reached: 0 / 1
 
@@ -312,8 +312,8 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
     cfg = model.config
     L = cfg.num_hidden_layers
     T = tokens.shape[1]
-    cos, sin = mm.rope_cos_sin(cfg, T)
-    mask = mm.attention_mask(T, cfg.sliding_window)
+    cos, sin = mm.rope_cos_sin(cfg, T, tokens.device)
+    mask = mm.attention_mask(T, cfg.sliding_window, tokens.device)
 
     def hidden(condensed):
         """Final hidden states (after the final norm) with `condensed` layers."""

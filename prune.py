@@ -165,7 +165,7 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm=None,
     dead = torch.diag(H) == 0  # inputs never active on calibration data: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
