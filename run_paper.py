@@ -676,6 +676,7 @@ def facts(res: dict) -> dict:
             out[f"dtype-seconds:{k}"] = f"{d[k]['prune_seconds']:.0f}"
     for r in res.get("expert_level", []):
         out[f"expert:{r['variant'].replace(' ', '_')}"] = f"{r['ppl']:.3f}"
+        out[f"expert-cost:{r['variant'].replace(' ', '_')}"] = f"{r['ppl'] / res['dense_ppl'] - 1:+.1%}"
     if res.get("anatomy"):
         a = res["anatomy"]
         sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}
