@@ -16,6 +16,7 @@ Every problem with a checkpoint raises CheckpointError with a one-line message n
 import ctypes
 import errno
 import json
+import math
 import os
 import shutil
 import stat
@@ -276,6 +277,23 @@ def check_output_file(path: str, overwrite: bool = False):
         raise CheckpointError(f"{path} exists (pass --overwrite to replace it)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot create {path}: no permission to write in {folder}")
+
+
+def finite_json(obj):
+    """obj with every non-finite float replaced by a string saying so ("not finite (nan)"): JSON has
+    no NaN or Infinity, and a results file must say what a value is rather than hold a non-number."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"not finite ({obj})"
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj) -> str:
+    """A results file's text: indented JSON, non-finite values spelled out (finite_json)."""
+    return json.dumps(finite_json(obj), indent=2, allow_nan=False)
 
 
 def write_output_file(path: str, text, overwrite: bool = False):

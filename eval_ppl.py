@@ -16,7 +16,6 @@ routing weight (the "hint" MoE-Pruner's metric multiplies in).
     python eval_ppl.py --model DIR --data wiki.test.raw --seqlen 2048 --json out.json
 """
 
-import json
 import math
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 import cli
 import data
 import mini_mixtral as mm
-from checkpoint import DTYPES, check_output_file, read_config, write_output_file
+from checkpoint import DTYPES, check_output_file, json_text, read_config, write_output_file
 from expert_prune import load_model
 from progress import Progress, machine
 
@@ -52,7 +51,8 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, device="cpu", 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, device="cpu", progress=False) -> float:
     total, count = window_nll(model, windows, batch_size, device, progress)
-    return math.exp(total / count)
+    mean = total / count
+    return math.exp(mean) if mean < 709.0 else math.inf  # exp overflows a float64 past ~709.78
 
 
 def expert_load_cv(top1_counts: torch.Tensor) -> float:
@@ -201,9 +201,12 @@ def main(argv=None):
                             "machine": machine(),
                             "window_indices": indices})
         if args.json:
-            write_output_file(args.json, json.dumps(results[0] if len(results) == 1 else results, indent=2),
-                              args.overwrite)
-    print(markdown_table(results, args.router_stats))
+            write_output_file(args.json, json_text(results[0] if len(results) == 1 else results), args.overwrite)
+        print(markdown_table(results, args.router_stats))
+        bad = [r["model"] for r in results if not math.isfinite(r["ppl"])]
+        if bad:
+            raise data.DataError(f"the perplexity of {bad[0]} is not a finite number (its value is in the table"
+                                 + (f" and, spelled out, in {args.json}" if args.json else "") + ")")
     if args.router_stats:
         for r in results:
             for x in r["router"]:

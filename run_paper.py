@@ -55,7 +55,7 @@ import eval_ppl
 import expert_prune
 import mini_mixtral as mm
 import prune
-from checkpoint import CheckpointReader, check_output_file, read_config, write_output_file
+from checkpoint import CheckpointReader, check_output_file, json_text, read_config, write_output_file
 from layerwise import embed_windows, layers, run_layer
 from progress import log, machine, machine_line
 
@@ -944,7 +944,7 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     results["command"] = command
-    write_output_file(os.path.join(out, "results.json"), json.dumps(results, indent=2), overwrite=True)
+    write_output_file(os.path.join(out, "results.json"), json_text(results), overwrite=True)
     print(write_report(results, out))
     return results
 

@@ -33,7 +33,6 @@ torch.sparse alone is used (torchao's sparsity module has been removed upstream)
     python sparse24.py --prune-from DIR --method wanda --out out/wanda-24   # prune to 2:4 first
 """
 
-import json
 
 import torch
 from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
@@ -45,7 +44,7 @@ import data
 import mini_mixtral as mm
 import prune
 from checkpoint import (DTYPES, STORED_DTYPES, CheckpointReader, CheckpointWriter, check_output, check_output_file,
-                        expected_shapes, load_model, read_config, write_output_file)
+                        expected_shapes, json_text, load_model, read_config, write_output_file)
 from mini_mixtral import MixtralConfig
 
 HALF = (torch.float16, torch.bfloat16)
@@ -325,7 +324,7 @@ def main(argv=None):
             print(f"{args.backend} on {report['run']['gpu']}: max |logit difference| {run['max_abs_diff']:.4g} "
                   f"(max |logit| {run['max_abs_logit']:.3g})")
         if args.json:
-            write_output_file(args.json, json.dumps(report, indent=2), args.overwrite)
+            write_output_file(args.json, json_text(report), args.overwrite)
     return report
 
 

@@ -27,7 +27,7 @@ import random
 
 import cli
 import data
-from checkpoint import CheckpointReader, check_output_file, write_output_file
+from checkpoint import CheckpointReader, check_output_file, json_text, write_output_file
 
 try:  # optional extra
     import lm_eval
@@ -113,7 +113,7 @@ def main(argv=None):
             for r in rows:
                 print(f"| {r['model']} | {r['acc']:.3f} +- {r['acc_stderr']:.3f} | {r['acc_norm']:.3f} |")
         if a.json:
-            write_output_file(a.json, json.dumps(rows, indent=2), a.overwrite)
+            write_output_file(a.json, json_text(rows), a.overwrite)
     return rows
 
 

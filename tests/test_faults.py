@@ -8,6 +8,7 @@ temporary folders. Concurrency and signals use real processes.
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -234,10 +235,29 @@ def test_non_finite_weights_are_refused_by_prune_and_flagged_by_eval(world, caps
     line = script_error(capsys, prune.main, prune_argv({**world, "ckpt": str(bad)}, out), alone=False)
     assert name in line and "non-finite" in line and not out.exists()  # found as layer 0 is read
     capsys.readouterr()
-    eval_ppl.main(["--model", str(bad), "--data", world["text"], "--seqlen", "16", "--max-windows", "2"])
-    err = capsys.readouterr().err
-    assert "warning:" in err and "not finite" in err and name in err
+    report = world["tmp"] / "eval.json"
+    with pytest.raises(SystemExit) as e:
+        eval_ppl.main(["--model", str(bad), world["ckpt"], "--data", world["text"], "--seqlen", "16", "--max-windows",
+                       "2", "--json", str(report)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().split("\n")
+    assert e.value.code == 1 and "warning:" in err[0] and "not finite" in err[0] and name in err[0]
+    assert err[-1].startswith("error: the perplexity of") and str(bad) in err[-1]
+    assert "| nan |" in captured.out or "| inf |" in captured.out  # the table is printed all the same
+    written = json.loads(report.read_text())  # valid JSON: no NaN or Infinity in the file
+    assert written[0]["ppl"].startswith("not finite") and isinstance(written[1]["ppl"], float)
+    report.unlink()
     unchanged(world)
+
+
+def test_a_perplexity_past_floats_range_is_infinite_not_an_overflow():
+    class Confident(torch.nn.Module):  # puts all probability on token 0, so every other target costs ~1e4
+        def forward(self, x):
+            logits = torch.full((*x.shape, 8), -1e4)
+            logits[..., 0] = 0.0
+            return logits
+    ppl = eval_ppl.perplexity(Confident(), torch.ones(2, 5, dtype=torch.long))
+    assert ppl == math.inf
 
 
 def test_integer_tensors_are_refused_at_open_from_the_headers(world, capsys):
