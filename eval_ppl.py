@@ -25,7 +25,7 @@ import torch
 import cli
 import data
 import mini_mixtral as mm
-from checkpoint import DTYPES, check_output_file, json_text, read_config, write_output_file
+from checkpoint import DTYPES, CheckpointReader, check_output_file, json_text, read_config, write_output_file
 from expert_prune import load_model
 from progress import Progress, machine
 
@@ -193,7 +193,11 @@ def main(argv=None):
             check_output_file(args.json, args.overwrite)
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
-        for model_dir in args.model or [data.default_model_dir()]:
+        models = args.model or [data.default_model_dir()]
+        for model_dir in models:  # every model's headers and tokenizer, before minutes of work on the first
+            CheckpointReader(model_dir, allow_nonfinite=True)
+            data.load_tokenizer(model_dir)
+        for model_dir in models:
             windows, indices, total = evaluation_windows(model_dir, args.data, args.split, args.seqlen,
                                                          data.eval_window_count(args.data, args.eval_windows), cache)
             results.append({**evaluate(model_dir, windows, args.dtype, args.device, args.batch_size,

@@ -213,3 +213,12 @@ def test_a_named_stdlib_split_is_that_split(ckpt, capsys):
     assert data.text_source("stdlib:calib", "eval") == data.stdlib_text("calib") != data.text_source("stdlib", "eval")
     assert data.text_source("stdlib", "calib") == data.stdlib_text("calib")
     assert "unknown split 'valid'" in cli_error(capsys, ["--model", ckpt, "--data", "stdlib:valid"])
+
+
+def test_every_model_is_checked_before_the_first_is_evaluated(tmp_path, text_file, capsys):
+    good = write_checkpoint(tmp_path / "good")
+    with pytest.raises(SystemExit) as e:
+        eval_ppl.main(["--model", good, str(tmp_path / "missing"), "--data", text_file, "--seqlen", "32"])
+    captured = capsys.readouterr()
+    assert e.value.code != 0 and "no such checkpoint directory" in captured.err
+    assert "windows x 32 tokens" not in captured.err and captured.out == ""  # nothing was evaluated
