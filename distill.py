@@ -364,6 +364,9 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
         raise data.DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {distributed.world()} processes")
     ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(text, "train"))
     windows = data.calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+    if distributed.is_main():  # every check passed: say what runs before the first minutes of it
+        log(f"{data.shown_path(student_dir)} distilled from {data.shown_path(teacher_dir)} -> {data.shown_path(out)}: "
+            f"{mode} mode, loss {cfg.loss}, {cfg.samples} x {cfg.seqlen} tokens of {text}, {cfg.epochs} epochs")
     device = torch.device(device)
     writer = CheckpointWriter(out, config, overwrite=overwrite, src_dir=student_dir, inputs=[teacher_dir]) \
         if distributed.is_main() else contextlib.nullcontext()
