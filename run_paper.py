@@ -55,6 +55,7 @@ import eval_ppl
 import expert_prune
 import mini_mixtral as mm
 import prune
+import zeroshot
 from checkpoint import CheckpointReader, check_output_file, json_text, read_config, write_output_file
 from layerwise import embed_windows, layers, run_layer
 from progress import log, machine, machine_line
@@ -709,10 +710,14 @@ def facts(res: dict) -> dict:
 
 
 def evaluation_facts(results: list) -> dict:
-    """The numbers of an eval_ppl.py --json file (one model or a list) that documents quote, by model."""
+    """The numbers of an eval_ppl.py or zeroshot.py --json file (one model or a list) that documents
+    quote, by model."""
     out = {}
     for r in results if isinstance(results, list) else [results]:
         m = r["model"]
+        if "acc" in r:  # zeroshot.py
+            out[f"acc:{m}"], out[f"acc_norm:{m}"] = f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}"
+            continue
         out[f"ppl:{m}"] = f"{r['ppl']:.3f}"
         out[f"windows:{m}"] = str(r["windows"])
         for x in r.get("router", []):
@@ -750,6 +755,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
         folders, name = m.group(1).split("+"), m.group(2)
         if name == "compare":
             body = side_by_side([results(f) for f in folders])
+        elif name == "zeroshot" and len(folders) == 1 and folders[0].endswith(".json"):
+            body = zeroshot.markdown_table(results(folders[0]))
         elif name == "eval" and len(folders) == 1 and folders[0].endswith(".json"):
             r = results(folders[0])
             r = r if isinstance(r, list) else [r]
@@ -757,7 +764,7 @@ def render_document(text: str, root: str = data.REPO) -> str:
         else:
             section = next((t for n, _, t in SECTIONS if n == name), None)
             if section is None or len(folders) != 1:
-                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, "
+                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, zeroshot, "
                                      + ", ".join(n for n, _, _ in SECTIONS))
             body = section(results(folders[0]))
         return f"<!-- table {m.group(1)} {name} -->\n{body.strip()}\n<!-- end table -->"

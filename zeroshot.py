@@ -21,6 +21,7 @@ On a machine that can download the paper's tasks:
         --tasks arc_easy,arc_challenge,boolq,hellaswag,mmlu,openbookqa,piqa,rte,winogrande
 """
 
+import importlib.util
 import json
 import os
 import random
@@ -29,11 +30,9 @@ import cli
 import data
 from checkpoint import CheckpointReader, check_output_file, json_text, write_output_file
 
-try:  # optional extra
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-except ImportError:
-    lm_eval = None
+# lm-eval is an optional extra, imported where it is used: importing it takes seconds, and
+# run_paper.py imports this module for its table alone
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 
 TASKS = os.path.join(data.REPO, "tasks")
 TASK = "stdlib_nextline"
@@ -72,8 +71,10 @@ def build_items(seed: int = 0, n_items: int = N_ITEMS) -> list:
 
 def evaluate(model_dir: str, batch_size: int = 8, limit: int = None) -> dict:
     """lm-eval's hf model on stdlib_nextline: {"acc", "acc_stderr", "acc_norm", ...}."""
-    if lm_eval is None:
+    if not HAVE_LM_EVAL:
         raise data.DataError("lm-eval is not installed: pip install -r requirements-eval.txt")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
     config = CheckpointReader(model_dir).config  # an official-layout Mixtral, checked before lm-eval loads it
     # the token lm-eval puts before an empty context: BOS, else EOS (the embedded tokenizer has no BOS)
     prefix = config.extra.get("bos_token_id")
@@ -89,6 +90,15 @@ def evaluate(model_dir: str, batch_size: int = 8, limit: int = None) -> dict:
         os.chdir(cwd)
     r = out["results"][TASK]
     return {"model": data.shown_path(model_dir), **{k.split(",")[0]: v for k, v in r.items() if "," in k}}
+
+
+def markdown_table(rows: list) -> str:
+    """evaluate()'s rows as one table: accuracy and length-normalised accuracy, +- lm-eval's standard errors."""
+    out = ["| model | acc | acc_norm (per byte) |\n|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['acc']:.3f} +- {r['acc_stderr']:.3f} | "
+                   f"{r['acc_norm']:.3f} +- {r.get('acc_norm_stderr', float('nan')):.3f} |")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -109,9 +119,7 @@ def main(argv=None):
             print(f"wrote {len(items)} items to {os.path.relpath(ITEMS, data.REPO)}")
         rows = [evaluate(m, a.batch_size, a.limit) for m in a.model]
         if rows:
-            print("| model | acc | acc_norm |\n|---|---|---|")
-            for r in rows:
-                print(f"| {r['model']} | {r['acc']:.3f} +- {r['acc_stderr']:.3f} | {r['acc_norm']:.3f} |")
+            print(markdown_table(rows))
         if a.json:
             write_output_file(a.json, json_text(rows), a.overwrite)
     return rows
