@@ -35,6 +35,7 @@ unless --keep.
         --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --eval-windows 0 --device cuda
 """
 
+import io
 import json
 import os
 import re
@@ -70,6 +71,9 @@ except ImportError:
 METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")
 CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
 PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype")
+# What a run writes into --out (the plots only with matplotlib).
+OUTPUT_FILES = ("results.json", "README.md", "calib_tokens.npy", "sparsity_sweep.png", "calibration_sweep.png",
+                "anatomy.png", "expert_level.png")
 # MoE-Pruner Table 2, WikiText perplexity of Mixtral-8x7B (for the side-by-side table).
 PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.97, ("moe-pruner", "50%"): 4.68,
                 ("sparsegpt", "2:4"): 7.09, ("wanda", "2:4"): 6.98, ("moe-pruner", "2:4"): 5.88}
@@ -898,7 +902,8 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
     out/README.md and the plots. Returns the results."""
     config = read_config(model)
     if os.path.isdir(out):
-        check_output_file(os.path.join(out, "results.json"), overwrite)
+        for fn in OUTPUT_FILES:  # every file this run may write, refused before any work
+            check_output_file(os.path.join(out, fn), overwrite)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise data.DataError(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
@@ -912,7 +917,9 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, "checkpoints") if keep else tempfile.mkdtemp(prefix="run_paper-")
     os.makedirs(work, exist_ok=True)
-    np.save(os.path.join(out, "calib_tokens.npy"), calib)
+    packed = io.BytesIO()
+    np.save(packed, calib)
+    write_output_file(os.path.join(out, "calib_tokens.npy"), packed.getvalue(), overwrite=True)  # checked above
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     s = Setup(model, config, calib, os.path.join(out, "calib_tokens.npy"), ids, windows,
               every if len(windows) < len(every) else None, work, device, keep, {})

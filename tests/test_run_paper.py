@@ -115,3 +115,15 @@ def test_a_corrupt_results_file_is_one_line(tmp_path, capsys, content, message):
         err = capsys.readouterr().err.strip()
         assert e.value.code != 0 and err.startswith("error: ") and message in err and "\n" not in err
     assert (tmp_path / "results.json").read_text() == content and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_folder_holding_any_file_a_run_writes_is_refused_before_work(tmp_path, capsys):
+    ck = write_checkpoint(tmp_path / "ck")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("the user's own notes")
+    with pytest.raises(SystemExit) as e:
+        run_paper.main(["--model", ck, "--out", str(out), "--parts", "table"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and "README.md exists" in err and "\n" not in err
+    assert os.listdir(out) == ["README.md"] and (out / "README.md").read_text() == "the user's own notes"
