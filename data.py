@@ -261,12 +261,17 @@ def eval_windows(ids: np.ndarray, seqlen: int) -> torch.Tensor:
 EVAL_SAMPLE = 128
 
 
+def is_embedded(spec: str) -> bool:
+    """Whether a --data / --calib-data value names the embedded corpus ('stdlib' or 'stdlib:SPLIT')."""
+    return spec in (None, "stdlib") or spec.startswith("stdlib:")
+
+
 def eval_window_count(spec: str, asked: int = None) -> int:
     """How many evaluation windows to use: as asked (0 = all); by default EVAL_SAMPLE of the embedded
     corpus and all of any other text (the literature's protocol evaluates every window)."""
     if asked is not None:
         return asked
-    return EVAL_SAMPLE if spec in (None, "stdlib") or spec.startswith("stdlib:") else 0
+    return EVAL_SAMPLE if is_embedded(spec) else 0
 
 
 def sample_windows(windows: torch.Tensor, n: int) -> tuple:
@@ -307,7 +312,7 @@ def text_source(spec: str, split: str) -> str:
     if spec in (None, "stdlib"):
         return stdlib_text(split)
     if spec.startswith("stdlib:"):
-        return stdlib_text(spec[len("stdlib:"):])  # stdlib_files rejects an unknown split
+        return stdlib_text(spec[len("stdlib:"):])  # corpus_file rejects an unknown split
     return read_text(spec)
 
 

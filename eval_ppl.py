@@ -193,7 +193,7 @@ def main(argv=None):
             check_output_file(args.json, args.overwrite)
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
-        models = args.model or [data.default_model_dir()]
+        models, where = args.model or [data.default_model_dir()], machine()
         for model_dir in models:  # every model's headers and tokenizer, before minutes of work on the first
             CheckpointReader(model_dir, allow_nonfinite=True)
             data.load_tokenizer(model_dir)
@@ -202,7 +202,7 @@ def main(argv=None):
                                                          data.eval_window_count(args.data, args.eval_windows), cache)
             results.append({**evaluate(model_dir, windows, args.dtype, args.device, args.batch_size,
                                        args.router_stats), "data": args.data, "windows_in_text": total,
-                            "machine": machine(),
+                            "machine": where,
                             "window_indices": indices})
         if args.json:
             write_output_file(args.json, json_text(results[0] if len(results) == 1 else results), args.overwrite)

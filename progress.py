@@ -66,13 +66,10 @@ class Laps:
 
 def machine() -> dict:
     """The processor (or GPU), its cores, the threads torch uses and the software: where a timing
-    was measured, so that a figure is never read as another machine's."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    was measured, so that a figure is never read as another machine's. The CPU is named by its
+    architecture and the widest vector kernels torch runs on it (AVX2, AVX512, ...), what decides
+    its speed here."""
+    cpu = f"{platform.machine()} CPU with {torch.backends.cpu.get_cpu_capability()} kernels"
     out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
@@ -81,7 +78,8 @@ def machine() -> dict:
 
 
 def machine_line(m: dict) -> str:
-    """A machine() record as one phrase: 'AMD EPYC 7B13 (2 cores, torch on 1 thread), Python 3.11.7, torch 2.13.0'."""
+    """A machine() record as one phrase: 'x86_64 CPU with AVX2 kernels (2 cores, torch on 1 thread), Python
+    3.11.7, torch 2.13.0'."""
     where = m["gpu"] if m.get("gpu") else f"{m['cpu']} ({m['cores']} cores, torch on {m['torch_threads']} thread" \
                                          f"{'s' if m['torch_threads'] != 1 else ''})"
     return f"{where}, Python {m['python']}, torch {m['torch']}"

@@ -96,10 +96,17 @@ class Setup:
     done: dict = None  # {prune arguments: row}: a run several parts need is run once
 
 
-def evaluate(s: Setup, path: str, windows: torch.Tensor = None) -> float:
-    """Perplexity of a checkpoint on the evaluation sample (or on the given windows)."""
-    windows = s.windows if windows is None else windows
-    return eval_ppl.perplexity(expert_prune.load_model(path, torch.float32, s.device), windows, 8, s.device)
+def perplexities(s: Setup, path: str, whole: bool = False) -> list:
+    """Perplexity of a checkpoint on the evaluation sample and, with whole (when the sample is fewer
+    than every window), on every window of the evaluation text: one load for both."""
+    model = expert_prune.load_model(path, torch.float32, s.device)
+    sets = [s.windows] + ([s.all_windows] if whole and s.all_windows is not None else [])
+    return [eval_ppl.perplexity(model, w, 8, s.device) for w in sets]
+
+
+def evaluate(s: Setup, path: str) -> float:
+    """Perplexity of a checkpoint on the evaluation sample."""
+    return perplexities(s, path)[0]
 
 
 def calib_file(s: Setup, tokens: np.ndarray, name: str) -> str:
@@ -118,12 +125,13 @@ def pruned(s: Setup, name: str, args: prune.PruneArgs, whole: bool = False) -> d
     t0 = time.time()
     report = prune.prune_checkpoint(s.model, out, args, overwrite=True, log=lambda m: None)
     seconds = time.time() - t0
-    row = {"method": args.method, "sparsity": args.sparsity, "nm": args.nm, "ppl": evaluate(s, out),
+    ppl, *ppl_all = perplexities(s, out, whole)
+    row = {"method": args.method, "sparsity": args.sparsity, "nm": args.nm, "ppl": ppl,
            "nsamples": report["calibration"]["nsamples"], "prune_seconds": seconds,
            "expert_sparsity": report["expert_sparsity"], "overall_sparsity": report["overall_sparsity"],
            "mean_matrix_error": report["mean_matrix_error"]}
-    if whole and s.all_windows is not None:
-        row["ppl_all"] = evaluate(s, out, s.all_windows)
+    if ppl_all:
+        row["ppl_all"] = ppl_all[0]
     if args.layer_sparsity:  # what OWL chose, and why
         row.update(layer_sparsities=report["layer_sparsity"], owl_outlier_ratios=report["owl_outlier_ratios"],
                    layer_output_errors=[x["output_error"] for x in report["layers"]])
@@ -591,13 +599,17 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+def setting(r: dict) -> str:
+    """A pruning run's setting as the tables name it: 50%, 2:4, ..."""
+    return r["nm"] or f"{r['sparsity']:.0%}"
+
+
 def side_by_side(results: list) -> str:
     """Several runs' tables as one (e.g. the same parts on two models): each cell holds the runs'
     values in order, "a / b". Pruning settings that every run has; the anatomy when every run has it."""
     join = lambda values: " / ".join(values)
     out = ["Each cell: " + join(r["model"] for r in results) + ".\n"]
-    label = lambda r: r["nm"] or f"{r['sparsity']:.0%}"  # 50%, 2:4, ...
-    ppl = [{(r["method"], label(r)): r["ppl"] for r in res.get("runs", []) if r["part"] in ("table", "sparsity")}
+    ppl = [{(r["method"], setting(r)): r["ppl"] for r in res.get("runs", []) if r["part"] in ("table", "sparsity")}
            for res in results]
     order = ("50%", "2:4", "4:8", "30%", "70%", "80%")  # Table 2 first, then the rest of Figure 5
     settings = [x for x in order if all(("wanda", x) in p and ("moe-pruner", x) in p for p in ppl)]
@@ -645,14 +657,13 @@ def facts(res: dict) -> dict:
         out["machine"] = machine_line(res["machine"])
     if res.get("dense_ppl_all") is not None:
         out["dense-all"] = f"{res['dense_ppl_all']:.3f}"
-    label = lambda r: r["nm"] or f"{r['sparsity']:.0%}"  # 50%, 2:4, ...
     ppl = {}
     for r in res.get("runs", []):
         if r["part"] in ("table", "sparsity"):
-            ppl[r["method"], label(r)] = r["ppl"]
-            out[f"ppl:{r['method']}:{label(r)}"] = f"{r['ppl']:.3f}"
+            ppl[r["method"], setting(r)] = r["ppl"]
+            out[f"ppl:{r['method']}:{setting(r)}"] = f"{r['ppl']:.3f}"
             if "ppl_all" in r:
-                out[f"all:{r['method']}:{label(r)}"] = f"{r['ppl_all']:.3f}"
+                out[f"all:{r['method']}:{setting(r)}"] = f"{r['ppl_all']:.3f}"
         if r["part"] == "calibration":
             out[f"ppl:{r['method']}:n={r['nsamples']}"] = f"{r['ppl']:.3f}"
     gains = {x: ppl["moe-pruner", x] - ppl["wanda", x] for (m, x) in ppl if m == "wanda" and ("moe-pruner", x) in ppl}
@@ -661,7 +672,7 @@ def facts(res: dict) -> dict:
         out[f"gain%:{x}"] = f"{-g / ppl['wanda', x]:.2%}"
     for (m, x), v in ppl.items():
         out[f"cost:{m}:{x}"] = f"{v / res['dense_ppl'] - 1:+.1%}"  # perplexity over dense
-    whole = {(r["method"], label(r)): r["ppl_all"] for r in find(res, "table") if "ppl_all" in r}
+    whole = {(r["method"], setting(r)): r["ppl_all"] for r in find(res, "table") if "ppl_all" in r}
     for x in {x for m, x in whole}:
         if ("wanda", x) in whole and ("moe-pruner", x) in whole:
             out[f"gain-all:{x}"] = f"{whole['moe-pruner', x] - whole['wanda', x]:+.3f}"
@@ -929,9 +940,9 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
                "machine": machine(), "parts": parts, "minutes": {}, "runs": []}
     try:
         t0 = time.time()
-        results["dense_ppl"] = evaluate(s, model)
-        if s.all_windows is not None and "table" in parts:
-            results["dense_ppl_all"] = evaluate(s, model, s.all_windows)
+        results["dense_ppl"], *dense_all = perplexities(s, model, whole="table" in parts)
+        if dense_all:
+            results["dense_ppl_all"] = dense_all[0]
         log(f"dense: ppl {results['dense_ppl']:.3f}")
         for part in parts:
             t = time.time()

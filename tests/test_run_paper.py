@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_ppl
 import run_paper
 from conftest import write_checkpoint
 
@@ -27,6 +28,12 @@ def test_run_paper_small(tmp_path, ckpt, text_file, monkeypatch):
     shared = [r for r in runs if r["method"] == "wanda" and r["sparsity"] == 0.5 and r["nm"] is None and r["nsamples"] == 8]
     assert len(shared) == 3 and len({r["ppl"] for r in shared}) == 1
     assert all(r["expert_sparsity"] == r["sparsity"] for r in runs if r["nm"] is None)
+    # the sample is spread over the text; Table 2's 50% and 2:4 rows, and dense, are also on every window
+    n = res["eval_windows_in_text"]
+    assert res["eval_windows"] == 3 < n and res["eval_window_indices"] == [i * n // 3 for i in range(3)]
+    assert all(("ppl_all" in r) == (r["nm"] in (None, "2:4")) for r in runs if r["part"] == "table")
+    every = eval_ppl.main(["--model", ckpt, "--data", text_file, "--seqlen", "32", "--eval-windows", "0"])[0]
+    assert every["windows"] == n and res["dense_ppl_all"] == pytest.approx(every["ppl"], rel=1e-12)
     assert np.load(out / "calib_tokens.npy").shape == (8, 32)
     assert "| moe-pruner |" in (out / "README.md").read_text()
     assert not [d for d in os.listdir(tmp_path) if d.startswith("run_paper-")]  # pruned checkpoints deleted
