@@ -882,9 +882,12 @@ def plots(res: dict, out_dir: str) -> list:
         for i, r in enumerate(rows):
             kind = ("MoE-Pruner" if r["variant"].startswith("MoE-Pruner") else "dense" if r["variant"] == "dense"
                     else r["variant"].split()[0])
-            style = {"MoE-Pruner": ("s", "tab:red"), "dense": ("*", "black"), "NAEE": ("^", "tab:blue"),
-                     "REAP": ("v", "tab:purple"), "CD-MoE": ("D", "tab:olive")}[kind]
-            ax.scatter(r["expert_params_fraction"], r["ppl"], marker=style[0], color=style[1], s=45)
+            # REAP hollow: its points can sit on NAEE's (the same budget, close perplexities)
+            style = {"MoE-Pruner": dict(marker="s", color="tab:red"), "dense": dict(marker="*", color="black"),
+                     "NAEE": dict(marker="^", color="tab:blue"),
+                     "REAP": dict(marker="v", facecolors="none", edgecolors="tab:purple", linewidths=1.5),
+                     "CD-MoE": dict(marker="D", color="tab:olive")}[kind]
+            ax.scatter(r["expert_params_fraction"], r["ppl"], s=60, **style)
             # labels of points at the same x alternate left and right, so that they do not overlap
             left = i % 2 == 1
             ax.annotate(r["variant"], (r["expert_params_fraction"], r["ppl"]), fontsize=7,
@@ -892,8 +895,10 @@ def plots(res: dict, out_dir: str) -> list:
                         va="center")
         ax.set_xlabel("stored expert parameters (nonzero), fraction of dense")
         ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        readable_log_axis(ax.yaxis)
+        ppls = [r["ppl"] for r in rows]
+        if max(ppls) > 3 * min(ppls):  # a log axis only where the perplexities span more than 3x
+            ax.set_yscale("log")
+            readable_log_axis(ax.yaxis)
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
         ax.set_xlim(0.4, 1.08)
         ax.grid(alpha=0.3, which="both")
