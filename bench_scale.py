@@ -40,11 +40,14 @@ import torch
 import torch.nn.functional as F
 
 import cli
-from checkpoint import CheckpointWriter, expected_shapes
+import prune
+from checkpoint import (CheckpointReader, CheckpointWriter, DTYPES, check_output_file, expected_shapes, json_text,
+                        load_layer, write_output_file)
+from layerwise import embed_windows, run_layer
 from mini_mixtral import MixtralConfig
+from progress import Laps, machine
 
 GiB = 1024**3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def full_width_config(layers: int) -> MixtralConfig:
@@ -69,49 +72,69 @@ def write_checkpoint(path: str, config: MixtralConfig, max_shard_bytes: int = 5 
                 w.flush()  # one shard per layer, as prune.py writes
 
 
-def timed(fns: list, repeats: int) -> list:
+def timed(fns: list, repeats: int, device: str = "cpu") -> list:
     """The fastest of repeats runs of each of fns, after one warm-up, the functions taking turns
     so that a load that comes and goes on the machine falls on all of them alike."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
-def gemm_and_expert_rates(routed: int, hidden: int, inter: int, dtype, repeats: int, seconds: float = 2.0) -> dict:
+def gemm_and_expert_rates(routed: int, hidden: int, inter: int, dtype, repeats: int, seconds: float = 2.0,
+                          device: str = "cpu") -> dict:
     """GFLOP/s of one [tokens, hidden] x [hidden, inter] GEMM (F.linear, the call prune.py's forward
     makes) and of one SwiGLU expert's forward, at the routed token count, or at as many tokens as
     one GEMM runs in about `seconds` where the dtype is too slow for that (bfloat16 without
     hardware support runs ~100x slower than float32: 8192 tokens would take half an hour)."""
     g = torch.Generator().manual_seed(1)
-    w1, w3 = (torch.randn(inter, hidden, generator=g).to(dtype) * 0.02 for _ in range(2))
-    w2 = torch.randn(hidden, inter, generator=g).to(dtype) * 0.02
-    probe = torch.randn(64, hidden, generator=g).to(dtype)
-    F.linear(probe, w1)  # warm-up: the first call allocates
-    t = time.perf_counter()
-    F.linear(probe, w1)
-    tokens = max(64, min(routed, int(64 * seconds / (time.perf_counter() - t)) // 64 * 64))
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    w1, w3 = (torch.randn(inter, hidden, generator=g).to(device, dtype) * 0.02 for _ in range(2))
+    w2 = torch.randn(hidden, inter, generator=g).to(device, dtype) * 0.02
+    probe = torch.randn(64, hidden, generator=g).to(device, dtype)
+    probe_s = timed([lambda: F.linear(probe, w1)], 1, device)[0]
+    tokens = max(64, min(routed, int(64 * seconds / probe_s) // 64 * 64))
+    x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     gemm, expert = timed([lambda: F.linear(x, w1), lambda: F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)],
-                         repeats)
+                         repeats, device)
     flops_gemm, flops_expert = 2 * tokens * hidden * inter, 3 * 2 * tokens * hidden * inter
     return {"tokens": tokens, "gemm_gflops": flops_gemm / gemm / 1e9, "expert_gflops": flops_expert / expert / 1e9,
             "expert_s": expert}
 
 
-def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_size: int) -> dict:
-    """prune.py in a fresh process: its report, peak RSS (VmHWM) and the sampled maximum RSS."""
-    code = ("import re, sys, prune; prune.main(sys.argv[1:]); "
-            "print('PEAK', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
+def child(argv: list):
+    """In the fresh process run_prune starts: prune.py with argv, then layer 0 of its output run once
+    more on the same calibration windows with nothing measured (the plain forward the layer's wall
+    time is compared with), then one JSON line: peak RSS (VmHWM), peak GPU memory, the plain forward."""
+    args = prune.main(argv)["args"]
+    device = torch.device(args["device"])
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    reader = CheckpointReader(argv[argv.index("--out") + 1])
+    tokens = torch.from_numpy(np.load(args["calib_tokens"])).long()
+    x, pos = embed_windows(reader, tokens, device)
+    layer = load_layer(reader, 0, torch.float32, device)
+    laps = Laps()
+    run_layer(layer, x, pos, args["batch_size"], dtype=DTYPES[args["dtype"]])
+    laps.lap("plain_forward_s")
+    rss = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    print("CHILD " + json.dumps({"peak_rss": rss, "gpu_peak": gpu_peak, **laps.times}))
+
+
+def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_size: int, device: str) -> dict:
+    """prune.py in a fresh process (child): its report, peak RSS and peak GPU memory, the sampled
+    maximum RSS, and layer 0's plain forward."""
     argv = ["--model", model, "--out", out, "--method", method, "--calib-tokens", calib, "--dtype", dtype,
-            "--batch-size", str(batch_size), "--device", "cpu"]
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            "--batch-size", str(batch_size), "--device", device]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, bench_scale; bench_scale.child(sys.argv[1:])", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
     sampled = [0]
 
     def sample():
@@ -130,7 +153,12 @@ def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_s
         raise SystemExit(f"error: prune.py failed: {stderr.strip().splitlines()[-1] if stderr.strip() else proc.returncode}")
     report = json.load(open(os.path.join(out, "prune_report.json")))
     shutil.rmtree(out)
-    return {"report": report, "peak_rss": int(stdout.split("PEAK")[1]), "sampled_rss": sampled[0]}
+    measured = json.loads(stdout.split("CHILD ", 1)[1])
+    layer0 = report["layers"][0]
+    wall = layer0["stats_forward_s"] + layer0["prune_s"] + layer0["next_forward_s"]
+    work = layer0["stats_forward_s"] + layer0["prune_s"] + measured["plain_forward_s"]
+    return {"report": report, **measured, "sampled_rss": sampled[0], "layer0_wall_s": wall,
+            "layer0_work_s": work, "layer0_ratio": wall / work}
 
 
 def projection(run: dict, config: MixtralConfig, tokens: int, target_tokens: int = 128 * 2048,
@@ -148,13 +176,12 @@ def projection(run: dict, config: MixtralConfig, tokens: int, target_tokens: int
             "projected_peak_gib": peak / GiB}
 
 
-def machine_rates(config: MixtralConfig, nsamples: int, seqlen: int, repeats: int) -> dict:
+def machine_rates(config: MixtralConfig, nsamples: int, seqlen: int, repeats: int, device: str = "cpu") -> dict:
     """Steps 1-2: print and return the GEMM and expert-forward rates of both dtypes."""
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()) + f"; device {device}")
     routed = nsamples * seqlen * config.num_experts_per_tok // config.num_local_experts  # an expert's share, balanced
-    rates = {d: gemm_and_expert_rates(routed, config.hidden_size, config.intermediate_size, DTYPES[d], repeats)
-             for d in ("float32", "bfloat16")}
+    rates = {d: gemm_and_expert_rates(routed, config.hidden_size, config.intermediate_size, DTYPES[d], repeats,
+                                      device=device) for d in ("float32", "bfloat16")}
     print(f"\none expert at Mixtral-8x7B's shape; {routed} routed tokens at {nsamples} x {seqlen} calibration "
           f"tokens, top-2 of 8 (fewer where a dtype is too slow to time that many); fastest of {repeats} runs:")
     print("| dtype | tokens | GEMM [tokens, 4096] x [4096, 14336] GFLOP/s | expert forward GFLOP/s | fraction of the GEMM peak |")
@@ -167,7 +194,10 @@ def machine_rates(config: MixtralConfig, nsamples: int, seqlen: int, repeats: in
 
 
 def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, bf16_tokens: int = None,
-          batch_size: int = 4, repeats: int = 3, folder: str = None, keep: bool = False, json_path: str = None) -> dict:
+          batch_size: int = 4, repeats: int = 3, folder: str = None, keep: bool = False, json_path: str = None,
+          device: str = "cpu", overwrite: bool = False) -> dict:
+    if json_path:
+        check_output_file(json_path, overwrite)  # before any work
     config = full_width_config(layers)
     need = checkpoint_bytes(config) * 1.1
     work = folder or tempfile.mkdtemp(prefix="bench_scale-")
@@ -178,7 +208,7 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
         return {}
     threads = torch.get_num_threads()
     tokens = nsamples * seqlen
-    rates = machine_rates(config, nsamples, seqlen, repeats)
+    rates = machine_rates(config, nsamples, seqlen, repeats, device)
     ratio = rates["bfloat16"]["gemm_gflops"] / rates["float32"]["gemm_gflops"]
 
     model = os.path.join(work, "mixtral-8x7b-width")
@@ -189,9 +219,8 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
     print(f"\ncheckpoint: {layers} layers at full width, {size / GiB:.2f} GiB in bfloat16, "
           f"{len([f for f in os.listdir(model) if f.endswith('.safetensors')])} shards ({time.time() - t0:.0f} s)")
 
-    results = {"rates": rates, "runs": {}, "machine": {"cpus": os.cpu_count(), "threads": threads,
-                                                        "torch": torch.__version__,
-                                                        "capability": torch.backends.cpu.get_cpu_capability()}}
+    results = {"rates": rates, "runs": {}, "device": device, "machine": machine(), "layers": layers,
+               "checkpoint_gib": size / GiB, "threads": threads}
     rng = np.random.default_rng(0)
     try:
         for dtype in dtypes:
@@ -204,9 +233,11 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
             for method in methods:
                 print(f"\nprune.py --method {method} --dtype {dtype}, {shape[0]} x {shape[1]} calibration tokens ...",
                       flush=True)
-                run = run_prune(model, os.path.join(work, "out"), method, dtype, calib, batch_size)
+                run = run_prune(model, os.path.join(work, "out"), method, dtype, calib, batch_size, device)
+                run["report"] = {k: run["report"][k] for k in ("method", "layers", "seconds", "expert_sparsity")}
                 run["tokens"] = shape[0] * shape[1]
                 run["projection"] = projection(run, config, run["tokens"])
+                run["dtype"] = dtype
                 results["runs"][f"{method}/{dtype}"] = run
                 report(method, dtype, run, config)
     finally:
@@ -215,22 +246,43 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
             if not folder:
                 shutil.rmtree(work, ignore_errors=True)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({k: v for k, v in results.items()}, f, indent=2, default=str)
+        write_output_file(json_path, json_text(results), overwrite)
     return results
 
 
 def report(method: str, dtype: str, run: dict, config: MixtralConfig):
     rep, proj = run["report"], run["projection"]
-    print(f"peak RSS {run['peak_rss'] / GiB:.2f} GiB (sampled {run['sampled_rss'] / GiB:.2f} GiB), "
-          f"{rep['seconds']:.0f} s in all")
+    print(f"peak RSS {run['peak_rss'] / GiB:.2f} GiB (sampled {run['sampled_rss'] / GiB:.2f} GiB)"
+          + (f", peak GPU memory {run['gpu_peak'] / GiB:.2f} GiB" if run["gpu_peak"] else "")
+          + f", {rep['seconds']:.0f} s in all")
     print("| layer | stats forward s | prune s | next forward s |\n|---|---|---|---|")
     for l in rep["layers"]:
         print(f"| {l['layer']} | {l['stats_forward_s']:.1f} | {l['prune_s']:.1f} | {l['next_forward_s']:.1f} |")
+    print(f"layer 0: {run['layer0_wall_s']:.1f} s (statistics forward, scoring, next forward with the per-matrix "
+          f"errors) / {run['layer0_work_s']:.1f} s (the same statistics forward and scoring + a next forward that "
+          f"measures nothing, {run['plain_forward_s']:.1f} s) = {run['layer0_ratio']:.3f}")
     print(f"projection to {32} layers and 128 x 2048 calibration tokens: ({proj['forward_s_per_layer']:.1f} s of "
           f"forward x {proj['token_scale']:.1f} + {proj['prune_s_per_layer']:.1f} s of pruning) per layer x 32 = "
           f"{proj['projected_hours']:.1f} h; peak {run['peak_rss'] / GiB:.1f} GiB - activations of "
           f"{run['tokens']} tokens + those of 262144 = {proj['projected_peak_gib']:.1f} GiB")
+
+
+def markdown(results: dict) -> str:
+    """The tables docs/benchmarks.md quotes from a --json file: the machine, then one row per run."""
+    m = results["machine"]
+    where = m.get("gpu") if results["device"].startswith("cuda") else f"{m['cpu']}, {m['cores']} cores"
+    lines = [f"{where}; torch {m['torch']}; {results['layers']} full-width decoder layers "
+             f"({results['checkpoint_gib']:.2f} GiB in bfloat16), `--device {results['device']}`", "",
+             "| method | dtype | calibration tokens | stats forward s | prune s | next forward s | next forward "
+             "measuring nothing s | layer 0 / its work | peak RSS GiB | peak GPU memory GiB | whole model, 128 x 2048 "
+             "tokens, h |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in results["runs"].values():
+        l0 = run["report"]["layers"][0]
+        lines.append(f"| {run['report']['method']} | {run['dtype']} | {run['tokens']} | {l0['stats_forward_s']:.1f} | "
+                     f"{l0['prune_s']:.1f} | {l0['next_forward_s']:.1f} | {run['plain_forward_s']:.1f} | "
+                     f"{run['layer0_ratio']:.3f} | {run['peak_rss'] / GiB:.2f} | "
+                     f"{run['gpu_peak'] / GiB:.2f} | {run['projection']['projected_hours']:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -247,14 +299,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed repetitions of each GEMM")
     p.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint")
-    p.add_argument("--json", help="also write every measurement to this file")
+    p.add_argument("--json", help="also write every measurement to this file (docs/benchmarks.md quotes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    cli.add_device_arg(p)
     p.add_argument("--rates-only", action="store_true", help="only steps 1-2: the GEMM and expert rates (seconds, no disk)")
     a = p.parse_args(argv)
     with cli.errors():
         if a.rates_only:
-            return machine_rates(full_width_config(a.layers), a.nsamples, a.seqlen, a.repeats)
+            return machine_rates(full_width_config(a.layers), a.nsamples, a.seqlen, a.repeats, a.device)
         return bench(a.layers, a.nsamples, a.seqlen, a.methods.split(","), a.dtypes.split(","), a.bf16_tokens,
-                     a.batch_size, a.repeats, a.dir, a.keep, a.json)
+                     a.batch_size, a.repeats, a.dir, a.keep, a.json, a.device, a.overwrite)
 
 
 if __name__ == "__main__":

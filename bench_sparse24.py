@@ -14,17 +14,18 @@ CUDA only (sm80+): on any other machine it says so in one line and exits 0.
     python bench_sparse24.py --dtype bfloat16 --tokens 1,64,512,4096
 """
 
-import argparse
 import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+import cli
 import mini_mixtral as mm
 import prune
 import sparse24
-from checkpoint import DTYPES
+from checkpoint import DTYPES, check_output_file, json_text, write_output_file
+from progress import machine
 
 
 def cuda_time(fn, iters, warmup=3):
@@ -46,39 +47,40 @@ def prune_nm(w):
     return w.masked_fill(prune.nm_mask(w.abs().float(), 2, 4), 0)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weight and activation dtype")
-    p.add_argument("--tokens", default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
-    p.add_argument("--iters", type=int, default=20, help="timed repetitions (median reported)")
-    p.add_argument("--moe-tokens", default="1,128,1024,4096", help="token counts for the whole MoE block")
-    args = p.parse_args(argv)
-    try:
-        sparse24.require_cuda()
-    except sparse24.SparsityError as e:
-        print(f"bench_sparse24.py: {e}; nothing measured")
-        return 0
-    dtype = DTYPES[args.dtype]
+def markdown(results: dict) -> str:
+    """The tables of a --json file: each matrix shape and the whole MoE block, dense against every backend."""
+    backends = results["backends"]
+    head = " | ".join(f"{b} ms | {b} speed-up" for b in backends)
+    rule = "|---|---|---|" + "---|---|" * len(backends)
+    cells = lambda r: " | ".join(f"{r[b]:.3f} | {r['dense'] / r[b]:.2f}x" for b in backends)
+    lines = [f"{results['machine'].get('gpu')}, torch {results['machine']['torch']}, {results['dtype']}, median of "
+             f"{results['iters']} (CUDA events)", "", f"| matrix | tokens | dense ms | {head} |", rule]
+    lines += [f"| {r['matrix']} | {r['tokens']} | {r['dense']:.3f} | {cells(r)} |" for r in results["matrices"]]
+    lines += ["", f"| MoE block (8 experts, top-2) | tokens | dense ms | {head} |", rule]
+    lines += [f"| MoE block | {r['tokens']} | {r['dense']:.3f} | {cells(r)} |" for r in results["moe"]]
+    return "\n".join(lines)
+
+
+def bench(dtype_name: str, tokens: list, iters: int, moe_tokens: list) -> dict:
+    """Every measurement, as markdown() prints it."""
+    dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     backends = ["cutlass"] + (["cusparselt"] if torch.backends.cusparselt.is_available() else [])
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}, backends: {', '.join(backends)}")
+    results = {"machine": machine(), "dtype": dtype_name, "iters": iters, "backends": backends, "matrices": [],
+               "moe": []}
     shapes = {"w1/w3 [14336, 4096]": (14336, 4096), "w2 [4096, 14336]": (4096, 14336)}
-    print("\n| matrix | tokens | dense ms | " + " | ".join(f"{b} ms | {b} speed-up" for b in backends) + " |")
-    print("|---|---|---|" + "---|---|" * len(backends))
     for label, (out_f, in_f) in shapes.items():
         w = prune_nm(torch.randn(out_f, in_f, device="cuda", dtype=dtype) * 0.02)
         sparse = {b: sparse24.to_semi_structured(w, b) for b in backends}
-        for n in (int(t) for t in args.tokens.split(",")):
+        for n in tokens:
             x = torch.randn(n, in_f, device="cuda", dtype=dtype)
             ref = F.linear(x, w)
             for b, ws in sparse.items():  # same numbers, or the timing means nothing
                 torch.testing.assert_close(F.linear(x, ws), ref, rtol=2e-2, atol=2e-2)
-            dense_ms = cuda_time(lambda: F.linear(x, w), args.iters)
-            cells = []
+            row = {"matrix": label, "tokens": n, "dense": cuda_time(lambda: F.linear(x, w), iters)}
             for b, ws in sparse.items():
-                ms = cuda_time(lambda: F.linear(x, ws), args.iters)
-                cells.append(f"{ms:.3f} | {dense_ms / ms:.2f}x")
-            print(f"| {label} | {n} | {dense_ms:.3f} | " + " | ".join(cells) + " |")
+                row[b] = cuda_time(lambda: F.linear(x, ws), iters)
+            results["matrices"].append(row)
 
     cfg = mm.MixtralConfig(num_hidden_layers=1)  # one Mixtral-8x7B MoE block: 8 experts x 3 x 4096 x 14336
     with torch.device("cuda"):
@@ -89,28 +91,48 @@ def main(argv=None):
         for e in block.experts:
             for lin in (e.w1, e.w2, e.w3):
                 lin.weight.data = prune_nm(lin.weight.data)
-    print("\n| MoE block (8 experts, top-2) | tokens | dense ms | " + " | ".join(f"{b} ms | {b} speed-up"
-                                                                         for b in backends) + " |")
-    print("|---|---|---|" + "---|---|" * len(backends))
     dense_w = {id(lin): lin.weight.data for e in block.experts for lin in (e.w1, e.w2, e.w3)}
-    for n in (int(t) for t in args.moe_tokens.split(",")):
+    for n in moe_tokens:
         x = torch.randn(1, n, cfg.hidden_size, device="cuda", dtype=dtype)
         with torch.no_grad():
             for e in block.experts:
                 for lin in (e.w1, e.w2, e.w3):
                     lin.weight = torch.nn.Parameter(dense_w[id(lin)], requires_grad=False)
             ref = block(x)[0]
-            dense_ms = cuda_time(lambda: block(x), args.iters)
-            cells = []
+            row = {"tokens": n, "dense": cuda_time(lambda: block(x), iters)}
             for b in backends:
                 for e in block.experts:
                     for lin in (e.w1, e.w2, e.w3):
                         lin.weight = torch.nn.Parameter(sparse24.to_semi_structured(dense_w[id(lin)], b),
                                                         requires_grad=False)
                 torch.testing.assert_close(block(x)[0], ref, rtol=5e-2, atol=5e-2)
-                ms = cuda_time(lambda: block(x), args.iters)
-                cells.append(f"{ms:.3f} | {dense_ms / ms:.2f}x")
-        print(f"| MoE block | {n} | {dense_ms:.3f} | " + " | ".join(cells) + " |")
+                row[b] = cuda_time(lambda: block(x), iters)
+        results["moe"].append(row)
+    return results
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weight and activation dtype")
+    p.add_argument("--tokens", default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
+    p.add_argument("--iters", type=cli.positive_int, default=20, help="timed repetitions (median reported)")
+    p.add_argument("--moe-tokens", default="1,128,1024,4096", help="token counts for the whole MoE block")
+    p.add_argument("--json", help="also write every measurement to this file (docs/benchmarks.md quotes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    args = p.parse_args(argv)
+    with cli.errors():
+        if args.json:
+            check_output_file(args.json, args.overwrite)
+        try:
+            sparse24.require_cuda()
+        except sparse24.SparsityError as e:
+            print(f"bench_sparse24.py: {e}; nothing measured")
+            return 0
+        results = bench(args.dtype, [int(t) for t in args.tokens.split(",")], args.iters,
+                        [int(t) for t in args.moe_tokens.split(",")])
+        print(markdown(results))
+        if args.json:
+            write_output_file(args.json, json_text(results), args.overwrite)
     return 0
 
 

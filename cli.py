@@ -18,6 +18,8 @@ import signal
 import sys
 import threading
 
+import torch
+
 from checkpoint import CheckpointError
 from data import REPO, DataError, shown_path
 
@@ -61,6 +63,28 @@ nonnegative_int = number(int, "an integer", lambda v: v >= 0, "at least 0")
 seqlen = number(int, "an integer", lambda v: v >= 2, "at least 2 (a window predicts its tokens 2..seqlen)")
 positive_float = number(float, "a number", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 nonnegative_float = number(float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def device(s: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N, refused at once when torch cannot use it."""
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s}: torch sees no CUDA device")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s}: torch sees {torch.cuda.device_count()} CUDA devices")
+    return s
+
+
+def add_device_arg(p: argparse.ArgumentParser):
+    """--device, the same in every script: cuda when torch sees one, else cpu."""
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model and activations live: cpu, cuda or cuda:N (default: cuda when torch sees "
+                        "one, else cpu)")
 
 
 def add_calibration_args(p: argparse.ArgumentParser, nsamples_help: str = "calibration windows (paper: 128)"):

@@ -109,7 +109,8 @@ def zero_masks(model: torch.nn.Module, names=None) -> dict:
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.dim() == 2] if names is None else names
     masks = {n: distributed.local(params[n]) == 0 for n in names}
-    zeros = distributed.all_sum(torch.tensor([float(m.sum()) for m in masks.values()], dtype=torch.float64))
+    zeros = distributed.all_sum(torch.tensor([float(m.sum()) for m in masks.values()], dtype=torch.float64,
+                                              device="cpu"))  # through gloo under torchrun
     return {n: m for (n, m), z in zip(masks.items(), zeros.tolist()) if z > 0}
 
 
@@ -194,7 +195,7 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
     lam, history, step, t0 = None, [], 0, time.time()
     student.train()
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(windows), generator=g)
+        order = torch.randperm(len(windows), generator=g, device="cpu")  # the windows live on the CPU
         sums = {"ce": 0.0, "expert": 0.0, "n": 0}
         for i in range(0, len(windows), cfg.batch_size):
             x = distributed.share(windows[order[i:i + cfg.batch_size]]).to(device)  # [b, T] this rank's windows
@@ -293,7 +294,7 @@ def train_expert(expert, x, y, cfg: DistillConfig):
         before = F.mse_loss(expert(x), y).item()
     step = 0
     for _ in range(cfg.epochs):
-        order = torch.randperm(len(x), generator=g)
+        order = torch.randperm(len(x), generator=g, device="cpu")  # the same order on every device
         for i in range(0, len(x), bs):
             idx = order[i:i + bs]
             loss = F.mse_loss(expert(x[idx]), y[idx])
@@ -428,7 +429,7 @@ def main(argv=None):
         p.add_argument("--" + f.replace("_", "-"), type=FIELD_TYPES[f], default=default,
                        choices={"loss": ("eq10", "ce", "mse"), "dtype": COMPUTE_DTYPES}.get(f),
                        help=f"DistillConfig.{f} (default {default}; see the module docstring)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available")
+    cli.add_device_arg(p)
     p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "
                                     "same windows and steps); flags given as well override it")
     args = p.parse_args(argv)

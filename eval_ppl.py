@@ -71,7 +71,7 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
     probability of the k chosen experts before renormalisation: k / n_experts for a flat router,
     1 for a decisive one), over all tokens of the windows."""
     cfg = model.config
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
+    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long, device="cpu")  # statistics on the CPU
     gates = [[] for _ in range(cfg.num_hidden_layers)]
     mass = [[] for _ in range(cfg.num_hidden_layers)]
     for i in range(0, len(windows), batch_size):
@@ -179,8 +179,7 @@ def main(argv=None):
                         f"old spelling")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda when available, else cpu")
+    cli.add_device_arg(p)
     p.add_argument("--router-stats", action="store_true",
                    help="also report the expert load CV (Eq. 4-5) and top-1 gate statistics per layer")
     p.add_argument("--json", help="write the results to this file: {ppl, windows, tokens, ...} for one model, "
@@ -191,8 +190,6 @@ def main(argv=None):
     with cli.errors():
         if args.json:
             check_output_file(args.json, args.overwrite)
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
         models, where = args.model or [data.default_model_dir()], machine()
         for model_dir in models:  # every model's headers and tokenizer, before minutes of work on the first
             CheckpointReader(model_dir, allow_nonfinite=True)

@@ -46,6 +46,7 @@ removed).
 """
 
 import itertools
+import math
 import time
 
 import torch
@@ -79,10 +80,11 @@ class SkippingMoeBlock(mm.SparseMoeBlock):
         nn.Module.__init__(self)
         self.top_k, self.gate, self.experts, self.beta = block.top_k, block.gate, block.experts, beta
 
-    def forward(self, x, observer=None):
+    def forward(self, x, observer=None, router_logits=None):
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, hidden]
-        router_logits = self.gate(x)  # [N, n_experts]
+        if router_logits is None:
+            router_logits = self.gate(x)  # [N, n_experts]
         weights, experts = mm.route(router_logits, self.top_k)  # [N, 2] each
         skip = skip_second(weights, self.beta)  # [N]
         weights = torch.where(skip[:, None], torch.tensor([1.0, 0.0], device=x.device), weights)
@@ -99,7 +101,7 @@ class CondensedMoeBlock(nn.Module):
         self.gate, self.experts = block.gate, block.experts
         self.always_on, self.weights = list(experts), list(weights)
 
-    def forward(self, x, observer=None):
+    def forward(self, x, observer=None, router_logits=None):  # no router: router_logits is never used
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, hidden]
         out = torch.zeros_like(x)
@@ -155,7 +157,7 @@ def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: in
     block = layer.block_sparse_moe
     n = len(block.experts)
     subsets = list(itertools.combinations(range(n), r))
-    errors = torch.zeros(len(subsets), dtype=torch.float64)
+    errors = torch.zeros(len(subsets), dtype=torch.float64, device="cpu")  # Python-float sums
     moe_input = lambda inputs: layer.post_attention_layernorm(layer.attend(inputs.float(), *pos))
     for i in range(0, len(x), batch_size):
         H = x.shape[-1]
@@ -203,7 +205,7 @@ def reap_saliency(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch
     Returns [n_experts] float64 (0 for an expert no token reached)."""
     block = layer.block_sparse_moe
     n = len(block.experts)
-    sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    sums, counts = (torch.zeros(n, dtype=torch.float64, device="cpu") for _ in range(2))  # Python-float sums
 
     def observer(c: mm.ExpertCall):
         prob = torch.softmax(block.gate(c.x).double(), dim=-1)[:, c.expert]  # [routed tokens] p_e, not renormalised
@@ -290,7 +292,7 @@ def js_divergence(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over tokens of the Jensen-Shannon divergence between softmax(a) and softmax(b) over
     the hidden dimension (CD-MoE's criterion)."""
     la, lb = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
-    m = torch.logsumexp(torch.stack([la, lb]), 0) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+    m = torch.logsumexp(torch.stack([la, lb]), 0) - math.log(2.0)
     return (0.5 * (F.kl_div(m, la, log_target=True, reduction="none").sum(-1)
                    + F.kl_div(m, lb, log_target=True, reduction="none").sum(-1))).mean().item()
 
@@ -438,7 +440,7 @@ def main(argv=None):
                    help="CD-MoE: always-on experts per condensed layer")
     cli.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    cli.add_device_arg(p)
     p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                    help="compute dtype of every forward: bfloat16 runs the matrix products in bfloat16 (autocast; the "
                         "weights stay exact, errors and saliencies are accumulated in float64); fast only on CPUs with "

@@ -58,15 +58,32 @@ def compute_dtype(device_type: str, dtype) -> contextlib.AbstractContextManager:
 
 @torch.no_grad()
 def run_layer(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_size: int, observer=None,
-              dtype=torch.float32):
+              dtype=torch.float32, halves: Optional[list] = None):
     """The layer's outputs for all windows, x [n, T, hidden] -> [n, T, hidden] in x's dtype,
-    batch_size windows at a time, computed in dtype (see compute_dtype)."""
+    batch_size windows at a time, computed in dtype (see compute_dtype). With halves a list, each
+    batch's attention-half output ([batch, T, hidden] float32) and router logits are appended to
+    it, for rerun_moe_half."""
     out = torch.empty_like(x)
     with compute_dtype(x.device.type, dtype):
         for i in range(0, len(x), batch_size):
-            y = layer(x[i:i + batch_size].float(), pos.cos, pos.sin, pos.mask, observer)[0]
+            xb = x[i:i + batch_size].float()  # [batch, T, hidden]
+            if halves is None:
+                y = layer(xb, pos.cos, pos.sin, pos.mask, observer)[0]
+            else:  # the same two halves layer() runs, keeping what lies between them
+                a = layer.attend(xb, pos.cos, pos.sin, pos.mask)
+                y, logits = layer.moe_half(a, observer)
+                halves.append((a, logits))
             out[i:i + batch_size] = y.to(x.dtype)
     return out
+
+
+@torch.no_grad()
+def rerun_moe_half(layer: mm.DecoderLayer, halves: list, out_dtype, observer=None, dtype=torch.float32):
+    """The layer's outputs after only its experts changed: the MoE half alone, from the attention-half
+    outputs and router logits that run_layer kept (attention and router are unchanged, so their
+    outputs are too). Bitwise what run_layer would return, without running attention and router."""
+    with compute_dtype(halves[0][0].device.type, dtype):
+        return torch.cat([layer.moe_half(a, observer, logits)[0].to(out_dtype) for a, logits in halves])
 
 
 def copy_outside_layers(reader: CheckpointReader, writer: CheckpointWriter):

@@ -232,10 +232,13 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # the router W_g
         self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
 
-    def forward(self, x, observer: Optional[Callable[[ExpertCall], None]] = None):
+    def forward(self, x, observer: Optional[Callable[[ExpertCall], None]] = None, router_logits=None):
+        """router_logits: [N, n_experts] of an earlier forward on the same x with the same router, reused
+        instead of running the router again (pruning's second pass, where only experts changed)."""
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, hidden]
-        router_logits = self.gate(x)  # [N, n_experts]
+        if router_logits is None:
+            router_logits = self.gate(x)  # [N, n_experts]
         weights, experts = route(router_logits, self.top_k)  # [N, k] each: Eq. 2
         return self.run_experts(x, weights, experts, observer).view(B, T, H), router_logits
 
@@ -282,11 +285,15 @@ class DecoderLayer(nn.Module):
         """The attention half: x + attn(norm(x)). The MoE half's input is post_attention_layernorm of it."""
         return x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
 
+    def moe_half(self, a, observer=None, router_logits=None):
+        """The MoE half: a + moe(norm(a)), a the attention half's output. With router_logits of an
+        earlier forward on the same a, the router is not run again. Returns (x, router_logits)."""
+        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(a), observer, router_logits)
+        return a + moe_out, router_logits
+
     def forward(self, x, cos, sin, mask=None, observer=None):
         """x: [B, T, hidden]; cos/sin: [T, head_dim]. Returns (x, router_logits [B*T, n_experts])."""
-        x = self.attend(x, cos, sin, mask)
-        moe_out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(x), observer)
-        return x + moe_out, router_logits
+        return self.moe_half(self.attend(x, cos, sin, mask), observer)
 
 
 class Mixtral(nn.Module):

@@ -59,6 +59,8 @@ class Laps:
         self.t, self.times = time.time(), {}
 
     def lap(self, name: str):
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # a GPU runs asynchronously: a phase ends when its kernels have
         now = time.time()
         self.times[name] = now - self.t
         self.t = now

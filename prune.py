@@ -50,7 +50,7 @@ import data
 import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, check_output, expected_shapes
-from layerwise import COMPUTE_DTYPES, Positions, embed_windows, layers, run_layer
+from layerwise import COMPUTE_DTYPES, Positions, embed_windows, layers, rerun_moe_half, run_layer
 from progress import Laps, log
 
 METHODS = ("moe-pruner", "wanda", "sparsegpt", "magnitude")
@@ -108,7 +108,7 @@ class InputStats:
                 self.value = torch.zeros(shape, dtype=torch.float32 if self.method == "sparsegpt" else torch.float64,
                                          device=device)
             distributed.all_sum(self.value)
-        self.tokens = int(distributed.all_sum(torch.tensor([self.tokens], dtype=torch.float64)).item())
+        self.tokens = int(distributed.all_sum(torch.tensor([self.tokens], dtype=torch.float64, device="cpu")).item())
 
 
 # -----------------------------------------------------------------------------
@@ -251,6 +251,7 @@ class PruneArgs:
     blocksize: int = 128  # SparseGPT: lazy-update block of columns (reference default)
     percdamp: float = 0.01  # SparseGPT: dampening, a fraction of mean(diag H) (reference default)
     dense_forward: bool = False
+    error_stride: int = 16  # per-matrix errors on every 16th input row of each call: ~6% of the forwards' cost
     batch_size: int = 8  # calibration windows per forward pass; does not change the result (float64 sums)
     act_dtype: str = "float32"  # dtype the activations are kept in between layers
     dtype: str = "float32"  # compute dtype of the layer forward (weights stay float32; bfloat16 uses autocast)
@@ -302,10 +303,18 @@ def matrices(layer: mm.DecoderLayer, args: PruneArgs):
     return out
 
 
+def only_experts_change(args: PruneArgs) -> bool:
+    """Whether the second pass may start from the first pass's attention-half outputs and router
+    logits: attention and router stay dense, and the activations are float32 (keeping the
+    attention-half outputs then costs no more memory than the layer inputs they replace)."""
+    return not (args.prune_attention or args.prune_router) and args.act_dtype == "float32"
+
+
 @torch.no_grad()
-def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs):
+def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs, keep_halves: bool = False):
     """One dense calibration pass through the layer: every matrix's input statistics, the tokens
-    routed to each expert, and the dense outputs."""
+    routed to each expert, the dense outputs, and with keep_halves each batch's attention-half
+    output and router logits for the second pass (else None)."""
     n_experts = len(layer.block_sparse_moe.experts)
     stats = {key: InputStats(args.method, module.in_features) for _, module, key in matrices(layer, args)}
     routed = [0] * n_experts
@@ -319,15 +328,16 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
     hooks = attention_inputs(layer, stats) if args.prune_attention else []
     if args.prune_router or args.stats_tokens == "all":
         hooks += block_inputs(layer, stats, args)
+    halves = [] if keep_halves else None
     try:
-        dense_out = run_layer(layer, x, pos, args.batch_size, observer, DTYPES[args.dtype])
+        dense_out = run_layer(layer, x, pos, args.batch_size, observer, DTYPES[args.dtype], halves)
     finally:
         for h in hooks:
             h.remove()
     for s in stats.values():  # under torchrun: every rank's windows
         s.reduce(x.device)
-    routed = [int(v) for v in distributed.all_sum(torch.tensor(routed, dtype=torch.float64)).tolist()]
-    return stats, routed, dense_out
+    routed = [int(v) for v in distributed.all_sum(torch.tensor(routed, dtype=torch.float64, device="cpu")).tolist()]
+    return stats, routed, dense_out, halves
 
 
 @torch.no_grad()
@@ -356,16 +366,23 @@ def compact(w: torch.Tensor) -> torch.Tensor:
     return half if torch.equal(half.to(w.dtype), w) else w.clone()
 
 
+def sample_rows(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Every stride-th row of x [rows, in], starting at stride // 2 (so not always a window's first
+    token); all rows when there are too few for one (an expert few tokens reach)."""
+    return x[stride // 2::stride] if x.shape[0] > stride // 2 else x
+
+
 @contextlib.contextmanager
-def output_errors(layer: mm.DecoderLayer, dense: dict):
+def output_errors(layer: mm.DecoderLayer, dense: dict, stride: int = 1):
     """While a pruned layer runs: for every pruned matrix, ||W x - W' x||^2 and ||W x||^2 summed
-    over the inputs it sees (W the weight before pruning). Yields {name: [err^2, ref^2]}."""
+    over the inputs it sees (W the weight before pruning), on every stride-th input row of each
+    call (sample_rows; 1: all, exact). Yields {name: [err^2, ref^2]}."""
     sums = {name: [0.0, 0.0] for name in dense}
     modules = dict(layer.named_modules())
 
     def hook(name):
         def record(module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            x = sample_rows(inputs[0].reshape(-1, inputs[0].shape[-1]), stride).float()  # [rows / stride, in]
             ref = x @ dense[name].float().T
             sums[name][0] += (ref - x @ module.weight.float().T).double().pow(2).sum().item()
             sums[name][1] += ref.double().pow(2).sum().item()
@@ -382,6 +399,16 @@ def rel(err2: float, ref2: float) -> float:
     return math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
 
 
+@torch.no_grad()
+def next_forward(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs, halves) -> torch.Tensor:
+    """The pruned layer's outputs on the calibration windows: from the first pass's attention-half
+    outputs and router logits when only experts changed (bitwise the same as the whole layer run
+    again, without attention and router), else the whole layer."""
+    if halves:
+        return rerun_moe_half(layer, halves, x.dtype, dtype=DTYPES[args.dtype])
+    return run_layer(layer, x, pos, args.batch_size, dtype=DTYPES[args.dtype])
+
+
 # -----------------------------------------------------------------------------
 # Algorithm 1
 
@@ -394,17 +421,17 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
     errors) once layer l is pruned; laps times the three phases."""
     laps = laps or Laps()
     for l, layer in decoder_layers:
-        stats, routed, dense_out = collect_stats(layer, x, pos, args)  # X and Gate of every expert
+        stats, routed, dense_out, halves = collect_stats(layer, x, pos, args, only_experts_change(args))  # X, Gate
         laps.lap("stats_forward_s")
         pruned = prune_layer(layer, stats, args, sparsities[l], nm)  # S_ij by Eq. 9 (or 8), per row
         laps.lap("prune_s")
-        with output_errors(layer, pruned.pop("dense")) as sums:
-            pruned_out = run_layer(layer, x, pos, args.batch_size, dtype=DTYPES[args.dtype])
+        with output_errors(layer, pruned.pop("dense"), args.error_stride) as sums:
+            pruned_out = next_forward(layer, x, pos, args, halves)
         x = dense_out if args.dense_forward else pruned_out  # the inputs of layer l+1
         laps.lap("next_forward_s")
         totals = distributed.all_sum(torch.tensor([v for pair in sums.values() for v in pair] + [
             (pruned_out.double() - dense_out.double()).pow(2).sum().item(), dense_out.double().pow(2).sum().item()],
-            dtype=torch.float64)).tolist()  # under torchrun: over every rank's windows
+            dtype=torch.float64, device="cpu")).tolist()  # under torchrun: over every rank's windows
         pruned.update(routed=routed, layer_error=rel(*totals[-2:]),
                       matrix_error={k: rel(totals[2 * i], totals[2 * i + 1]) for i, k in enumerate(sums)})
         del stats, dense_out, pruned_out  # nothing of layer l stays in memory while layer l+1 is read
@@ -422,7 +449,7 @@ def owl_sparsities(outlier_ratios: list, sparsity: float, lam: float) -> list:
     `sparsity` and span at most 2 lam: all within sparsity +- lam only when the ratios are spread
     symmetrically, and within sparsity +- 2 lam always (one outlying layer moves by up to
     2 lam (L - 1) / L)."""
-    d = torch.tensor(outlier_ratios, dtype=torch.float64)
+    d = torch.tensor(outlier_ratios, dtype=torch.float64, device="cpu")
     span = d.max() - d.min()
     scaled = (d - d.min()) / span * 2 * lam if span > 0 else torch.zeros_like(d)
     return (sparsity - (scaled - scaled.mean())).tolist()
@@ -440,7 +467,7 @@ def owl_outlier_ratios(reader: CheckpointReader, x: torch.Tensor, pos: Positions
     method's scores (|W_ij| ||X_j (* Gate)||; |W_ij| for magnitude) on its dense inputs."""
     ratios = []
     for l, layer in layers(reader, None, device):
-        stats, _, x = collect_stats(layer, x, pos, args)
+        stats, _, x, _ = collect_stats(layer, x, pos, args)
         scores = []
         for name, module, key in matrices(layer, args):
             v, w = stats[key].value, module.weight.data
@@ -645,6 +672,9 @@ def main(argv=None):
     p.add_argument("--dense-forward", action="store_true",
                    help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
                         "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
+    p.add_argument("--error-stride", type=cli.positive_int, default=16,
+                   help="the report's per-matrix errors ||W X - W' X|| / ||W X|| are measured on every N-th input row of "
+                        "each matrix (default 16: about 6%% of the forwards' cost; 1 measures every row, exactly)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="calibration windows per forward pass")
     p.add_argument("--act-dtype", default="float32", choices=list(DTYPES),
                    help="dtype the calibration activations are kept in between layers (half precision halves memory)")
@@ -652,7 +682,7 @@ def main(argv=None):
                    help="compute dtype of the layer forward: bfloat16 runs the matrix products in bfloat16 (autocast; "
                         "weights, masks and statistics stay exact), several times faster on CPUs with AMX or AVX-512 "
                         "BF16 and on GPUs; statistics are accumulated in float64, Hessians in float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when available, else cpu")
+    cli.add_device_arg(p)
     p.add_argument("--recipe", help="repeat the run a prune_report.json records (same arguments, same calibration "
                                     "tokens from the calibration_tokens.npy beside it); flags given as well override it")
     a = p.parse_args(argv)

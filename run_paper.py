@@ -1035,7 +1035,7 @@ def main(argv=None):
     p.add_argument("--calib-sweep", default="2,8,32,128",
                    help="calibration sample counts of Figure 4 (finer: 2,4,8,16,32,64,128)")
     p.add_argument("--draws", type=cli.positive_int, default=5, help="anatomy: calibration draws per method")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    cli.add_device_arg(p)
     p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--replot", action="store_true",

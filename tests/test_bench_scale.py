@@ -1,13 +1,16 @@
 """bench_scale.py's checkpoint writer and arithmetic, without writing 6 GB: the same code at a scaled config."""
 
 import dataclasses
+import os
 
+import numpy as np
 import pytest
 import torch
 
 import bench_scale
 import checkpoint
-from conftest import small_config
+import progress
+from conftest import small_config, write_checkpoint
 
 
 def test_full_width_config_is_mixtral_8x7b():
@@ -48,3 +51,20 @@ def test_rates_are_timed_at_the_routed_tokens_when_fast_enough_and_never_more():
     assert fast["tokens"] == 96 and fast["gemm_gflops"] > 0 and fast["expert_gflops"] > 0
     slow = bench_scale.gemm_and_expert_rates(10**6, 64, 128, torch.float32, repeats=1, seconds=1e-9)
     assert slow["tokens"] == 64  # a dtype too slow to time: the smallest batch, not the routed million
+
+
+def test_a_run_reports_its_layer_against_a_forward_that_measures_nothing(tmp_path):
+    """run_prune's fresh process: prune.py, then layer 0 run once more measuring nothing; the ratio of
+    layer 0's wall time to its work, and the table docs/benchmarks.md quotes."""
+    ckpt = write_checkpoint(tmp_path / "ck")
+    calib = str(tmp_path / "calib.npy")
+    np.save(calib, np.random.default_rng(0).integers(0, 300, size=(4, 64)))
+    run = bench_scale.run_prune(ckpt, str(tmp_path / "out"), "moe-pruner", "float32", calib, 2, "cpu")
+    assert not os.path.exists(tmp_path / "out") and run["peak_rss"] > 0 and run["gpu_peak"] == 0
+    l0 = run["report"]["layers"][0]
+    assert run["layer0_wall_s"] == pytest.approx(l0["stats_forward_s"] + l0["prune_s"] + l0["next_forward_s"])
+    assert run["layer0_ratio"] == pytest.approx(run["layer0_wall_s"] / run["layer0_work_s"]) and run["plain_forward_s"] > 0
+    run.update(dtype="float32", tokens=256, projection=bench_scale.projection(run, bench_scale.full_width_config(2), 256))
+    results = {"machine": progress.machine(), "device": "cpu", "layers": 2, "checkpoint_gib": 0.1, "runs": {"r": run}}
+    table = bench_scale.markdown(results)
+    assert "| moe-pruner | float32 | 256 |" in table and f"| {run['layer0_ratio']:.3f} |" in table
