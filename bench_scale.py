@@ -285,6 +285,24 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def facts(results: dict) -> dict:
+    """The numbers of a --json file that documents quote: "machine", and per run ("moe-pruner/float32")
+    its layer 0's phases, ratio, memory and projection."""
+    m = results["machine"]
+    out = {"machine": m.get("gpu") if results["device"].startswith("cuda") else
+           f"{m['cores']}-core {m['cpu']}, {results['threads']} threads, torch {m['torch']}",
+           "checkpoint-gib": f"{results['checkpoint_gib']:.2f}"}
+    for key, run in results["runs"].items():
+        l0 = run["report"]["layers"][0]
+        out.update({f"{key}:tokens": f"{run['tokens']:,}", f"{key}:stats-s": f"{l0['stats_forward_s']:.0f}",
+                    f"{key}:prune-s": f"{l0['prune_s']:.0f}", f"{key}:next-s": f"{l0['next_forward_s']:.0f}",
+                    f"{key}:plain-s": f"{run['plain_forward_s']:.0f}", f"{key}:ratio": f"{run['layer0_ratio']:.2f}",
+                    f"{key}:peak-gib": f"{run['peak_rss'] / GiB:.1f}", f"{key}:gpu-gib": f"{run['gpu_peak'] / GiB:.1f}",
+                    f"{key}:hours": f"{run['projection']['projected_hours']:.0f}",
+                    f"{key}:projected-gib": f"{run['projection']['projected_peak_gib']:.0f}"})
+    return out
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--layers", type=cli.positive_int, default=2, help="decoder layers of the full-width checkpoint")

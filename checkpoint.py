@@ -243,17 +243,29 @@ def same_place(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_output(path: str, overwrite: bool = False, inputs=()):
-    """Refuse, before any work, an output that is one of the inputs (or contains one, which
-    --overwrite would delete), that exists without overwrite, or whose folder cannot be written."""
+def check_not_input(path: str, inputs=()):
+    """Refuse an output that is an input (a checkpoint, a token or text file, however spelled), lies
+    inside an input folder (a file of a checkpoint), or contains an input (which --overwrite would
+    delete). inputs: paths, None for an input that is not a file (e.g. 'stdlib')."""
+    real_out = os.path.realpath(path)
     for src in inputs:
         if not src:
             continue
         if same_place(path, src):
-            raise CheckpointError(f"--out {path} is the input checkpoint {src}; choose another directory")
-        real_out, real_src = os.path.realpath(path), os.path.realpath(src)
+            raise CheckpointError(f"{path} is the input {src}; choose another output")
+        if not os.path.lexists(src):
+            continue
+        real_src = os.path.realpath(src)
+        if os.path.isdir(src) and real_out.startswith(real_src + os.sep):
+            raise CheckpointError(f"{path} lies inside the input {src}; choose another output")
         if os.path.lexists(path) and real_src.startswith(real_out + os.sep):
-            raise CheckpointError(f"--out {path} contains the input checkpoint {src}; choose another directory")
+            raise CheckpointError(f"{path} contains the input {src}; choose another output")
+
+
+def check_output(path: str, overwrite: bool = False, inputs=()):
+    """Refuse, before any work, an output folder that is, holds or lies in an input (check_not_input),
+    that exists without overwrite, or whose folder cannot be written."""
+    check_not_input(path, inputs)
     if os.path.lexists(path) and not overwrite:
         raise CheckpointError(f"{path} exists (pass --overwrite to replace it)")
     ancestor = os.path.dirname(os.path.abspath(path))
@@ -265,12 +277,13 @@ def check_output(path: str, overwrite: bool = False, inputs=()):
         raise CheckpointError(f"cannot create {path}: no permission to write in {ancestor}")
 
 
-def check_output_file(path: str, overwrite: bool = False):
-    """Refuse, before any work, a results file (--json) that names a folder, lies in a missing
-    folder, or exists without overwrite."""
+def check_output_file(path: str, overwrite: bool = False, inputs=()):
+    """Refuse, before any work, a results file (--json) that is or lies in an input (check_not_input),
+    names a folder, lies in a missing folder, or exists without overwrite."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory; name a file")
+    check_not_input(path, inputs)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{path}: folder {folder} does not exist")
     if os.path.lexists(path) and not overwrite:

@@ -40,9 +40,20 @@ class _OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written; every flag's default shown after its help unless the help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
-    """An argparse parser showing doc in --help, whose usage errors are one `error:` line (exit 2)."""
-    return _OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """An argparse parser showing doc and every default in --help, whose usage errors are one
+    `error:` line (exit 2)."""
+    return _OneLineParser(description=doc, formatter_class=_HelpFormatter)
 
 
 def number(cast, what: str, ok, rule: str):
@@ -87,17 +98,44 @@ def add_device_arg(p: argparse.ArgumentParser):
                         "one, else cpu)")
 
 
+def add_calib_data_arg(p: argparse.ArgumentParser, split: str = "calibration", former: tuple = ()):
+    """--calib-data, the text windows are drawn from (prune.py, expert_prune.py, distill.py); former:
+    older spellings still accepted."""
+    p.add_argument("--calib-data", *former, dest="calib_data", default="stdlib",
+                   help=f"calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
+                        f"for the embedded corpus's {split} split (default)" + spelled(former))
+
+
+def spelled(former: tuple) -> str:
+    """The --help note on a flag's former spellings."""
+    return f"; {', '.join(former)}: its former spelling, still accepted" if former else ""
+
+
 def add_calibration_args(p: argparse.ArgumentParser, nsamples_help: str = "calibration windows (paper: 128)"):
     """The calibration flags of prune.py and expert_prune.py (data.calibration_tokens takes them)."""
-    p.add_argument("--calib-data", default="stdlib",
-                   help="calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
-                        "for the embedded corpus's calibration split (default)")
+    add_calib_data_arg(p)
     p.add_argument("--calib-tokens", help="an int .npy array [nsamples, seqlen] of token ids, used verbatim")
     p.add_argument("--nsamples", type=positive_int, default=128, help=nsamples_help)
     p.add_argument("--seqlen", type=seqlen, default=None,
                    help="tokens per window (default 2048 as in the paper's protocol, capped at the model's "
                         "max_position_embeddings: 512 for the embedded model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the calibration window offsets")
+
+
+def check_calibration_args(p: argparse.ArgumentParser, args: argparse.Namespace, argv):
+    """--calib-tokens names the windows themselves: no --calib-data beside it, and no --nsamples,
+    --seqlen or --seed, which it would ignore. A recipe's text or token file gives way to the other
+    one given on the command line."""
+    given = given_flags(p, argv)
+    if "calib_tokens" in given and "calib_data" not in given:
+        args.calib_data = "stdlib"
+    if "calib_data" in given and "calib_tokens" not in given:
+        args.calib_tokens = None
+    if args.calib_tokens and args.calib_data != "stdlib":
+        p.error("give --calib-data or --calib-tokens, not both")
+    ignored = sorted(given & {"nsamples", "seqlen", "seed"})
+    if args.calib_tokens and ignored:
+        p.error(f"--calib-tokens fixes the windows: {', '.join('--' + k for k in ignored)} would be ignored")
 
 
 def given_flags(p: argparse.ArgumentParser, argv) -> set:
@@ -112,27 +150,60 @@ def given_flags(p: argparse.ArgumentParser, argv) -> set:
             a.default = defaults[a.dest]
 
 
-def apply_recipe(p: argparse.ArgumentParser, args: argparse.Namespace, argv, paths=()) -> dict:
+def apply_recipe(p: argparse.ArgumentParser, args: argparse.Namespace, argv, paths=(), renamed=None) -> dict:
     """--recipe REPORT: every argument the report recorded under "args" that argv does not give
     is taken from it, so the run repeats the recorded one; flags given next to --recipe override it.
     Relative paths in `paths` are read relative to the repository when they do not exist here.
+    renamed maps an argument's former name, as older reports record it, to its name now.
     Returns {"from": report, "overridden": {flag: value}} for the new report (None without --recipe)."""
     if not getattr(args, "recipe", None):
         return None
     try:
         with open(args.recipe) as f:
-            recorded = json.load(f)["args"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            recorded = {(renamed or {}).get(k, k): v for k, v in json.load(f)["args"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: "args" not an object
         raise DataError(f"--recipe {args.recipe}: not a report with recorded arguments ({e})") from None
     given = given_flags(p, argv) - {"recipe"}
+    actions = {a.dest: a for a in p._actions}
     for k, v in recorded.items():
-        if k not in given and hasattr(args, k) and k not in ("out", "overwrite"):
+        if k not in given and k in actions and k not in ("out", "overwrite", "recipe", "help"):
+            v = recorded_value(actions[k], v, args.recipe)
             if k in paths and isinstance(v, str) and not os.path.exists(v) and os.path.exists(os.path.join(REPO, v)):
                 v = os.path.join(REPO, v)
             setattr(args, k, v)
     return {"from": shown_path(args.recipe),
             "overridden": {k: getattr(args, k) for k in sorted(given) if k in recorded and recorded[k] != getattr(args, k)
                            and k not in ("out", "overwrite")}}
+
+
+def recorded_value(action: argparse.Action, v, recipe: str):
+    """A value a recipe records, passed through the checks its flag makes on the command line (its
+    type and choices; a switch must be true or false), or one error line naming it."""
+    flag = action.option_strings[0]
+    try:
+        if v is None:
+            if action.default is not None:
+                raise argparse.ArgumentTypeError("no value")
+            return v
+        if action.nargs == 0:  # a switch
+            if not isinstance(v, bool):
+                raise argparse.ArgumentTypeError("not true or false")
+            return v
+        if action.nargs in ("+", "*"):
+            if not isinstance(v, list):
+                raise argparse.ArgumentTypeError("not a list")
+            return [recorded_value(argparse.Action([flag], action.dest, type=action.type, choices=action.choices), x,
+                                   recipe) for x in v]
+        if isinstance(v, (dict, list)) or (action.type is None and not isinstance(v, str)):
+            raise argparse.ArgumentTypeError("not a value of this flag")
+        if isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError("not a number")
+        v = action.type(str(v)) if action.type else v
+        if action.choices is not None and v not in action.choices:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(map(str, action.choices))}")
+        return v
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+        raise DataError(f"--recipe {recipe}: its {flag} {v!r}: {e}") from None
 
 
 @contextlib.contextmanager

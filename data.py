@@ -262,8 +262,14 @@ EVAL_SAMPLE = 128
 
 
 def is_embedded(spec: str) -> bool:
-    """Whether a --data / --calib-data value names the embedded corpus ('stdlib' or 'stdlib:SPLIT')."""
+    """Whether a --calib-data / --eval-data value names the embedded corpus ('stdlib' or 'stdlib:SPLIT')."""
     return spec in (None, "stdlib") or spec.startswith("stdlib:")
+
+
+def input_path(spec: str):
+    """The file or folder a --calib-data / --eval-data value names (None for the embedded corpus),
+    so that no output replaces it."""
+    return None if is_embedded(spec) else spec
 
 
 def eval_window_count(spec: str, asked: int = None) -> int:
@@ -307,7 +313,7 @@ def load_token_file(path: str, vocab_size: int) -> torch.Tensor:
 
 
 def text_source(spec: str, split: str) -> str:
-    """--data / --calib-data: a path; 'stdlib' for the embedded corpus's `split` (the script's own:
+    """--calib-data / --eval-data: a path; 'stdlib' for the embedded corpus's `split` (the script's own:
     eval for evaluation, calib for calibration); 'stdlib:SPLIT' for a named split (train, calib, eval)."""
     if spec in (None, "stdlib"):
         return stdlib_text(split)

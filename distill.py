@@ -55,7 +55,7 @@ from progress import log
 
 @dataclass
 class DistillConfig:
-    samples: int = 1000  # training windows (paper: 1000 C4 samples)
+    nsamples: int = 1000  # training windows (paper: 1000 C4 samples)
     seqlen: int = 128  # not stated by the paper; small, so the embedded model distils in minutes on CPU
     epochs: int = 3  # paper
     lr: float = 2e-5  # paper, AdamW peak, cosine to 0
@@ -353,7 +353,7 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
     returns the report. Under torchrun rank 0 writes; every rank checks the input alike first."""
     config = check_pair(teacher_dir, student_dir)
     CheckpointReader(teacher_dir), CheckpointReader(student_dir)  # every key, shape and shard, before any work
-    check_output(out, overwrite, [student_dir, teacher_dir])
+    check_output(out, overwrite, [student_dir, teacher_dir, data.input_path(text)])
     if cfg.seqlen > config.max_position_embeddings or cfg.seqlen < 2:
         raise data.DataError(f"--seqlen {cfg.seqlen} outside [2, max_position_embeddings "
                              f"{config.max_position_embeddings}]")
@@ -364,10 +364,10 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
     if mode == "full" and cfg.batch_size % distributed.world():
         raise data.DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {distributed.world()} processes")
     ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(text, "train"))
-    windows = data.calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+    windows = data.calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
     if distributed.is_main():  # every check passed: say what runs before the first minutes of it
         log(f"{data.shown_path(student_dir)} distilled from {data.shown_path(teacher_dir)} -> {data.shown_path(out)}: "
-            f"{mode} mode, loss {cfg.loss}, {cfg.samples} x {cfg.seqlen} tokens of {text}, {cfg.epochs} epochs")
+            f"{mode} mode, loss {cfg.loss}, {cfg.nsamples} x {cfg.seqlen} tokens of {text}, {cfg.epochs} epochs")
     device = torch.device(device)
     writer = CheckpointWriter(out, config, overwrite=overwrite, src_dir=student_dir, inputs=[teacher_dir]) \
         if distributed.is_main() else contextlib.nullcontext()
@@ -397,7 +397,7 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
                        "data": text, "settings": asdict(cfg), "tokens": windows.numel(),
                        "seconds": time.time() - t0, "world_size": distributed.world(),
                        "args": {"teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
-                                "mode": mode, "data": text, "device": str(device), **asdict(cfg)}})
+                                "mode": mode, "calib_data": text, "device": str(device), **asdict(cfg)}})
         if recipe:
             report["recipe"] = recipe
         if distributed.is_main():
@@ -407,10 +407,11 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
     return report
 
 
+FORMER = {"nsamples": ("--samples",)}  # DistillConfig field -> its former spellings, still accepted
 # DistillConfig field -> the argparse type that refuses bad values before any work
-FIELD_TYPES = {"samples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
+FIELD_TYPES = {"nsamples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
                "warmup_steps": cli.nonnegative_int, "batch_size": cli.positive_int, "grad_accum": cli.positive_int,
-               "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": int,
+               "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": cli.nonnegative_int,
                "loss": str, "dtype": str}
 
 
@@ -422,26 +423,26 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--mode", default="full", choices=("full", "per-expert"),
                    help="full: Eq. 10 on the whole model; per-expert: one expert at a time on cached inputs")
-    p.add_argument("--data", default="stdlib",
-                   help="training text: a C4 json/json.gz shard, any text file, or 'stdlib' (the embedded corpus's "
-                        "train split, default)")
+    cli.add_calib_data_arg(p, "train", former=("--data",))
     for f, default in asdict(DistillConfig()).items():
-        p.add_argument("--" + f.replace("_", "-"), type=FIELD_TYPES[f], default=default,
+        former = FORMER.get(f, ())
+        p.add_argument("--" + f.replace("_", "-"), *former, type=FIELD_TYPES[f], default=default,
                        choices={"loss": ("eq10", "ce", "mse"), "dtype": COMPUTE_DTYPES}.get(f),
-                       help=f"DistillConfig.{f} (default {default}; see the module docstring)")
+                       help=f"DistillConfig.{f} (default {default}; see the module docstring)" + cli.spelled(former))
     cli.add_device_arg(p)
     p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "
                                     "same windows and steps); flags given as well override it")
     args = p.parse_args(argv)
     with cli.errors():
-        recipe = cli.apply_recipe(p, args, argv, paths=("teacher", "student", "data"))
+        recipe = cli.apply_recipe(p, args, argv, paths=("teacher", "student", "calib_data"),
+                                  renamed={"samples": "nsamples", "data": "calib_data"})
         if args.student is None:
             p.error("--student is required (or --recipe)")
         cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
         device = distributed.init(args.device)  # under torchrun: join the process group
         try:
             return distill_checkpoint(args.teacher or data.default_model_dir(), args.student, args.out, cfg,
-                                      args.mode, args.data, device, args.overwrite, recipe=recipe)
+                                      args.mode, args.calib_data, device, args.overwrite, recipe=recipe)
         finally:
             distributed.finish()
 

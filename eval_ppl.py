@@ -13,7 +13,7 @@ of how often each expert is a token's top-1 choice, and the mean and spread of t
 routing weight (the "hint" MoE-Pruner's metric multiplies in).
 
     python eval_ppl.py                                  # embedded model on the embedded eval split
-    python eval_ppl.py --model DIR --data wiki.test.raw --seqlen 2048 --json out.json
+    python eval_ppl.py --model DIR --eval-data wiki.test.raw --seqlen 2048 --json out.json
 """
 
 import math
@@ -162,8 +162,8 @@ def main(argv=None):
     p.add_argument("--model", nargs="+", default=None,
                    help="one or more checkpoint directories (official layout), evaluated on the same windows and "
                         "printed as one table; default: the embedded tiny Mixtral")
-    p.add_argument("--data", default="stdlib",
-                   help="text to evaluate: a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
+    p.add_argument("--eval-data", "--data", dest="eval_data", default="stdlib",
+                   help="text to evaluate ('--data': its former spelling, still accepted): a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
                         "'stdlib' for the embedded corpus's held-out eval split (default), or 'stdlib:calib' "
                         "(stdlib:train) for its calibration (training) split, e.g. to measure the router there")
     p.add_argument("--split", default="test", choices=("test", "validation"),
@@ -175,8 +175,8 @@ def main(argv=None):
     p.add_argument("--eval-windows", "--max-windows", type=cli.nonnegative_int, default=None,
                    help=f"evaluate N windows spread evenly over the whole text; 0 = all. Default: "
                         f"{data.EVAL_SAMPLE} for the embedded corpus (the sample of README's tables; all 753 of 512 "
-                        f"tokens with 0), all for any other text (the literature's protocol). --max-windows is the "
-                        f"old spelling")
+                        f"tokens with 0), all for any other text (the literature's protocol); --max-windows: its former "
+                        f"spelling, still accepted")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
     cli.add_device_arg(p)
@@ -188,22 +188,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     results, cache = [], {}
     with cli.errors():
-        if args.json:
-            check_output_file(args.json, args.overwrite)
         models, where = args.model or [data.default_model_dir()], machine()
+        if args.json:
+            check_output_file(args.json, args.overwrite, [*models, data.input_path(args.eval_data)])
         for model_dir in models:  # every model's headers and tokenizer, before minutes of work on the first
             CheckpointReader(model_dir, allow_nonfinite=True)
             data.load_tokenizer(model_dir)
         for model_dir in models:
-            windows, indices, total = evaluation_windows(model_dir, args.data, args.split, args.seqlen,
-                                                         data.eval_window_count(args.data, args.eval_windows), cache)
+            windows, indices, total = evaluation_windows(model_dir, args.eval_data, args.split, args.seqlen,
+                                                         data.eval_window_count(args.eval_data, args.eval_windows),
+                                                         cache)
             results.append({**evaluate(model_dir, windows, args.dtype, args.device, args.batch_size,
-                                       args.router_stats), "data": args.data, "windows_in_text": total,
+                                       args.router_stats), "data": args.eval_data, "windows_in_text": total,
                             "machine": where,
                             "window_indices": indices})
         if args.json:
             write_output_file(args.json, json_text(results[0] if len(results) == 1 else results), args.overwrite)
         print(markdown_table(results, args.router_stats))
+        r = results[0]
+        print(f"perplexity on {r['windows']} of the {r['windows_in_text']} windows of {r['data']} x {r['seqlen']} tokens"
+              + (f", spread evenly: the sample of README.md's tables (--eval-windows 0 evaluates all {r['windows_in_text']})"
+                 if data.is_embedded(args.eval_data) and r["windows"] < r["windows_in_text"] else ""))
         bad = [r["model"] for r in results if not math.isfinite(r["ppl"])]
         if bad:
             raise data.DataError(f"the perplexity of {bad[0]} is not a finite number (its value is in the table"

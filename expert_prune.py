@@ -39,9 +39,9 @@ divergence at the final hidden state. Stored as config.json's condensed_layers, 
 CondensedMoeBlock (the official tensors are kept whole; the report counts the dropped experts as
 removed).
 
-    python expert_prune.py --r 6 --out out/naee-r6
-    python expert_prune.py --r 6 --skip --out out/naee-r6-skip
-    python expert_prune.py --r 6 --select reap --out out/reap-r6
+    python expert_prune.py --keep-experts 6 --out out/naee-r6
+    python expert_prune.py --keep-experts 6 --skip --out out/naee-r6-skip
+    python expert_prune.py --keep-experts 6 --select reap --out out/reap-r6
     python expert_prune.py --condense-layers 2 --condense-experts 2 --out out/cdmoe-2x2
 """
 
@@ -427,7 +427,8 @@ def main(argv=None):
     p.add_argument("--model", help="input checkpoint directory; default: the embedded tiny Mixtral")
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--r", type=int, default=None, help="NAEE: experts kept per layer (default: all)")
+    p.add_argument("--keep-experts", "--r", dest="keep_experts", type=cli.positive_int, default=None,
+                   help="NAEE / REAP: experts kept per layer, NAEE's r (default: all)" + cli.spelled(("--r",)))
     p.add_argument("--skip", action="store_true", help="NAEE dynamic skipping, beta = median g1/g0 per layer")
     p.add_argument("--select", default="naee", choices=SELECTIONS,
                    help="with --r: keep the r experts whose subset changes the layer output least (NAEE, default) "
@@ -448,17 +449,16 @@ def main(argv=None):
     p.add_argument("--recipe", help="repeat the run an expert_prune_report.json records; flags given as well override it")
     args = p.parse_args(argv)
     with cli.errors():
-        recipe = cli.apply_recipe(p, args, argv, paths=("model", "calib_tokens", "calib_data"))
+        recipe = cli.apply_recipe(p, args, argv, paths=("model", "calib_tokens", "calib_data"), renamed={"r": "keep_experts"})
+        cli.check_calibration_args(p, args, argv)
         model_dir = args.model or data.default_model_dir()
         reader = CheckpointReader(model_dir)
         config = reader.config
-        if args.condense_layers and (args.r is not None or args.skip):
-            raise data.DataError("CD-MoE (--condense-layers) and NAEE (--r, --skip) are separate runs")
-        if not args.condense_layers and args.r is None and not args.skip:
-            raise data.DataError("nothing to do: give --r, --skip or --condense-layers")
-        if args.r is not None and args.r < 1:
-            raise data.DataError(f"--r {args.r}: must be at least 1")
-        check_output(args.out, args.overwrite, [model_dir])
+        if args.condense_layers and (args.keep_experts is not None or args.skip):
+            raise data.DataError("CD-MoE (--condense-layers) and NAEE (--keep-experts, --skip) are separate runs")
+        if not args.condense_layers and args.keep_experts is None and not args.skip:
+            raise data.DataError("nothing to do: give --keep-experts, --skip or --condense-layers")
+        check_output(args.out, args.overwrite, [model_dir, args.calib_tokens, data.input_path(args.calib_data)])
         tokens = data.calibration_tokens(model_dir, config.vocab_size, config.max_position_embeddings, args.calib_data,
                                          args.calib_tokens, args.nsamples, args.seqlen, args.seed)
         recorded = {"args": {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "recipe")},
@@ -466,8 +466,8 @@ def main(argv=None):
         if args.condense_layers:
             return cd_moe(model_dir, tokens, args.condense_layers, args.condense_experts, args.out, args.overwrite,
                           args.batch_size, args.device, report_extra=recorded, dtype=args.dtype)
-        return naee(reader, tokens, args.r if args.r is not None else config.num_local_experts, args.skip,
-                    args.out, args.overwrite, args.batch_size, args.device, args.protocol, report_extra=recorded,
+        kept = args.keep_experts if args.keep_experts is not None else config.num_local_experts
+        return naee(reader, tokens, kept, args.skip, args.out, args.overwrite, args.batch_size, args.device, args.protocol, report_extra=recorded,
                     select=args.select, dtype=args.dtype)
 
 

@@ -178,7 +178,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
             g["lr"] = cosine_lr(step, steps, lr, tc.warmup_steps) * g["lr_mult"]
         logits, router_logits = model(x, return_router_logits=True)
         ce = mm.next_token_nll(logits, x)
-        aux = load_balancing_loss(router_logits, k, per_layer) if is_moe else torch.zeros(())
+        aux = load_balancing_loss(router_logits, k, per_layer) if is_moe else torch.zeros((), device=x.device)
         loss = ce + tc.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

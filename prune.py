@@ -173,12 +173,9 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm=None,
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)  # [b]
-        if nm is None:
-            saliency = W1 ** 2 / d[None, :] ** 2  # OBS saliency w^2 / [H^-1]_jj^2
-            k = int(saliency.numel() * sparsity)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            if k > 0:
-                mask1.view(-1)[torch.sort(saliency.flatten(), stable=True).indices[:k]] = True
+        if nm is None:  # the block's lowest OBS saliencies w^2 / [H^-1]_jj^2, ties to the lower flat index
+            saliency = W1 ** 2 / d[None, :] ** 2  # [out, b]
+            mask1 = unstructured_mask(saliency.reshape(1, -1), sparsity).reshape(W1.shape)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
@@ -220,9 +217,12 @@ def prune_matrix(w: torch.Tensor, method: str, stats: InputStats, sparsity: floa
 
 
 def relative_error(dw: torch.Tensor, w: torch.Tensor, H: torch.Tensor) -> float:
-    """||dW X^T||_F / ||W X^T||_F from the Gram matrix H = X^T X alone: sqrt(tr(dW H dW^T) / tr(W H W^T))."""
-    dw, w, H = dw.double(), w.double(), H.double()
-    return math.sqrt(max(0.0, ((dw @ H) * dw).sum().item()) / max(((w @ H) * w).sum().item(), 1e-300))
+    """||dW X^T||_F / ||W X^T||_F from the Gram matrix H = X^T X alone: sqrt(tr(dW H dW^T) / tr(W H W^T)).
+    The products in float32 (a reported error, good to ~1e-6 relative; float64 would cost minutes a
+    layer at Mixtral's width), their sums in float64."""
+    dw, w, H = dw.float(), w.float(), H.float()
+    num = ((dw @ H) * dw).double().sum().item()
+    return math.sqrt(max(0.0, num) / max(((w @ H) * w).double().sum().item(), 1e-300))
 
 
 # -----------------------------------------------------------------------------
@@ -400,12 +400,13 @@ def rel(err2: float, ref2: float) -> float:
 
 
 @torch.no_grad()
-def next_forward(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs, halves) -> torch.Tensor:
-    """The pruned layer's outputs on the calibration windows: from the first pass's attention-half
-    outputs and router logits when only experts changed (bitwise the same as the whole layer run
-    again, without attention and router), else the whole layer."""
+def next_forward(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs, halves,
+                 act_dtype) -> torch.Tensor:
+    """The pruned layer's outputs on the calibration windows, in act_dtype: from the first pass's
+    attention-half outputs and router logits when only experts changed (bitwise the same as the
+    whole layer run again on its inputs x, without attention and router), else the whole layer."""
     if halves:
-        return rerun_moe_half(layer, halves, x.dtype, dtype=DTYPES[args.dtype])
+        return rerun_moe_half(layer, halves, act_dtype, dtype=DTYPES[args.dtype])
     return run_layer(layer, x, pos, args.batch_size, dtype=DTYPES[args.dtype])
 
 
@@ -422,11 +423,13 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
     laps = laps or Laps()
     for l, layer in decoder_layers:
         stats, routed, dense_out, halves = collect_stats(layer, x, pos, args, only_experts_change(args))  # X, Gate
+        if halves:
+            x = None  # the second pass starts from the attention-half outputs: layer l's inputs are not needed
         laps.lap("stats_forward_s")
         pruned = prune_layer(layer, stats, args, sparsities[l], nm)  # S_ij by Eq. 9 (or 8), per row
         laps.lap("prune_s")
         with output_errors(layer, pruned.pop("dense"), args.error_stride) as sums:
-            pruned_out = next_forward(layer, x, pos, args, halves)
+            pruned_out = next_forward(layer, x, pos, args, halves, dense_out.dtype)
         x = dense_out if args.dense_forward else pruned_out  # the inputs of layer l+1
         laps.lap("next_forward_s")
         totals = distributed.all_sum(torch.tensor([v for pair in sums.values() for v in pair] + [
@@ -434,7 +437,7 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
             dtype=torch.float64, device="cpu")).tolist()  # under torchrun: over every rank's windows
         pruned.update(routed=routed, layer_error=rel(*totals[-2:]),
                       matrix_error={k: rel(totals[2 * i], totals[2 * i + 1]) for i, k in enumerate(sums)})
-        del stats, dense_out, pruned_out  # nothing of layer l stays in memory while layer l+1 is read
+        del stats, dense_out, pruned_out, halves  # nothing of layer l stays in memory while layer l+1 is read
         yield l, pruned
 
 
@@ -564,7 +567,7 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
     reader = CheckpointReader(model_dir)
     config = reader.config
     check_args(args, config, nm)
-    check_output(out, overwrite, [model_dir])
+    check_output(out, overwrite, [model_dir, args.calib_tokens, data.input_path(args.calib_data)])
     tokens = data.calibration_tokens(model_dir, config.vocab_size, config.max_position_embeddings, args.calib_data,
                                      args.calib_tokens, args.nsamples, args.seqlen, args.seed)
     sparsity = (nm[1] - nm[0]) / nm[1] if nm is not None else args.sparsity  # N:M fixes it at (M - N) / M
@@ -574,7 +577,7 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
     writer = CheckpointWriter(out, config, overwrite=overwrite, src_dir=model_dir) if main else None
     with writer or contextlib.nullcontext():
         t_start = time.time()
-        log(f"{model_dir} -> {out}: {args.method}, sparsity {sparsity:.3f}"
+        log(f"{data.shown_path(model_dir)} -> {data.shown_path(out)}: {args.method}, sparsity {sparsity:.3f}"
             f"{f' ({nm[0]}:{nm[1]})' if nm else ''}, {tokens.shape[0]} x {tokens.shape[1]} calibration tokens"
             + (f", {distributed.world()} processes" if distributed.active() else ""))
         x, pos = embed_windows(reader, distributed.share(tokens), dev, DTYPES[args.act_dtype])  # x: [n, T, hidden]
@@ -583,7 +586,9 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
         if args.layer_sparsity:
             log("layer sparsities " + ", ".join(f"{s:.4f}" for s in sparsities))
         per_matrix, per_layer, fallbacks, routed, errors, solver, laps = {}, [], [], [], {}, {}, Laps()
-        for l, pruned in prune_layers(layers(reader, writer, dev), x, pos, args, sparsities, nm, laps):
+        steps = prune_layers(layers(reader, writer, dev), x, pos, args, sparsities, nm, laps)
+        del x  # the loop holds layer 0's inputs alone, and frees them once they are not needed
+        for l, pruned in steps:
             prefix, counts = f"model.layers.{l}.", pruned["counts"]
             per_matrix.update({prefix + k: z / n for k, (z, n) in counts.items()})
             errors.update({prefix + k: v for k, v in pruned["matrix_error"].items()})
@@ -638,7 +643,7 @@ def sparsity_summary(config, per_matrix):
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", help="input checkpoint directory (official layout); default: the embedded tiny Mixtral")
-    p.add_argument("--method", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", choices=METHODS, help="the pruning score (required unless --recipe)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
     p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
     cli.add_calibration_args(p)
@@ -692,8 +697,7 @@ def main(argv=None):
         if recipe and os.path.isfile(saved) and not cli.given_flags(p, argv) & {"calib_data", "calib_tokens", "nsamples",
                                                                                  "seqlen", "seed"}:
             a.calib_tokens, a.calib_data = saved, "stdlib"  # the exact windows of the recorded run
-        if a.calib_tokens and a.calib_data != "stdlib":
-            p.error("give --calib-data or --calib-tokens, not both")
+        cli.check_calibration_args(p, a, argv)
         if a.method is None:
             p.error("--method is required (or --recipe)")
         a.device = distributed.init(a.device)  # under torchrun: join the process group

@@ -20,7 +20,7 @@ printed and recorded in results.json and the results README, with the machine th
                  per-expert mode for MoE-Pruner) and its ablation (CE only, expert MSE only)
   - dtype:       MoE-Pruner 50% with the layer forward in float32 and in bfloat16: masks and perplexity
 
-Every method sees the same calibration windows (drawn once, saved as calib_tokens.npy; the
+Every method sees the same calibration windows (drawn once, saved as calibration_tokens.npy; the
 calibration sweep uses their first n rows; anatomy's draw d is drawn with seed d) and every
 model the same evaluation windows: on the embedded corpus 128 spread evenly over the eval split
 (data.sample_windows; --eval-windows), on any other text all of them. Results go to --out as results.json and README.md (the
@@ -35,7 +35,6 @@ unless --keep.
         --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --eval-windows 0 --device cuda
 """
 
-import io
 import json
 import os
 import re
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import bench_scale
 import cli
 import data
 import distill
@@ -57,7 +57,7 @@ import expert_prune
 import mini_mixtral as mm
 import prune
 import zeroshot
-from checkpoint import CheckpointReader, check_output_file, json_text, read_config, write_output_file
+from checkpoint import CheckpointReader, check_not_input, check_output_file, remove, remove_stale_temps, json_text, read_config, write_output_file
 from layerwise import embed_windows, layers, run_layer
 from progress import log, machine, machine_line
 
@@ -72,7 +72,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")
 CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
 PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype")
 # What a run writes into --out (the plots only with matplotlib).
-OUTPUT_FILES = ("results.json", "README.md", "calib_tokens.npy", "sparsity_sweep.png", "calibration_sweep.png",
+OUTPUT_FILES = ("results.json", "README.md", prune.CALIBRATION_FILE, "sparsity_sweep.png", "calibration_sweep.png",
                 "anatomy.png", "expert_level.png")
 # MoE-Pruner Table 2, WikiText perplexity of Mixtral-8x7B (for the side-by-side table).
 PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.97, ("moe-pruner", "50%"): 4.68,
@@ -611,7 +611,7 @@ def side_by_side(results: list) -> str:
     out = ["Each cell: " + join(r["model"] for r in results) + ".\n"]
     ppl = [{(r["method"], setting(r)): r["ppl"] for r in res.get("runs", []) if r["part"] in ("table", "sparsity")}
            for res in results]
-    order = ("50%", "2:4", "4:8", "30%", "70%", "80%")  # Table 2 first, then the rest of Figure 5
+    order = ("30%", "50%", "70%", "80%", "2:4", "4:8")  # unstructured by sparsity (Figure 5), then N:M (Table 2)
     settings = [x for x in order if all(("wanda", x) in p and ("moe-pruner", x) in p for p in ppl)]
     if settings:
         out.append("| method | " + " | ".join(settings) + " |\n|---" + "|---" * len(settings) + "|")
@@ -727,6 +727,8 @@ def facts(res: dict) -> dict:
 def evaluation_facts(results: list) -> dict:
     """The numbers of an eval_ppl.py or zeroshot.py --json file (one model or a list) that documents
     quote, by model."""
+    if isinstance(results, dict) and "runs" in results and "rates" in results:  # bench_scale.py
+        return bench_scale.facts(results)
     out = {}
     for r in results if isinstance(results, list) else [results]:
         m = r["model"]
@@ -772,6 +774,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
             body = side_by_side([results(f) for f in folders])
         elif name == "zeroshot" and len(folders) == 1 and folders[0].endswith(".json"):
             body = zeroshot.markdown_table(results(folders[0]))
+        elif name == "scale" and len(folders) == 1 and folders[0].endswith(".json"):
+            body = bench_scale.markdown(results(folders[0]))
         elif name == "eval" and len(folders) == 1 and folders[0].endswith(".json"):
             r = results(folders[0])
             r = r if isinstance(r, list) else [r]
@@ -779,7 +783,7 @@ def render_document(text: str, root: str = data.REPO) -> str:
         else:
             section = next((t for n, _, t in SECTIONS if n == name), None)
             if section is None or len(folders) != 1:
-                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, zeroshot, "
+                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, scale, zeroshot, "
                                      + ", ".join(n for n, _, _ in SECTIONS))
             body = section(results(folders[0]))
         return f"<!-- table {m.group(1)} {name} -->\n{body.strip()}\n<!-- end table -->"
@@ -917,27 +921,44 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
     """Every part asked for, on the same calibration and evaluation windows; writes out/results.json,
     out/README.md and the plots. Returns the results."""
     config = read_config(model)
+    inputs = [model, data.input_path(calib_data), data.input_path(eval_data)]
+    check_not_input(out, inputs)
     if os.path.isdir(out):
         for fn in OUTPUT_FILES:  # every file this run may write, refused before any work
-            check_output_file(os.path.join(out, fn), overwrite)
+            check_output_file(os.path.join(out, fn), overwrite, inputs)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise data.DataError(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
     seqlen = seqlen or min(2048, config.max_position_embeddings)
+    if seqlen > config.max_position_embeddings:
+        raise data.DataError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings {config.max_position_embeddings}")
     tok = data.load_tokenizer(model)
     ids = data.encode(tok, data.text_source(calib_data, "calib"))
     calib = data.calibration_windows(ids, nsamples, seqlen, seed).numpy()  # one set for every method
     eval_ids = data.encode(tok, data.text_source(data.resolve_wikitext(eval_data, "test"), "eval"))
     every = data.eval_windows(eval_ids, seqlen)  # [N, seqlen]
     windows, indices = data.sample_windows(every, data.eval_window_count(eval_data, eval_windows))  # every model's
-    os.makedirs(out, exist_ok=True)
-    work = os.path.join(out, "checkpoints") if keep else tempfile.mkdtemp(prefix="run_paper-")
+    # Everything is made in a temporary sibling OUT.tmp-PID-XXXX (removed on any error or signal, and
+    # by the next run if this one is killed) and copied into --out, file by file, only at the end.
+    parent, base = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(parent, base)
+    stage = tempfile.mkdtemp(prefix=f"{base}.tmp-{os.getpid()}-", dir=parent)
+    try:
+        return run_staged(model, out, stage, parts, config, calib, ids, windows, every, indices, tok, seqlen, nsamples,
+                          calib_data, eval_data, sweep, calib_sweep, draws, device, keep, overwrite, command)
+    finally:
+        remove(stage)
+
+
+def run_staged(model, out, stage, parts, config, calib, ids, windows, every, indices, tok, seqlen, nsamples,
+               calib_data, eval_data, sweep, calib_sweep, draws, device, keep, overwrite, command) -> dict:
+    """run's work, its files written into stage and copied into out at the end."""
+    work = os.path.join(out, "checkpoints") if keep else os.path.join(stage, "work")
     os.makedirs(work, exist_ok=True)
-    packed = io.BytesIO()
-    np.save(packed, calib)
-    write_output_file(os.path.join(out, "calib_tokens.npy"), packed.getvalue(), overwrite=True)  # checked above
+    np.save(os.path.join(stage, prune.CALIBRATION_FILE), calib)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = Setup(model, config, calib, os.path.join(out, "calib_tokens.npy"), ids, windows,
+    s = Setup(model, config, calib, os.path.join(stage, prune.CALIBRATION_FILE), ids, windows,
               every if len(windows) < len(every) else None, work, device, keep, {})
     results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": nsamples,
                "calib_data": calib_data, "eval_data": eval_data, "eval_windows": len(windows),
@@ -974,23 +995,47 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     results["command"] = command
-    write_output_file(os.path.join(out, "results.json"), json_text(results), overwrite=True)
-    print(write_report(results, out))
+    write_output_file(os.path.join(stage, "results.json"), json_text(results))
+    tables = write_report(results, out, stage)
+    os.makedirs(out, exist_ok=True)
+    for fn in sorted(os.listdir(stage)):  # the finished files, each whole, replacing only with --overwrite
+        if os.path.isfile(os.path.join(stage, fn)):
+            with open(os.path.join(stage, fn), "rb") as f:
+                write_output_file(os.path.join(out, fn), f.read(), overwrite)
+    print(tables)
     return results
 
 
-def write_report(results: dict, out: str) -> str:
-    """out/README.md (the tables) and the plots, from the results; returns the tables."""
-    plotted = plots(results, out)
-    write_output_file(os.path.join(out, "README.md"), readme(results, out, plotted), overwrite=True)
+def write_report(results: dict, out: str, folder: str = None) -> str:
+    """out/README.md (the tables) and the plots, from the results, written into folder (default:
+    out); returns the tables."""
+    folder = folder or out
+    plotted = plots(results, folder)
+    write_output_file(os.path.join(folder, "README.md"), readme(results, out, plotted), overwrite=True)
     return markdown(results)
 
 
+def captions(results: dict) -> dict:
+    """What each plot shows, in a sentence under it in README.md."""
+    data_ = f"perplexity on {results['eval_windows']} held-out windows x {results['seqlen']} tokens"
+    return {"sparsity_sweep.png": f"Figure 5 in shape: {data_} against the sparsity of every expert matrix, one line "
+                                  f"per method, dense dotted (logarithmic perplexity axis).",
+            "calibration_sweep.png": f"Figure 4 in shape: {data_} at 50% against the number of calibration windows "
+                                     f"(the first n of the shared ones), dense dotted.",
+            "anatomy.png": "Where the router's gate changes the mask: for each layer and expert matrix, the fraction of "
+                           "weights whose 50% mask differs between MoE-Pruner and Wanda, against the spread of "
+                           "r_j = ||X_j Gate|| / ||X_j|| over its input columns (w1 and w3 share their input).",
+            "expert_level.png": f"Weight pruning against expert pruning: {data_} against the stored nonzero expert "
+                                f"parameters; r = experts kept per layer (NAEE, REAP), CD-MoE condenses layers."}
+
+
 def readme(results: dict, out: str, plotted: list) -> str:
-    """The text of out/README.md: the command, the tables, the plots."""
+    """The text of out/README.md: the command, the tables, the plots with their captions."""
     command = results.get("command") or f"python run_paper.py --parts {','.join(results['parts'])} --out {out}"
+    caption = captions(results)
     return (f"# Results\n\nWritten by `{command}` ({results['total_minutes']:.0f} minutes); results.json holds "
-            f"every number.\n\n{markdown(results)}\n" + "".join(f"![{fn[:-4]}]({fn})\n" for fn in plotted))
+            f"every number.\n\n{markdown(results)}\n" + "".join(f"\n![{fn[:-4]}]({fn})\n\n{caption[fn]}\n"
+                                                                for fn in plotted))
 
 
 def read_json(path: str, flag: str):
@@ -1022,14 +1067,14 @@ def main(argv=None):
                    help=f"comma list of parts to run, from {', '.join(PARTS)} (default: table,sparsity,calibration)")
     p.add_argument("--only", choices=PARTS, help="run this one part (the same as --parts PART)")
     p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
-    p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --data)")
+    p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --eval-data)")
     p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
     p.add_argument("--seqlen", type=cli.seqlen, default=None,
                    help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
     p.add_argument("--eval-windows", type=cli.nonnegative_int, default=None,
                    help=f"evaluation windows per model, spread evenly over the whole text; 0 = all. Default: "
                         f"{data.EVAL_SAMPLE} for the embedded corpus (65k tokens), all for any other text")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the calibration windows")
     p.add_argument("--sweep", default="0.3,0.5,0.7,0.8",
                    help="sparsities of the Figure 5 sweep (finer: 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8, about twice as long)")
     p.add_argument("--calib-sweep", default="2,8,32,128",
@@ -1068,6 +1113,8 @@ def main(argv=None):
             calib_sweep = [int(v) for v in a.calib_sweep.split(",")]
         except ValueError:
             raise data.DataError("--sweep takes numbers, --calib-sweep integers, comma separated") from None
+        if not all(0 <= v < 1 for v in sweep) or not all(n >= 1 for n in calib_sweep):
+            raise data.DataError(f"--sweep {a.sweep}: sparsities in [0, 1); --calib-sweep {a.calib_sweep}: counts >= 1")
         parts = [a.only] if a.only else a.parts.split(",")
         command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
         return run(a.model or data.default_model_dir(), a.out, parts, a.calib_data, a.eval_data, a.nsamples, a.seqlen,

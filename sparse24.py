@@ -287,8 +287,11 @@ def main(argv=None):
     with cli.errors(SparsityError):
         if args.run:
             require_cuda()  # before any work
+        inputs = [args.model or data.default_model_dir(), args.prune_from]
         if args.json:
-            check_output_file(args.json, args.overwrite)
+            check_output_file(args.json, args.overwrite, inputs)
+        if args.save:  # before the pruning of --prune-from: the output rule, and not --out itself
+            check_output(args.save, args.overwrite, [*inputs, args.out])
         if args.prune_from:
             if not args.out:
                 raise data.DataError("--prune-from needs --out")

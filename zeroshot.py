@@ -69,7 +69,7 @@ def build_items(seed: int = 0, n_items: int = N_ITEMS) -> list:
     return items
 
 
-def evaluate(model_dir: str, batch_size: int = 8, limit: int = None) -> dict:
+def evaluate(model_dir: str, batch_size: int = 8, limit: int = None, device: str = "cpu") -> dict:
     """lm-eval's hf model on stdlib_nextline: {"acc", "acc_stderr", "acc_norm", ...}."""
     if not HAVE_LM_EVAL:
         raise data.DataError("lm-eval is not installed: pip install -r requirements-eval.txt")
@@ -85,7 +85,7 @@ def evaluate(model_dir: str, batch_size: int = 8, limit: int = None) -> dict:
         out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={os.path.join(cwd, model_dir)},dtype=float32,"
                                                              f"prefix_token_id={prefix}",
                                       tasks=[TASK], task_manager=TaskManager(include_path=TASKS),
-                                      batch_size=batch_size, limit=limit, device="cpu", log_samples=False)
+                                      batch_size=batch_size, limit=limit, device=device, log_samples=False)
     finally:
         os.chdir(cwd)
     r = out["results"][TASK]
@@ -108,16 +108,17 @@ def main(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="lm-eval's batch size")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N items")
     p.add_argument("--json", help="write the results to this file")
+    cli.add_device_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace --json (and, with --build, the items file)")
     a = p.parse_args(argv)
     with cli.errors():
         if a.json:
-            check_output_file(a.json, a.overwrite)
+            check_output_file(a.json, a.overwrite, a.model)
         if a.build:
             items = build_items()
             write_output_file(ITEMS, "".join(json.dumps(it) + "\n" for it in items), a.overwrite)
             print(f"wrote {len(items)} items to {os.path.relpath(ITEMS, data.REPO)}")
-        rows = [evaluate(m, a.batch_size, a.limit) for m in a.model]
+        rows = [evaluate(m, a.batch_size, a.limit, a.device) for m in a.model]
         if rows:
             print(markdown_table(rows))
         if a.json:

@@ -151,7 +151,7 @@ def test_eval_ppl_matches_transformers(tmp_path, text_file):
     transformers = pytest.importorskip("transformers")
     path = write_checkpoint(tmp_path / "ck", sliding_window=20)
     out = tmp_path / "r.json"
-    eval_ppl.main(["--model", path, "--data", text_file, "--seqlen", "64", "--json", str(out)])
+    eval_ppl.main(["--model", path, "--eval-data", text_file, "--seqlen", "64", "--json", str(out)])
     r = json.load(open(out))
     ids = small_tokenizer(300).encode(TEXT).ids
     windows = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
@@ -179,7 +179,7 @@ def test_several_models_share_windows_and_make_one_table(tmp_path, text_file, ca
     a = write_checkpoint(tmp_path / "a")
     b = write_checkpoint(tmp_path / "b", random_model(seed=1))
     out = tmp_path / "r.json"
-    res = eval_ppl.main(["--model", a, b, a, "--data", text_file, "--seqlen", "32", "--max-windows", "5",
+    res = eval_ppl.main(["--model", a, b, a, "--eval-data", text_file, "--seqlen", "32", "--max-windows", "5",
                          "--router-stats", "--json", str(out)])
     table = capsys.readouterr().out
     assert table.count("\n| ") == 3 and f"| {b} |" in table  # 3 rows below the header
@@ -190,8 +190,8 @@ def test_several_models_share_windows_and_make_one_table(tmp_path, text_file, ca
     assert n > 5 and written[0]["window_indices"] == [i * n // 5 for i in range(5)]  # spread over the text
     assert f"5 (of {n}) x 32" in table
     # a text file's default is every window (the literature's protocol); 0 asks for all as well
-    every = eval_ppl.main(["--model", a, "--data", text_file, "--seqlen", "32"])[0]
-    assert every["windows"] == n and eval_ppl.main(["--model", a, "--data", text_file, "--seqlen", "32",
+    every = eval_ppl.main(["--model", a, "--eval-data", text_file, "--seqlen", "32"])[0]
+    assert every["windows"] == n and eval_ppl.main(["--model", a, "--eval-data", text_file, "--seqlen", "32",
                                                     "--eval-windows", "0"])[0]["ppl"] == every["ppl"]
     cv = res[0]["router"][0]
     assert sum(cv["top1_counts"]) == 5 * 32 and cv["load_cv"] == pytest.approx(
@@ -203,10 +203,10 @@ def test_wikitext_directory_and_split(tmp_path, ckpt, capsys):
     d.mkdir()
     (d / "wiki.test.raw").write_text(TEXT[: len(TEXT) // 2])
     (d / "wiki.valid.raw").write_text(TEXT[len(TEXT) // 2:])
-    test = eval_ppl.main(["--model", ckpt, "--data", str(d), "--seqlen", "32"])[0]
-    valid = eval_ppl.main(["--model", ckpt, "--data", str(d), "--split", "validation", "--seqlen", "32"])[0]
+    test = eval_ppl.main(["--model", ckpt, "--eval-data", str(d), "--seqlen", "32"])[0]
+    valid = eval_ppl.main(["--model", ckpt, "--eval-data", str(d), "--split", "validation", "--seqlen", "32"])[0]
     assert test["ppl"] != valid["ppl"]
-    assert "no wiki.test.raw" in cli_error(capsys, ["--model", ckpt, "--data", str(tmp_path)])
+    assert "no wiki.test.raw" in cli_error(capsys, ["--model", ckpt, "--eval-data", str(tmp_path)])
 
 
 def test_a_named_stdlib_split_is_that_split(ckpt, capsys):
@@ -218,7 +218,7 @@ def test_a_named_stdlib_split_is_that_split(ckpt, capsys):
 def test_every_model_is_checked_before_the_first_is_evaluated(tmp_path, text_file, capsys):
     good = write_checkpoint(tmp_path / "good")
     with pytest.raises(SystemExit) as e:
-        eval_ppl.main(["--model", good, str(tmp_path / "missing"), "--data", text_file, "--seqlen", "32"])
+        eval_ppl.main(["--model", good, str(tmp_path / "missing"), "--eval-data", text_file, "--seqlen", "32"])
     captured = capsys.readouterr()
     assert e.value.code != 0 and "no such checkpoint directory" in captured.err
     assert "windows x 32 tokens" not in captured.err and captured.out == ""  # nothing was evaluated

@@ -82,7 +82,7 @@ def test_prune_creates_no_tensor_off_its_data(tmp_path, files, case):
     assert report["expert_sparsity"] > 0.4
 
 
-EXPERT_CASES = {"naee": ["--r", "2"], "naee-skip": ["--r", "3", "--skip"], "reap": ["--r", "2", "--select", "reap"],
+EXPERT_CASES = {"naee": ["--keep-experts", "2"], "naee-skip": ["--keep-experts", "3", "--skip"], "reap": ["--keep-experts", "2", "--select", "reap"],
                 "cd-moe": ["--condense-layers", "1", "--condense-experts", "2"]}
 
 
@@ -101,9 +101,9 @@ def test_distill_and_eval_create_no_tensor_off_their_data(tmp_path, files, mode)
     student = str(tmp_path / "student")
     prune.main(prune_argv(ckpt, text, student, "--method", "moe-pruner"))
     with torch.device("meta"), MetaMeetsReal():
-        distill.main(["--teacher", ckpt, "--student", student, "--data", text, "--out", str(tmp_path / "kd"),
-                      "--mode", mode, "--samples", "8", "--seqlen", "32", "--epochs", "1", "--batch-size", "4"])
-        res = eval_ppl.main(["--model", str(tmp_path / "kd"), "--data", text, "--seqlen", "32", "--router-stats"])
+        distill.main(["--teacher", ckpt, "--student", student, "--calib-data", text, "--out", str(tmp_path / "kd"),
+                      "--mode", mode, "--nsamples", "8", "--seqlen", "32", "--epochs", "1", "--batch-size", "4"])
+        res = eval_ppl.main(["--model", str(tmp_path / "kd"), "--eval-data", text, "--seqlen", "32", "--router-stats"])
     assert 1 < res[0]["ppl"] < 1e4
 
 
@@ -161,9 +161,9 @@ def test_distill_and_eval_on_cuda_match_the_cpu(tmp_path, files):
     prune.main(prune_argv(ckpt, text, student, "--method", "moe-pruner"))
     ppl = {}
     for d in ("cpu", "cuda"):
-        distill.main(["--teacher", ckpt, "--student", student, "--data", text, "--out", str(tmp_path / f"kd-{d}"),
-                      "--samples", "8", "--seqlen", "32", "--epochs", "1", "--batch-size", "4", "--device", d])
-        ppl[d] = [r["ppl"] for r in eval_ppl.main(["--model", ckpt, str(tmp_path / f"kd-{d}"), "--data", text,
+        distill.main(["--teacher", ckpt, "--student", student, "--calib-data", text, "--out", str(tmp_path / f"kd-{d}"),
+                      "--nsamples", "8", "--seqlen", "32", "--epochs", "1", "--batch-size", "4", "--device", d])
+        ppl[d] = [r["ppl"] for r in eval_ppl.main(["--model", ckpt, str(tmp_path / f"kd-{d}"), "--eval-data", text,
                                                     "--seqlen", "32", "--device", d])]
     assert ppl["cpu"][0] == pytest.approx(ppl["cuda"][0], rel=1e-4)  # the dense model: float order only
     assert ppl["cpu"][1] == pytest.approx(ppl["cuda"][1], rel=2e-2)  # after training: bf16 autocast on CUDA

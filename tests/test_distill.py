@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import data
 import distill
 import checkpoint
+import cli
 import prune
 from conftest import expert_mse, random_model, script_error, small_tokenizer, TEXT, write_checkpoint
 
@@ -22,13 +23,13 @@ def pair(tmp_path, ckpt, text_file):
     return ckpt, student
 
 
-ARGS = ["--samples", "16", "--seqlen", "32", "--epochs", "2", "--lr", "1e-3", "--batch-size", "4"]
+ARGS = ["--nsamples", "16", "--seqlen", "32", "--epochs", "2", "--lr", "1e-3", "--batch-size", "4"]
 
 
 def test_full_mode_keeps_the_mask_bitwise_and_learns(tmp_path, pair, text_file):
     teacher, student = pair
     out = str(tmp_path / "kd")
-    rep = distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", out, *ARGS])
+    rep = distill.main(["--teacher", teacher, "--student", student, "--calib-data", text_file, "--out", out, *ARGS])
     before = distill.zero_masks(checkpoint.load_model(student))
     after = distill.zero_masks(checkpoint.load_model(out))
     assert before.keys() == after.keys() and len(before) == 2 * 4 * 3  # every expert matrix, nothing else
@@ -42,7 +43,7 @@ def test_full_mode_keeps_the_mask_bitwise_and_learns(tmp_path, pair, text_file):
 
 def test_lambda_is_ce_over_expert_loss_on_the_first_batch(tmp_path, pair, text_file):
     teacher_dir, student_dir = pair
-    rep = distill.main(["--teacher", teacher_dir, "--student", student_dir, "--data", text_file,
+    rep = distill.main(["--teacher", teacher_dir, "--student", student_dir, "--calib-data", text_file,
                         "--out", str(tmp_path / "kd"), *ARGS])
     # recompute the first batch independently: same windows, same shuffling seed
     ids = data.encode(small_tokenizer(300), TEXT)
@@ -87,7 +88,7 @@ def test_expert_loss_is_zero_for_an_identical_student_and_counts_teacher_routed_
 def test_per_expert_mode(tmp_path, pair, text_file):
     teacher, student = pair
     out = str(tmp_path / "kd")
-    rep = distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", out,
+    rep = distill.main(["--teacher", teacher, "--student", student, "--calib-data", text_file, "--out", out,
                         "--mode", "per-expert", *ARGS])
     experts = [e for l in rep["layers"] for e in l["experts"]]
     assert experts and all(e["mse_after"] < e["mse_before"] for e in experts)
@@ -109,8 +110,8 @@ def test_bad_input(tmp_path, pair, text_file, capsys):
                       (["--teacher", teacher, "--student", student, "--seqlen", "4096"], "outside [2, max_position"),
                       (["--teacher", teacher, "--student", student, "--samples", "4", "--seqlen", "120",
                         "--data", str(tmp_path / "short.txt")], "fewer than one window")]:
-        line = script_error(capsys, distill.main, [*argv, "--data", text_file, "--out", str(tmp_path / "o")]
-                            if "--data" not in argv else [*argv, "--out", str(tmp_path / "o")])
+        line = script_error(capsys, distill.main, [*argv, "--calib-data", text_file, "--out", str(tmp_path / "o")]
+                            if not {"--calib-data", "--data"} & set(argv) else [*argv, "--out", str(tmp_path / "o")])
         assert msg in line, line
         assert not (tmp_path / "o").exists()
 
@@ -131,7 +132,7 @@ def test_kd_masks_only_the_pruned_matrices(tmp_path, pair):
 def test_a_distill_recipe_repeats_the_run_bit_for_bit(tmp_path, pair, text_file):
     teacher, student = pair
     first = str(tmp_path / "kd1")
-    distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", first, *ARGS])
+    distill.main(["--teacher", teacher, "--student", student, "--calib-data", text_file, "--out", first, *ARGS])
     rep = distill.main(["--recipe", os.path.join(first, "distill_report.json"), "--out", str(tmp_path / "kd2")])
     a, b = (checkpoint.load_model(d) for d in (first, str(tmp_path / "kd2")))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
@@ -144,7 +145,7 @@ def test_a_distill_recipe_repeats_the_run_bit_for_bit(tmp_path, pair, text_file)
 def test_per_expert_mode_in_bfloat16_learns_and_keeps_the_mask(tmp_path, pair, text_file):
     teacher, student = pair
     out = str(tmp_path / "kd")
-    rep = distill.main(["--teacher", teacher, "--student", student, "--data", text_file, "--out", out,
+    rep = distill.main(["--teacher", teacher, "--student", student, "--calib-data", text_file, "--out", out,
                         "--mode", "per-expert", "--dtype", "bfloat16", *ARGS])
     assert rep["settings"]["dtype"] == "bfloat16"
     experts = [e for l in rep["layers"] for e in l["experts"]]
@@ -153,3 +154,19 @@ def test_per_expert_mode_in_bfloat16_learns_and_keeps_the_mask(tmp_path, pair, t
     for k in s.weight_map:
         if ".experts." in k:
             assert torch.equal(s.get(k) == 0, o.get(k) == 0), k
+
+
+def test_a_report_with_the_former_flag_names_still_repeats_its_run(tmp_path):
+    """--samples and --data became --nsamples and --calib-data (the vocabulary of prune.py); a report
+    written under the former names still drives --recipe."""
+    old = tmp_path / "distill_report.json"
+    old.write_text(json.dumps({"args": {"samples": 12, "data": "stdlib", "epochs": 2, "teacher": "models/tiny-mixtral"}}))
+    p = cli.parser("t")
+    cli.add_calib_data_arg(p, "train", former=("--data",))
+    p.add_argument("--nsamples", "--samples", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--recipe")
+    a = p.parse_args(["--recipe", str(old), "--epochs", "1"])
+    rec = cli.apply_recipe(p, a, ["--recipe", str(old), "--epochs", "1"], renamed={"samples": "nsamples", "data": "calib_data"})
+    assert (a.nsamples, a.calib_data, a.epochs) == (12, "stdlib", 1) and rec["overridden"] == {"epochs": 1}
+    assert p.parse_args(["--samples", "5", "--data", "x"]).__dict__ == p.parse_args(["--nsamples", "5", "--calib-data", "x"]).__dict__

@@ -65,7 +65,7 @@ def test_prune_on_two_ranks_makes_the_single_process_masks(tmp_path, setup):
 
 def test_full_kd_on_two_ranks_matches_one_process(tmp_path, setup):
     teacher, student, text = setup
-    argv = ["--teacher", teacher, "--student", student, "--data", text, "--samples", "8", "--seqlen", "16",
+    argv = ["--teacher", teacher, "--student", student, "--data", text, "--nsamples", "8", "--seqlen", "16",
             "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "1"]
     single("distill.py", [*argv, "--out", str(tmp_path / "one")])
     r, _ = torchrun("distill.py", [*argv, "--out", str(tmp_path / "two")], tmp_path)
@@ -84,7 +84,7 @@ def test_full_kd_on_two_ranks_matches_one_process(tmp_path, setup):
 
 def test_per_expert_kd_on_two_ranks_is_expert_parallel_and_equal(tmp_path, setup):
     teacher, student, text = setup
-    argv = ["--teacher", teacher, "--student", student, "--data", text, "--samples", "8", "--seqlen", "16",
+    argv = ["--teacher", teacher, "--student", student, "--data", text, "--nsamples", "8", "--seqlen", "16",
             "--epochs", "1", "--mode", "per-expert"]
     single("distill.py", [*argv, "--out", str(tmp_path / "one")])
     r, _ = torchrun("distill.py", [*argv, "--out", str(tmp_path / "two")], tmp_path)

@@ -49,7 +49,7 @@ def test_layerwise_protocol_chooses_each_layer_on_the_dense_models_activations(t
     """The reference's layerwise_pruning: layer l's subset is the brute-force argmin of
     sum over windows ||Z - Z_s||_F, with X and Z the dense model's, whatever was dropped before."""
     out = str(tmp_path / "r2")
-    rep = ep.main(["--model", ckpt, "--r", "2", "--calib-data", text_file, "--nsamples", "3", "--seqlen", "16",
+    rep = ep.main(["--model", ckpt, "--keep-experts", "2", "--calib-data", text_file, "--nsamples", "3", "--seqlen", "16",
                    "--out", out, "--batch-size", "2"])
     assert rep["protocol"] == "layerwise"
     dense = checkpoint.load_model(ckpt)
@@ -89,7 +89,7 @@ def test_rerouting_after_dropping_equals_minus_inf_logits():
 def test_naee_checkpoint_is_a_smaller_mixtral_that_transformers_loads(tmp_path, ckpt, text_file):
     transformers = pytest.importorskip("transformers")
     out = str(tmp_path / "r3")
-    rep = ep.main(["--model", ckpt, "--r", "3", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
+    rep = ep.main(["--model", ckpt, "--keep-experts", "3", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
                    "--out", out])
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["num_local_experts"] == 3 and len(rep["kept_experts"]) == 2
@@ -168,9 +168,9 @@ def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
     assert isinstance(ep.load_model(out).model.layers[int(layer)].block_sparse_moe, ep.CondensedMoeBlock)
 
 
-@pytest.mark.parametrize("argv,msg", [(["--r", "0"], "must be at least 1"), (["--r", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),
-                                      (["--r", "1"], "must lie in"), ([], "nothing to do"),
-                                      (["--r", "3", "--condense-layers", "1"], "separate runs")])
+@pytest.mark.parametrize("argv,msg", [(["--keep-experts", "0"], "must be at least 1"), (["--keep-experts", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),
+                                      (["--keep-experts", "1"], "must lie in"), ([], "nothing to do"),
+                                      (["--keep-experts", "3", "--condense-layers", "1"], "separate runs")])
 def test_bad_r_is_a_clear_error(tmp_path, ckpt, text_file, argv, msg, capsys):
     line = script_error(capsys, ep.main, ["--model", ckpt, *argv, "--calib-data", text_file, "--nsamples", "4",
                                           "--seqlen", "32", "--out", str(tmp_path / "o")])
@@ -207,7 +207,7 @@ def test_reap_keeps_the_experts_a_hand_computation_keeps(tmp_path, ckpt, text_fi
             hand.append(sum(vals) / len(vals) if vals else 0.0)
     assert torch.allclose(sal, torch.tensor(hand, dtype=torch.float64), rtol=1e-5)
     out = str(tmp_path / "reap")
-    rep = ep.main(["--model", ckpt, "--r", "2", "--select", "reap", "--calib-data", text_file, "--nsamples", "2",
+    rep = ep.main(["--model", ckpt, "--keep-experts", "2", "--select", "reap", "--calib-data", text_file, "--nsamples", "2",
                    "--seqlen", "16", "--out", out])
     assert rep["method"] == "reap"
     for l, entry in enumerate(rep["layers"]):
@@ -218,7 +218,7 @@ def test_reap_keeps_the_experts_a_hand_computation_keeps(tmp_path, ckpt, text_fi
 
 def test_an_expert_prune_recipe_repeats_the_run(tmp_path, ckpt, text_file):
     first = str(tmp_path / "first")
-    ep.main(["--model", ckpt, "--r", "3", "--calib-data", text_file, "--nsamples", "3", "--seqlen", "16", "--out", first])
+    ep.main(["--model", ckpt, "--keep-experts", "3", "--calib-data", text_file, "--nsamples", "3", "--seqlen", "16", "--out", first])
     rep = ep.main(["--recipe", os.path.join(first, "expert_prune_report.json"), "--out", str(tmp_path / "again")])
     assert rep["recipe"]["overridden"] == {}
     a, b = checkpoint.load_model(first), checkpoint.load_model(str(tmp_path / "again"))
@@ -228,7 +228,7 @@ def test_an_expert_prune_recipe_repeats_the_run(tmp_path, ckpt, text_file):
 def test_bfloat16_compute_runs_end_to_end_and_computes_in_bfloat16(tmp_path, ckpt, text_file):
     """--dtype bfloat16: the forwards run under autocast (the subset errors move off the float32
     ones, a little), the experts are sliced as in float32 and the weights are written exactly."""
-    common = ["--model", ckpt, "--r", "3", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32"]
+    common = ["--model", ckpt, "--keep-experts", "3", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32"]
     f32 = ep.main([*common, "--out", str(tmp_path / "f32")])
     b16 = ep.main([*common, "--out", str(tmp_path / "b16"), "--dtype", "bfloat16"])
     assert b16["args"]["dtype"] == "bfloat16"

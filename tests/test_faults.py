@@ -26,6 +26,7 @@ import distill
 import eval_ppl
 import expert_prune
 import prune
+import run_paper
 import sparse24
 from conftest import script_error
 
@@ -73,7 +74,7 @@ def prune_argv(w, out, *more):
 
 
 def distill_argv(w, out, *more, student=None):
-    return ["--teacher", w["ckpt"], "--student", student or w["student"], "--data", w["text"], "--samples", "4",
+    return ["--teacher", w["ckpt"], "--student", student or w["student"], "--calib-data", w["text"], "--samples", "4",
             "--seqlen", "16", "--epochs", "1", "--out", str(out), *more]
 
 
@@ -85,45 +86,111 @@ def cases(w):
     out = t / "out"
     (t / "tokens.txt").write_text("1 2 3\n")
     np.save(t / "ok.npy", np.ones((2, 16), dtype=np.int64))
+    (t / "adir").mkdir(exist_ok=True)
     return [
         ("prune --nsamples 0", prune.main, prune_argv(w, out, "--nsamples", "0"), "must be at least 1"),
         ("prune --seqlen 1", prune.main, prune_argv(w, out, "--seqlen", "1"), "must be at least 2"),
         ("prune --batch-size 0", prune.main, prune_argv(w, out, "--batch-size", "0"), "must be at least 1"),
-        ("prune --calib-data DIR", prune.main, prune_argv(w, out)[:4] + ["--calib-data", str(t), "--out", str(out)],
+        ("prune --calib-data DIR", prune.main, prune_argv(w, out)[:4] + ["--calib-data", str(t / "adir"), "--out", str(out)],
          "is a directory, not a text file"),
         ("prune --calib-tokens TEXT", prune.main,
          ["--model", w["ckpt"], "--method", "wanda", "--calib-tokens", str(t / "tokens.txt"), "--out", str(out)],
          "not a .npy file"),
-        ("prune --out INPUT", prune.main, prune_argv(w, w["ckpt"], "--overwrite"), "is the input checkpoint"),
+        ("prune --out INPUT", prune.main, prune_argv(w, w["ckpt"], "--overwrite"), "is the input"),
         ("prune --out CONTAINS INPUT", prune.main,
          ["--model", w["ckpt"], "--method", "wanda", "--calib-data", w["text"], *CALIB, "--out", str(t),
-          "--overwrite"], "contains the input checkpoint"),
-        ("eval --max-windows -1", eval_ppl.main, ["--model", w["ckpt"], "--data", w["text"], "--max-windows", "-1"],
+          "--overwrite"], "contains the input"),
+        ("eval --max-windows -1", eval_ppl.main, ["--model", w["ckpt"], "--eval-data", w["text"], "--max-windows", "-1"],
          "must be at least 0"),
-        ("eval --eval-windows x", eval_ppl.main, ["--model", w["ckpt"], "--data", w["text"], "--eval-windows", "x"],
+        ("eval --eval-windows x", eval_ppl.main, ["--model", w["ckpt"], "--eval-data", w["text"], "--eval-windows", "x"],
          "is not an integer"),
-        ("eval --batch-size 0", eval_ppl.main, ["--model", w["ckpt"], "--data", w["text"], "--batch-size", "0"],
+        ("eval --batch-size 0", eval_ppl.main, ["--model", w["ckpt"], "--eval-data", w["text"], "--batch-size", "0"],
          "must be at least 1"),
         ("eval --json in a missing folder", eval_ppl.main,
-         ["--model", w["ckpt"], "--data", str(t / "missing.txt"), "--json", str(t / "nowhere" / "r.json")],
+         ["--model", w["ckpt"], "--eval-data", str(t / "missing.txt"), "--json", str(t / "nowhere" / "r.json")],
          "does not exist"),
         ("eval --json naming a folder", eval_ppl.main,
-         ["--model", w["ckpt"], "--data", str(t / "missing.txt"), "--json", str(t)], "is a directory"),
+         ["--model", w["ckpt"], "--eval-data", str(t / "missing.txt"), "--json", str(t)], "is a directory"),
         ("distill --samples 0", distill.main, distill_argv(w, out, "--samples", "0"), "must be at least 1"),
         ("distill --epochs 0", distill.main, distill_argv(w, out, "--epochs", "0"), "must be at least 1"),
         ("distill --seqlen 0", distill.main, distill_argv(w, out, "--seqlen", "0"), "must be at least 2"),
         ("distill --lr nan", distill.main, distill_argv(w, out, "--lr", "nan"), "must be a finite number > 0"),
         ("distill --lr -1", distill.main, distill_argv(w, out, "--lr", "-1"), "must be a finite number > 0"),
-        ("distill --out TEACHER", distill.main, distill_argv(w, w["ckpt"], "--overwrite"), "is the input checkpoint"),
+        ("distill --out TEACHER", distill.main, distill_argv(w, w["ckpt"], "--overwrite"), "is the input"),
         ("expert_prune --nsamples 0", expert_prune.main,
-         ["--model", w["ckpt"], "--r", "3", "--calib-data", w["text"], "--nsamples", "0", "--out", str(out)],
+         ["--model", w["ckpt"], "--keep-experts", "3", "--calib-data", w["text"], "--nsamples", "0", "--out", str(out)],
          "must be at least 1"),
         ("expert_prune --out INPUT", expert_prune.main,
-         ["--model", w["ckpt"], "--r", "3", "--calib-data", w["text"], *CALIB, "--out", w["ckpt"], "--overwrite"],
-         "is the input checkpoint"),
+         ["--model", w["ckpt"], "--keep-experts", "3", "--calib-data", w["text"], *CALIB, "--out", w["ckpt"], "--overwrite"],
+         "is the input"),
         ("sparse24 --prune-from INPUT --out INPUT", sparse24.main,
-         ["--prune-from", w["ckpt"], "--out", w["ckpt"], "--overwrite"], "is the input checkpoint"),
+         ["--prune-from", w["ckpt"], "--out", w["ckpt"], "--overwrite"], "is the input"),
+        # flags that had no type
+        ("prune --seed -1", prune.main, prune_argv(w, out, "--seed", "-1"), "must be at least 0"),
+        ("prune --device bogus", prune.main, prune_argv(w, out, "--device", "bogus"), "expected cpu, cuda or cuda:N"),
+        ("expert_prune --device mps", expert_prune.main,
+         ["--model", w["ckpt"], "--keep-experts", "3", "--device", "mps", "--out", str(out)], "expected cpu, cuda"),
+        ("distill --seed -2", distill.main, distill_argv(w, out, "--seed", "-2"), "must be at least 0"),
+        ("expert_prune --keep-experts 0", expert_prune.main,
+         ["--model", w["ckpt"], "--keep-experts", "0", "--out", str(out)], "must be at least 1"),
+        # --calib-tokens fixes the windows
+        ("prune --calib-tokens with --nsamples", prune.main,
+         ["--model", w["ckpt"], "--method", "wanda", "--calib-tokens", str(t / "ok.npy"), "--nsamples", "4",
+          "--out", str(out)], "--nsamples would be ignored"),
+        # an input of any kind is never an output
+        ("prune --out TOKENS --calib-tokens TOKENS", prune.main,
+         ["--model", w["ckpt"], "--method", "wanda", "--calib-tokens", str(t / "ok.npy"), "--out", str(t / "ok.npy"),
+          "--overwrite"], "is the input"),
+        ("prune --out TEXT", prune.main, prune_argv(w, w["text"], "--overwrite"), "is the input"),
+        ("eval --json MODEL/config.json", eval_ppl.main,
+         ["--model", w["ckpt"], "--eval-data", w["text"], "--json", os.path.join(w["ckpt"], "config.json"),
+          "--overwrite"], "lies inside the input"),
+        ("eval --json TEXT", eval_ppl.main,
+         ["--model", w["ckpt"], "--eval-data", w["text"], "--json", w["text"], "--overwrite"], "is the input"),
+        ("sparse24 --json STUDENT/prune_report.json", sparse24.main,
+         ["--model", w["student"], "--json", os.path.join(w["student"], "prune_report.json"), "--overwrite"],
+         "lies inside the input"),
+        ("sparse24 --save OUT beside --out OUT, before pruning", sparse24.main,
+         ["--prune-from", w["ckpt"], "--out", str(out), "--save", str(t / "." / "out")], "is the input"),
+        ("distill --out TEXT", distill.main, distill_argv(w, w["text"], "--overwrite"), "is the input"),
+        ("run_paper --out INSIDE MODEL", run_paper.main,
+         ["--model", w["ckpt"], "--out", os.path.join(w["ckpt"], "results"), "--parts", "table"], "lies inside the input"),
+        ("run_paper --out TEXT FOLDER", run_paper.main,
+         ["--model", w["ckpt"], "--calib-data", w["text"], "--out", w["text"], "--overwrite", "--parts", "table"],
+         "is the input"),
     ]
+
+
+def recipe(w, name: str, args) -> str:
+    path = w["tmp"] / name
+    path.write_text(json.dumps({"args": args}))
+    return str(path)
+
+
+def test_a_recipes_values_pass_the_command_lines_checks(world, capsys):
+    """A value read from a report is checked like the flag that would give it: one error line naming it."""
+    w, out = world, str(world["tmp"] / "out")
+    base = {"model": w["ckpt"], "method": "wanda", "calib_data": w["text"], "nsamples": 4, "seqlen": 16}
+    for bad, msg in [({"sparsity": "half"}, "--sparsity 'half'"), ({"batch_size": 0}, "--batch-size 0"),
+                     ({"nm": 24}, "--nm 24"), ({"method": "best"}, "choose from"), ({"dense_forward": "yes"}, "not true"),
+                     ({"seed": -1}, "--seed -1"), ({"sparsity": None}, "no value"), ({"nsamples": 4.5}, "--nsamples 4.5")]:
+        line = script_error(capsys, prune.main, ["--recipe", recipe(w, "r.json", {**base, **bad}), "--out", out])
+        assert msg in line, (bad, line)
+    line = script_error(capsys, prune.main, ["--recipe", recipe(w, "null.json", None), "--out", out])
+    assert "not a report with recorded arguments" in line
+    line = script_error(capsys, distill.main, ["--recipe", recipe(w, "d.json", {"student": w["student"], "lr": -1}),
+                                               "--out", out])
+    assert "--lr -1" in line
+    assert not os.path.exists(out)
+    unchanged(w)
+
+
+def test_a_recipe_with_tokens_given_beside_it_uses_them(world):
+    w = world
+    np.save(w["tmp"] / "tok.npy", np.random.default_rng(0).integers(0, 300, size=(2, 16)))
+    rec = recipe(w, "r.json", {"model": w["ckpt"], "method": "wanda", "calib_data": w["text"], "nsamples": 4})
+    rep = prune.main(["--recipe", rec, "--calib-tokens", str(w["tmp"] / "tok.npy"), "--out", str(w["tmp"] / "o")])
+    assert rep["calibration"]["nsamples"] == 2 and rep["args"]["calib_data"] == "stdlib"
 
 
 def test_bad_arguments_are_one_line_and_write_nothing(world, capsys):
@@ -140,11 +207,11 @@ def test_an_alias_of_the_input_is_the_input(world, capsys):
     os.symlink(world["ckpt"], link)
     spelled = os.path.join(world["ckpt"], "..", os.path.basename(world["ckpt"]))
     for out in (str(link), spelled):
-        assert "is the input checkpoint" in script_error(capsys, prune.main, prune_argv(world, out, "--overwrite"))
-        assert "is the input checkpoint" in script_error(
+        assert "is the input" in script_error(capsys, prune.main, prune_argv(world, out, "--overwrite"))
+        assert "is the input" in script_error(
             capsys, distill.main, distill_argv(world, out, "--overwrite"))
-        assert "is the input checkpoint" in script_error(
-            capsys, expert_prune.main, ["--model", world["ckpt"], "--r", "3", "--calib-data", world["text"], *CALIB,
+        assert "is the input" in script_error(
+            capsys, expert_prune.main, ["--model", world["ckpt"], "--keep-experts", "3", "--calib-data", world["text"], *CALIB,
                                         "--out", out, "--overwrite"])
     assert os.path.islink(link)
     unchanged(world)
@@ -155,7 +222,7 @@ def test_pretrain_refuses_its_init_checkpoint_as_output(world, capsys):
     link = world["tmp"] / "alias"
     os.symlink(world["ckpt"], link)
     line = script_error(capsys, pretrain_tiny.main, ["--init-from", world["ckpt"], "--out", str(link), "--overwrite"])
-    assert "is the input checkpoint" in line
+    assert "is the input" in line
     unchanged(world)
 
 
@@ -237,7 +304,7 @@ def test_non_finite_weights_are_refused_by_prune_and_flagged_by_eval(world, caps
     capsys.readouterr()
     report = world["tmp"] / "eval.json"
     with pytest.raises(SystemExit) as e:
-        eval_ppl.main(["--model", str(bad), world["ckpt"], "--data", world["text"], "--seqlen", "16", "--max-windows",
+        eval_ppl.main(["--model", str(bad), world["ckpt"], "--eval-data", world["text"], "--seqlen", "16", "--max-windows",
                        "2", "--json", str(report)])
     captured = capsys.readouterr()
     err = captured.err.strip().split("\n")
@@ -321,7 +388,7 @@ def test_distill_checks_the_student_before_tokenising(world, capsys):
             tensors[k] = torch.zeros(3, 3)
             save_file(tensors, bad / shard, metadata={"format": "pt"})
         argv = distill_argv(world, world["tmp"] / "out", student=str(bad))
-        argv[argv.index("--data") + 1] = str(world["tmp"] / "no-such-text.txt")
+        argv[argv.index("--calib-data") + 1] = str(world["tmp"] / "no-such-text.txt")
         line = script_error(capsys, distill.main, argv)
         assert str(bad) in line and ("shape" in line or "unreadable" in line), line
     unchanged(world)

@@ -304,7 +304,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, ckpt, text_f
     assert "outside [0, 1)" in prune_error(capsys, tmp_path, [*base, "--method", "wanda", "--sparsity", "-0.1"])
     assert "need 0 < N < M" in prune_error(capsys, tmp_path, [*base, "--method", "wanda", "--nm", "4:2"])
     assert "M=5 does not divide the 64 inputs" in prune_error(capsys, tmp_path, [*base, "--method", "wanda", "--nm", "2:5"])
-    assert "unknown method 'obs'" in prune_error(capsys, tmp_path, [*base, "--method", "obs"])
+    assert "invalid choice: 'obs'" in prune_error(capsys, tmp_path, [*base, "--method", "obs"])
     (tmp_path / "short.txt").write_text("x = 1\n")
     assert "fewer than one window" in prune_error(
         capsys, tmp_path, ["--model", ckpt, "--calib-data", str(tmp_path / "short.txt"), "--method", "wanda"])

@@ -11,9 +11,8 @@ import torch
 import checkpoint
 import mini_mixtral as mm
 import prune
-from layerwise import Positions, rerun_moe_half, run_layer
 from conftest import random_model, script_error
-from layerwise import Positions
+from layerwise import Positions, rerun_moe_half, run_layer
 
 CALIB = ["--nsamples", "4", "--seqlen", "32"]
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ import run_paper
 from conftest import write_checkpoint
 
 
-def test_run_paper_small(tmp_path, ckpt, text_file, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # so we can see the work folder go
+def test_run_paper_small(tmp_path, ckpt, text_file):
     out = tmp_path / "res"
     run_paper.main(["--model", ckpt, "--calib-data", text_file, "--eval-data", text_file, "--seqlen", "32",
                     "--nsamples", "8", "--sweep", "0.25,0.5", "--calib-sweep", "2,8", "--eval-windows", "3",
@@ -32,11 +30,11 @@ def test_run_paper_small(tmp_path, ckpt, text_file, monkeypatch):
     n = res["eval_windows_in_text"]
     assert res["eval_windows"] == 3 < n and res["eval_window_indices"] == [i * n // 3 for i in range(3)]
     assert all(("ppl_all" in r) == (r["nm"] in (None, "2:4")) for r in runs if r["part"] == "table")
-    every = eval_ppl.main(["--model", ckpt, "--data", text_file, "--seqlen", "32", "--eval-windows", "0"])[0]
+    every = eval_ppl.main(["--model", ckpt, "--eval-data", text_file, "--seqlen", "32", "--eval-windows", "0"])[0]
     assert every["windows"] == n and res["dense_ppl_all"] == pytest.approx(every["ppl"], rel=1e-12)
-    assert np.load(out / "calib_tokens.npy").shape == (8, 32)
+    assert np.load(out / "calibration_tokens.npy").shape == (8, 32)
     assert "| moe-pruner |" in (out / "README.md").read_text()
-    assert not [d for d in os.listdir(tmp_path) if d.startswith("run_paper-")]  # pruned checkpoints deleted
+    assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d]  # the staging folder and its checkpoints gone
     readme = (out / "README.md").read_text()
     assert readme.startswith("# Results\n\nWritten by `python run_paper.py --model")
     (out / "README.md").unlink()
@@ -134,3 +132,16 @@ def test_a_folder_holding_any_file_a_run_writes_is_refused_before_work(tmp_path,
     err = capsys.readouterr().err.strip()
     assert e.value.code != 0 and "README.md exists" in err and "\n" not in err
     assert os.listdir(out) == ["README.md"] and (out / "README.md").read_text() == "the user's own notes"
+
+
+def test_a_failed_run_leaves_the_out_folder_as_it_was(tmp_path, ckpt, text_file, monkeypatch):
+    """Everything is made in OUT.tmp-PID-XXXX and copied into --out only at the end: a run that fails
+    halfway leaves no --out, no calibration file and no staging folder."""
+    def fail(s):
+        raise run_paper.data.DataError("halfway")
+    monkeypatch.setattr(run_paper, "part_table", fail)
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit):
+        run_paper.main(["--model", ckpt, "--calib-data", text_file, "--eval-data", text_file, "--seqlen", "32",
+                        "--nsamples", "4", "--eval-windows", "2", "--parts", "table", "--out", str(out)])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "text.txt"]

@@ -1,0 +1,86 @@
+"""One command-line vocabulary: the same flag, type and meaning for the same thing in every script;
+former spellings only as aliases of the current ones."""
+
+import argparse
+
+import pytest
+
+import bench_scale
+import bench_sparse24
+import cli
+import distill
+import eval_ppl
+import expert_prune
+import gpu_check
+import prune
+import run_paper
+import sparse24
+import zeroshot
+
+SCRIPTS = {"prune": prune, "distill": distill, "eval_ppl": eval_ppl, "expert_prune": expert_prune,
+           "sparse24": sparse24, "run_paper": run_paper, "zeroshot": zeroshot, "bench_scale": bench_scale,
+           "bench_sparse24": bench_sparse24, "gpu_check": gpu_check}
+FORMER = {"--samples": "--nsamples", "--data": None, "--r": "--keep-experts", "--max-windows": "--eval-windows"}
+
+
+class Parsed(Exception):
+    pass
+
+
+def parser_of(module) -> argparse.ArgumentParser:
+    """The parser a script's main() builds, caught at its parse_args."""
+    caught = {}
+
+    def parse(self, args=None, namespace=None):
+        caught["p"] = self
+        raise Parsed
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = parse
+    try:
+        module.main([])
+    except Parsed:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return caught["p"]
+
+
+PARSERS = {name: parser_of(m) for name, m in SCRIPTS.items()}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_former_spellings_are_only_aliases(name):
+    for a in PARSERS[name]._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        if a.option_strings and a.option_strings[0] in FORMER:
+            raise AssertionError(f"{name}: {a.option_strings[0]} is the name of a flag, not an alias")
+        for old in a.option_strings[1:]:
+            assert old in FORMER and (FORMER[old] in (None, a.option_strings[0])), (name, a.option_strings)
+            assert "former spelling" in a.help, (name, old)
+
+
+def test_one_flag_means_one_thing_with_one_type():
+    """--device, --seed, --nsamples, --seqlen, --batch-size, --calib-data, --eval-data: the same
+    argparse type (the same checks) in every script that has them."""
+    types = {}
+    for name, p in PARSERS.items():
+        for a in p._actions:
+            if a.option_strings and a.option_strings[0] in ("--device", "--seed", "--nsamples", "--seqlen",
+                                                             "--batch-size", "--calib-data", "--eval-data"):
+                types.setdefault(a.option_strings[0], {})[name] = a.type
+    assert set(types["--device"].values()) == {cli.device}
+    assert set(types["--seed"].values()) == {cli.nonnegative_int}
+    assert set(types["--nsamples"].values()) == {cli.positive_int}
+    assert set(types["--batch-size"].values()) == {cli.positive_int}
+    assert set(types["--seqlen"].values()) == {cli.seqlen}
+    assert set(types["--calib-data"]) >= {"prune", "expert_prune", "distill", "run_paper"}
+    assert set(types["--eval-data"]) >= {"eval_ppl", "run_paper"}
+
+
+def test_help_shows_every_default_and_choice(capsys):
+    with pytest.raises(SystemExit):
+        prune.main(["--help"])
+    text = capsys.readouterr().out
+    assert "{moe-pruner,wanda,sparsegpt,magnitude}" in text and "(default: 128)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
