@@ -271,8 +271,11 @@ def markdown(results: dict) -> str:
     """The tables docs/benchmarks.md quotes from a --json file: the machine, then one row per run."""
     m = results["machine"]
     where = m.get("gpu") if results["device"].startswith("cuda") else f"{m['cpu']}, {m['cores']} cores"
-    lines = [f"{where}; torch {m['torch']}; {results['layers']} full-width decoder layers "
-             f"({results['checkpoint_gib']:.2f} GiB in bfloat16), `--device {results['device']}`", "",
+    n, rates = results["layers"], results["rates"]
+    lines = [f"{where}; torch {m['torch']}; {n} full-width decoder layer{'s' if n > 1 else ''} "
+             f"({results['checkpoint_gib']:.2f} GiB in bfloat16), `--device {results['device']}`; one expert's "
+             f"[tokens, 4096] x [4096, 14336] GEMM at " + ", ".join(f"{r['gemm_gflops']:.0f} GFLOP/s in {d}"
+                                                                    for d, r in rates.items()), "",
              "| method | dtype | calibration tokens | stats forward s | prune s | next forward s | next forward "
              "measuring nothing s | layer 0 / its work | peak RSS GiB | peak GPU memory GiB | whole model, 128 x 2048 "
              "tokens, h |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -292,6 +295,10 @@ def facts(results: dict) -> dict:
     out = {"machine": m.get("gpu") if results["device"].startswith("cuda") else
            f"{m['cores']}-core {m['cpu']}, {results['threads']} threads, torch {m['torch']}",
            "checkpoint-gib": f"{results['checkpoint_gib']:.2f}"}
+    rates = {d: r["gemm_gflops"] for d, r in results["rates"].items()}
+    out.update({f"gemm:{d}": f"{v:.0f}" for d, v in rates.items()})
+    if {"float32", "bfloat16"} <= set(rates):
+        out["bfloat16-speed"] = f"{rates['bfloat16'] / rates['float32']:.1f}"
     for key, run in results["runs"].items():
         l0 = run["report"]["layers"][0]
         out.update({f"{key}:tokens": f"{run['tokens']:,}", f"{key}:stats-s": f"{l0['stats_forward_s']:.0f}",

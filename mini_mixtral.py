@@ -264,7 +264,8 @@ class SparseMoeBlock(nn.Module):
             y_e = expert.w2(h_e)  # [n, hidden]
             if observer is not None:
                 observer(ExpertCall(e, t_e, x_e, g_e, h_e, y_e))
-            ys.append(y_e * g_e[:, None])  # float32 product, as in transformers
+            ys.append(y_e * g_e[:, None])  # times the float32 gate (transformers casts the gate to the
+            # hidden dtype first: the same in float32, one rounding apart in bfloat16)
         out = torch.zeros_like(x)
         out.index_add_(0, token_of, torch.cat(ys).to(x.dtype))  # each token sums its experts
         return out

@@ -81,19 +81,26 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
+def input_statistic(method: str, x: torch.Tensor, gate: Optional[torch.Tensor]):
+    """What each method keeps of a batch of one matrix's inputs x [tokens, in], with each routed
+    token's gate [tokens] (None for attention and the router): MoE-Pruner's one new line is the first."""
+    if method == "moe-pruner":
+        return sq_norm(x, gate)  # Eq. 9: ||X_j * Gate||^2, each routed token scaled by its gate
+    if method == "wanda":
+        return sq_norm(x)  # Eq. 8: ||X_j||^2 over the same routed tokens
+    if method == "sparsegpt":
+        return hessian(x)  # X^T X
+    return None  # magnitude: nothing
+
+
 class InputStats:
-    """Accumulates what a method needs of one matrix input's calibration tokens."""
+    """Accumulates what a method needs of one matrix input's calibration tokens (input_statistic)."""
 
     def __init__(self, method: str, n_in: int = None):
         self.method, self.n_in, self.tokens, self.value = method, n_in, 0, None
 
     def add(self, x: torch.Tensor, gate=None):
-        if self.method == "magnitude":
-            v = None
-        elif self.method == "sparsegpt":
-            v = hessian(x)
-        else:
-            v = sq_norm(x, gate if self.method == "moe-pruner" else None)
+        v = input_statistic(self.method, x, gate)
         if v is not None:
             self.value = v if self.value is None else self.value + v
         self.tokens += x.shape[0]
@@ -395,7 +402,8 @@ def output_errors(layer: mm.DecoderLayer, dense: dict, stride: int = 1):
             h.remove()
 
 
-def rel(err2: float, ref2: float) -> float:
+def norm_ratio(err2: float, ref2: float) -> float:
+    """sqrt(err2 / ref2): a relative error from its squared norms (0 where the reference is 0)."""
     return math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
 
 
@@ -410,6 +418,23 @@ def next_forward(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: 
     return run_layer(layer, x, pos, args.batch_size, dtype=DTYPES[args.dtype])
 
 
+def pruned_forward(layer: mm.DecoderLayer, x, pos: Positions, args: PruneArgs, halves, dense: dict, act_dtype):
+    """next_forward, measuring every pruned matrix's output error on the way (output_errors, against
+    its weights before pruning, `dense`). Returns (outputs, output_errors' sums)."""
+    with output_errors(layer, dense, args.error_stride) as sums:
+        return next_forward(layer, x, pos, args, halves, act_dtype), sums
+
+
+def measured_errors(sums: dict, dense_out: torch.Tensor, pruned_out: torch.Tensor) -> dict:
+    """One layer's errors for the report, over every rank's windows under torchrun: each pruned
+    matrix's ||W X - W' X|| / ||W X|| from output_errors' sums, and the layer output's relative error."""
+    flat = [v for pair in sums.values() for v in pair]
+    flat += [(pruned_out.double() - dense_out.double()).pow(2).sum().item(), dense_out.double().pow(2).sum().item()]
+    totals = distributed.all_sum(torch.tensor(flat, dtype=torch.float64, device="cpu")).tolist()
+    return {"layer_error": norm_ratio(*totals[-2:]),
+            "matrix_error": {k: norm_ratio(totals[2 * i], totals[2 * i + 1]) for i, k in enumerate(sums)}}
+
+
 # -----------------------------------------------------------------------------
 # Algorithm 1
 
@@ -422,21 +447,18 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
     errors) once layer l is pruned; laps times the three phases."""
     laps = laps or Laps()
     for l, layer in decoder_layers:
-        stats, routed, dense_out, halves = collect_stats(layer, x, pos, args, only_experts_change(args))  # X, Gate
-        if halves:
-            x = None  # the second pass starts from the attention-half outputs: layer l's inputs are not needed
+        # 1. a dense pass: every expert matrix's routed inputs X and their gates (Eq. 2), the dense outputs
+        stats, routed, dense_out, halves = collect_stats(layer, x, pos, args, only_experts_change(args))
+        x = None if halves else x  # the second pass starts from the kept attention halves, not from x
         laps.lap("stats_forward_s")
-        pruned = prune_layer(layer, stats, args, sparsities[l], nm)  # S_ij by Eq. 9 (or 8), per row
+        # 2. every matrix pruned by its score, S_ij = |W_ij| * ||X_j * Gate|| (Eq. 9) or a baseline's
+        pruned = prune_layer(layer, stats, args, sparsities[l], nm)
         laps.lap("prune_s")
-        with output_errors(layer, pruned.pop("dense"), args.error_stride) as sums:
-            pruned_out = next_forward(layer, x, pos, args, halves, dense_out.dtype)
-        x = dense_out if args.dense_forward else pruned_out  # the inputs of layer l+1
+        # 3. the pruned layer's outputs: the inputs of layer l+1 (the dense ones with --dense-forward)
+        pruned_out, sums = pruned_forward(layer, x, pos, args, halves, pruned.pop("dense"), dense_out.dtype)
+        x = dense_out if args.dense_forward else pruned_out
         laps.lap("next_forward_s")
-        totals = distributed.all_sum(torch.tensor([v for pair in sums.values() for v in pair] + [
-            (pruned_out.double() - dense_out.double()).pow(2).sum().item(), dense_out.double().pow(2).sum().item()],
-            dtype=torch.float64, device="cpu")).tolist()  # under torchrun: over every rank's windows
-        pruned.update(routed=routed, layer_error=rel(*totals[-2:]),
-                      matrix_error={k: rel(totals[2 * i], totals[2 * i + 1]) for i, k in enumerate(sums)})
+        pruned.update(routed=routed, **measured_errors(sums, dense_out, pruned_out))
         del stats, dense_out, pruned_out, halves  # nothing of layer l stays in memory while layer l+1 is read
         yield l, pruned
 
@@ -600,9 +622,12 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
             per_layer.append({"layer": l, **laps.times, "sparsity_target": sparsities[l],
                               "expert_sparsity": sum(counts[k][0] for k in experts) / sum(counts[k][1] for k in experts),
                               "output_error": pruned["layer_error"], "mean_matrix_error": mean_err})
+            left = (time.time() - t_start) / (l + 1) * (config.num_hidden_layers - l - 1)
             log(f"layer {l}: stats {laps.times['stats_forward_s']:.1f}s, prune {laps.times['prune_s']:.2f}s, "
                 f"next {laps.times['next_forward_s']:.1f}s, expert sparsity {per_layer[-1]['expert_sparsity']:.4f}, "
-                f"matrix error {mean_err:.4f} (mean), layer output error {pruned['layer_error']:.4f}")
+                f"matrix error {mean_err:.4f} (mean), layer output error {pruned['layer_error']:.4f}"
+                + (f"; ~{left:.0f}s for the {config.num_hidden_layers - l - 1} layers left" if l + 1 < config.num_hidden_layers
+                   else ""))
         shown = data.shown_path(model_dir)
         report = {"args": {"model": shown, "out": data.shown_path(out), "overwrite": overwrite, **asdict(args)},
                   "model": shown, "method": args.method, "sparsity_target": sparsity, "nm": args.nm,

@@ -65,6 +65,7 @@ def test_a_run_reports_its_layer_against_a_forward_that_measures_nothing(tmp_pat
     assert run["layer0_wall_s"] == pytest.approx(l0["stats_forward_s"] + l0["prune_s"] + l0["next_forward_s"])
     assert run["layer0_ratio"] == pytest.approx(run["layer0_wall_s"] / run["layer0_work_s"]) and run["plain_forward_s"] > 0
     run.update(dtype="float32", tokens=256, projection=bench_scale.projection(run, bench_scale.full_width_config(2), 256))
-    results = {"machine": progress.machine(), "device": "cpu", "layers": 2, "checkpoint_gib": 0.1, "runs": {"r": run}}
+    results = {"machine": progress.machine(), "device": "cpu", "layers": 2, "checkpoint_gib": 0.1, "runs": {"r": run},
+               "rates": {"float32": {"gemm_gflops": 50.0}}}
     table = bench_scale.markdown(results)
     assert "| moe-pruner | float32 | 256 |" in table and f"| {run['layer0_ratio']:.3f} |" in table

@@ -211,3 +211,43 @@ def test_the_second_pass_from_the_kept_halves_is_the_whole_layer_bitwise(dtype):
             e.w2.weight.mul_(torch.rand_like(e.w2.weight) > 0.5)  # prune the experts only
     again = rerun_moe_half(layer, halves, x.dtype, dtype=dtype)
     assert torch.equal(again, run_layer(layer, x, pos, 4, dtype=dtype)) and not torch.equal(again, first)
+
+
+def test_moe_pruner_gates_every_expert_matrix_input_w2_included():
+    """Eq. 9 for all three matrices: w1/w3's statistic is ||x * Gate||^2 over the routed tokens and
+    w2's is ||h * Gate||^2, h = silu(w1 x) * (w3 x), with the same gates (not w2's inputs ungated)."""
+    m = random_model()
+    layer = m.model.layers[0]
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(3))
+    calls = []
+    pos = Positions(*mm.rope_cos_sin(m.config, 12), None)
+    run_layer(layer, x, pos, 2, observer=calls.append)
+    stats, _ = layer_stats(layer, x, prune.PruneArgs(method="moe-pruner"))
+    for e in range(len(layer.block_sparse_moe.experts)):
+        mine = [c for c in calls if c.expert == e]
+        xs, hs = torch.cat([c.x for c in mine]).double(), torch.cat([c.h for c in mine]).double()
+        g = torch.cat([c.gate for c in mine]).double()[:, None]
+        assert 0 < g.min() and g.max() < 1  # top-2: a gate is a share, so gating changes the norms
+        torch.testing.assert_close(stats[f"expert.{e}.x"].value, ((xs * g) ** 2).sum(0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats[f"expert.{e}.h"].value, ((hs * g) ** 2).sum(0), rtol=1e-12, atol=0)
+
+
+def test_layer_one_is_pruned_on_the_pruned_layer_zeros_outputs(tmp_path, ckpt, text_file):
+    """The default protocol (Wanda's and SparseGPT's reference code): layer 1's statistics come from
+    the pruned layer 0's outputs, so its mask is the one those inputs give; --dense-forward gives
+    another (Algorithm 1 read literally: the dense layer 0's outputs)."""
+    run(ckpt, text_file, tmp_path / "p", "--method", "wanda")
+    run(ckpt, text_file, tmp_path / "d", "--method", "wanda", "--dense-forward")
+    dense, pruned = checkpoint.load_model(ckpt), checkpoint.load_model(str(tmp_path / "p"))
+    tokens = torch.from_numpy(np.load(tmp_path / "p" / prune.CALIBRATION_FILE)).long()
+    pos = Positions(*mm.rope_cos_sin(dense.config, tokens.shape[1]), None)
+    with torch.no_grad():
+        x1 = run_layer(pruned.model.layers[0], dense.model.embed_tokens(tokens), pos, 8)
+    layer1 = dense.model.layers[1]
+    stats, _, _, _ = prune.collect_stats(layer1, x1, pos, prune.PruneArgs(method="wanda"))
+    prune.prune_layer(layer1, stats, prune.PruneArgs(method="wanda"), 0.5, None)
+    other = checkpoint.load_model(str(tmp_path / "d"))
+    name = "block_sparse_moe.experts.0.w1.weight"
+    expected = layer1.get_parameter(name) == 0
+    assert torch.equal(pruned.model.layers[1].get_parameter(name) == 0, expected)
+    assert not torch.equal(other.model.layers[1].get_parameter(name) == 0, expected)

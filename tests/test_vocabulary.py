@@ -2,12 +2,14 @@
 former spellings only as aliases of the current ones."""
 
 import argparse
+import re
 
 import pytest
 
 import bench_scale
 import bench_sparse24
 import cli
+import data
 import distill
 import eval_ppl
 import expert_prune
@@ -84,3 +86,20 @@ def test_help_shows_every_default_and_choice(capsys):
     text = capsys.readouterr().out
     assert "{moe-pruner,wanda,sparsegpt,magnitude}" in text and "(default: 128)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_readmes_table_of_flags_is_true():
+    """README.md's table: every script marked 'x' in a row has every flag the row names."""
+    text = open(f"{data.REPO}/README.md").read()
+    table = text[text.index("| flag | meaning |"):].split("\n\n")[0].strip().split("\n")
+    scripts = [c.strip() for c in table[0].strip("|").split("|")][2:]
+    rows = 0
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        flags = re.findall(r"`(--[a-z-]+)`", cells[0])
+        for script, cell in zip(scripts, cells[2:]):
+            if cell.startswith("x"):
+                have = {o for a in PARSERS[script]._actions for o in a.option_strings}
+                assert set(flags) <= have, (script, flags)
+                rows += 1
+    assert rows > 30
