@@ -102,6 +102,17 @@ def read_config(path: str) -> MixtralConfig:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
+def refuse_variant(path: str, config: MixtralConfig):
+    """An expert-level variant (config.json's dynamic_skip_beta or condensed_layers, written by
+    expert_prune.py) runs other MoE blocks than Mixtral's: refused by every script that would run it
+    as a plain Mixtral (evaluation honours it, through expert_prune.load_model)."""
+    kind = ("NAEE dynamic skipping" if config.dynamic_skip_beta else
+            "CD-MoE condensed layers" if config.condensed_layers else None)
+    if kind:
+        raise CheckpointError(f"{path} is an expert-level variant ({kind}, in config.json) that this script would run "
+                              f"as a plain Mixtral; use the checkpoint it was made from (eval_ppl.py evaluates it)")
+
+
 class CheckpointReader:
     """Lazy, memory-mapped view of a checkpoint directory: nothing is read until asked for.
 
@@ -112,9 +123,12 @@ class CheckpointReader:
     be finite (a NaN or Inf weight is an error naming it) unless allow_nonfinite.
     """
 
-    def __init__(self, path: str, allow_nonfinite: bool = False, layout: Optional[dict] = None):
+    def __init__(self, path: str, allow_nonfinite: bool = False, layout: Optional[dict] = None,
+                 allow_variants: bool = False):
         self.path, self.allow_nonfinite = path, allow_nonfinite
         self.config = read_config(path)
+        if not allow_variants:
+            refuse_variant(path, self.config)
         if self.config.extra.get("sparse_format") and layout is None:
             raise CheckpointError(f"{path} stores its 2:4 matrices compressed (config.json's sparse_format); load it "
                                   f"with sparse24.load_compressed, or use the dense checkpoint it was made from")
@@ -127,7 +141,9 @@ class CheckpointReader:
             try:
                 with open(index) as f:
                     self.weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if not (isinstance(self.weight_map, dict) and all(isinstance(v, str) for v in self.weight_map.values())):
+                    raise TypeError("weight_map is not an object of shard file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
         elif os.path.isfile(single):
             self.weight_map = None
@@ -215,9 +231,11 @@ def load_embedding(reader: CheckpointReader, dtype=torch.float32, device="cpu") 
     return reader.load_into(emb.to_empty(device=device), "model.embed_tokens.", dtype, device)
 
 
-def load_model(path: str, dtype=torch.float32, device="cpu", allow_nonfinite: bool = False) -> Mixtral:
-    """The whole model from an official-layout checkpoint, computing in `dtype` on `device`."""
-    reader = CheckpointReader(path, allow_nonfinite)
+def load_model(path: str, dtype=torch.float32, device="cpu", allow_nonfinite: bool = False,
+               allow_variants: bool = False) -> Mixtral:
+    """The whole model from an official-layout checkpoint, computing in `dtype` on `device` (the
+    plain Mixtral: an expert-level variant only with allow_variants, for expert_prune.load_model)."""
+    reader = CheckpointReader(path, allow_nonfinite, allow_variants=allow_variants)
     with torch.device("meta"):
         model = Mixtral(reader.config)
     model = model.to_empty(device=device)

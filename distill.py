@@ -48,7 +48,8 @@ import cli
 import data
 import distributed
 import mini_mixtral as mm
-from checkpoint import CheckpointReader, CheckpointWriter, check_output, load_layer, load_model, read_config
+from checkpoint import (CheckpointReader, CheckpointWriter, check_output, load_layer, load_model, read_config,
+                        refuse_variant)
 from layerwise import COMPUTE_DTYPES, compute_dtype, embed_windows, layers, run_layer
 from progress import log
 
@@ -316,6 +317,8 @@ def train_expert(expert, x, y, cfg: DistillConfig):
 
 def check_pair(teacher_dir, student_dir):
     t, s = read_config(teacher_dir), read_config(student_dir)
+    refuse_variant(teacher_dir, t)
+    refuse_variant(student_dir, s)
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "head_dim"):
         if getattr(t, f) != getattr(s, f):

@@ -192,7 +192,7 @@ def main(argv=None):
         if args.json:
             check_output_file(args.json, args.overwrite, [*models, data.input_path(args.eval_data)])
         for model_dir in models:  # every model's headers and tokenizer, before minutes of work on the first
-            CheckpointReader(model_dir, allow_nonfinite=True)
+            CheckpointReader(model_dir, allow_nonfinite=True, allow_variants=True)
             data.load_tokenizer(model_dir)
         for model_dir in models:
             windows, indices, total = evaluation_windows(model_dir, args.eval_data, args.split, args.seqlen,

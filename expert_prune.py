@@ -130,7 +130,7 @@ def install_variants(model: mm.Mixtral) -> mm.Mixtral:
 
 def load_model(path: str, dtype=torch.float32, device="cpu", allow_nonfinite: bool = False) -> mm.Mixtral:
     """checkpoint.load_model, with the expert-level variants a checkpoint's config asks for."""
-    return install_variants(load_plain_model(path, dtype, device, allow_nonfinite))
+    return install_variants(load_plain_model(path, dtype, device, allow_nonfinite, allow_variants=True))
 
 
 # -----------------------------------------------------------------------------

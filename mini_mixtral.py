@@ -21,6 +21,7 @@ References:
   - nanoGPT's model.py and gpt-fast's Mixtral, for the shape of this file.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple, Optional
 
@@ -67,6 +68,8 @@ class MixtralConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MixtralConfig":
         """A config.json's dict; ValueError (one line) for anything that is not a Mixtral this file runs."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a JSON object but a {type(d).__name__}")
         if d.get("model_type") != "mixtral":
             raise ValueError(f"model_type is {d.get('model_type')!r}, not 'mixtral'")
         d = dict(d)
@@ -80,13 +83,44 @@ class MixtralConfig:
             cfg = cls(**known, extra={k: v for k, v in d.items() if k not in names})
         except TypeError as e:
             raise ValueError(str(e)) from None
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (Mixtral uses 'silu')")
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if not 1 <= cfg.num_experts_per_tok <= cfg.num_local_experts:
-            raise ValueError("num_experts_per_tok must lie in [1, num_local_experts]")
+        cfg.check()
         return cfg
+
+    def check(self):
+        """ValueError (one line) for a value no Mixtral has: a size that is not a positive integer,
+        a norm epsilon or RoPE base that is not a positive number, variant settings that do not fit."""
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "max_position_embeddings"):
+            if not (whole(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a positive integer")
+        for name in ("head_dim", "sliding_window"):
+            v = getattr(self, name)
+            if v is not None and not (whole(v) and v > 0):
+                raise ValueError(f"{name} {v!r} is not a positive integer (or null)")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not (number(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a positive number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"tie_word_embeddings {self.tie_word_embeddings!r} is not true or false")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Mixtral uses 'silu')")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError("num_experts_per_tok must lie in [1, num_local_experts]")
+        L, E, beta = self.num_hidden_layers, self.num_local_experts, self.dynamic_skip_beta
+        if beta is not None and not (isinstance(beta, list) and len(beta) == L
+                                     and all(v is None or (number(v) and v >= 0) for v in beta)):
+            raise ValueError(f"dynamic_skip_beta must list {L} numbers >= 0 (or null), one per layer")
+        for layer, c in (self.condensed_layers or {}).items():
+            if not (str(layer).isdigit() and int(layer) < L and isinstance(c, dict)
+                    and isinstance(c.get("experts"), list) and isinstance(c.get("weights"), list)
+                    and 0 < len(c["experts"]) == len(c["weights"])
+                    and all(whole(e) and 0 <= e < E for e in c["experts"]) and all(map(number, c["weights"]))):
+                raise ValueError(f"condensed_layers[{layer!r}] must name a layer below {L}, experts below {E} and "
+                                 f"one finite weight each")
 
     def to_dict(self) -> dict:
         d = dict(self.extra)

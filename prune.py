@@ -626,8 +626,8 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
             log(f"layer {l}: stats {laps.times['stats_forward_s']:.1f}s, prune {laps.times['prune_s']:.2f}s, "
                 f"next {laps.times['next_forward_s']:.1f}s, expert sparsity {per_layer[-1]['expert_sparsity']:.4f}, "
                 f"matrix error {mean_err:.4f} (mean), layer output error {pruned['layer_error']:.4f}"
-                + (f"; ~{left:.0f}s for the {config.num_hidden_layers - l - 1} layers left" if l + 1 < config.num_hidden_layers
-                   else ""))
+                + (f"; ~{left:.0f}s for the {config.num_hidden_layers - l - 1} layer(s) left"
+                   if l + 1 < config.num_hidden_layers else ""))
         shown = data.shown_path(model_dir)
         report = {"args": {"model": shown, "out": data.shown_path(out), "overwrite": overwrite, **asdict(args)},
                   "model": shown, "method": args.method, "sparsity_target": sparsity, "nm": args.nm,

@@ -106,6 +106,9 @@ def storage_report(model_dir: str, dtype=None, include_attention=False, writer: 
     matrices, total_dense, total_sparse = {}, 0, 0
     for name in sorted(reader.weight_map, key=lambda k: (len(k), k)):
         w = reader.get(name, dtype)
+        if not torch.isfinite(w).all():  # stored finite (the reader checks), so the cast overflowed
+            raise SparsityError(f"{name}: its {reader.dtype_of(name)} values overflow {dtype} (largest "
+                                f"{reader.get(name).abs().max().item():.4g}); choose --dtype bfloat16")
         dense = nbytes(w)
         pruned_kind = ".experts." in name or (include_attention and ".self_attn." in name)
         reason = convertible(w) if pruned_kind else "not a pruned matrix"
@@ -129,7 +132,8 @@ def storage_report(model_dir: str, dtype=None, include_attention=False, writer: 
                 writer.add(name, reader.get(name))  # bitwise as stored
         total_dense += dense
         total_sparse += sparse
-    model = {"dtype": str(dtype).replace("torch.", ""), "dense_bytes": total_dense, "semi_structured_bytes": total_sparse,
+    model = {"dtype": str(dtype).replace("torch.", ""), "stored_dtype": str(reader.stored_dtype()).replace("torch.", ""),
+             "dense_bytes": total_dense, "semi_structured_bytes": total_sparse,
              "ratio": total_sparse / total_dense,
              "converted_matrices": sum("kept_dense" not in m for m in matrices.values()),
              "kept_dense": {k: m["kept_dense"] for k, m in matrices.items() if "kept_dense" in m}}
@@ -309,7 +313,8 @@ def main(argv=None):
             report = storage_report(model_dir, dtype, args.include_attention)
         m = report["model"]
         print(f"{model_dir}: every pruned matrix is 2:4; {m['converted_matrices']} matrices compressed and "
-              f"round-tripped bitwise in {m['dtype']}")
+              f"round-tripped bitwise in {m['dtype']}" + (f" (rounded from the stored {m['stored_dtype']})"
+                                                          if m["stored_dtype"] != m["dtype"] else ""))
         print(f"storage: {m['semi_structured_bytes'] / 2**20:.2f} MiB semi-structured vs {m['dense_bytes'] / 2**20:.2f} "
               f"MiB dense ({m['ratio']:.2%} of dense)")
         ex = next((v for v in report["matrices"].values() if "values_bytes" in v), None)

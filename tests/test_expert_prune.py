@@ -164,8 +164,10 @@ def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
                    "--nsamples", "4", "--seqlen", "32", "--out", out])
     (layer, entry), = rep["condensed_layers"].items()
     assert len(entry["experts"]) == 2 and all(0 < w < 1 for w in entry["weights"])
-    assert checkpoint.load_model(out).config.condensed_layers == rep["condensed_layers"]
+    assert ep.load_model(out).config.condensed_layers == rep["condensed_layers"]
     assert isinstance(ep.load_model(out).model.layers[int(layer)].block_sparse_moe, ep.CondensedMoeBlock)
+    with pytest.raises(checkpoint.CheckpointError, match="expert-level variant"):  # never run as a plain Mixtral
+        checkpoint.load_model(out)
 
 
 @pytest.mark.parametrize("argv,msg", [(["--keep-experts", "0"], "must be at least 1"), (["--keep-experts", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),

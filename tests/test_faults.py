@@ -28,7 +28,7 @@ import expert_prune
 import prune
 import run_paper
 import sparse24
-from conftest import script_error
+from conftest import random_model, script_error, write_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIB = ["--nsamples", "2", "--seqlen", "16"]
@@ -542,3 +542,77 @@ def test_permission_denied_as_a_non_root_user(world):
         os.chmod(world["tmp"], 0o777)
         for p in opened:
             os.chmod(p, modes[p])
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda c: c.update(num_key_value_heads=0), "num_key_value_heads 0 is not a positive integer"),
+    (lambda c: c.update(hidden_size=64.0), "hidden_size 64.0 is not a positive integer"),
+    (lambda c: c.update(rms_norm_eps=-1), "rms_norm_eps -1 is not a positive number"),
+    (lambda c: c.update(tie_word_embeddings="no"), "tie_word_embeddings 'no' is not true or false"),
+    (lambda c: c.update(dynamic_skip_beta=[0.5]), "dynamic_skip_beta must list 2 numbers"),
+    (lambda c: c.update(condensed_layers={"0": {"experts": [99], "weights": [1.0]}}), "condensed_layers['0']"),
+    (lambda c: c.update(condensed_layers={"7": {"experts": [0], "weights": [1.0]}}), "condensed_layers['7']"),
+    ("list", "not a JSON object but a list"),
+    ("weight_map", "not a safetensors index"),
+])
+def test_a_config_or_index_that_lies_is_one_line_in_every_reader(tmp_path, capsys, change, msg):
+    """Values read from config.json and the index pass checks as flags do: one error line naming the
+    value, from every script that reads the checkpoint, and nothing written."""
+    ckpt = write_checkpoint(tmp_path / "ck")
+    if change == "weight_map":
+        path = os.path.join(ckpt, "model.safetensors.index.json")
+        index = json.load(open(path))
+        index["weight_map"] = list(index["weight_map"])
+        json.dump(index, open(path, "w"))
+    else:
+        path = os.path.join(ckpt, "config.json")
+        config = json.load(open(path))
+        if change == "list":
+            config = [config]
+        else:
+            change(config)
+        json.dump(config, open(path, "w"))
+    out = str(tmp_path / "out")
+    for main, argv in [(prune.main, ["--model", ckpt, "--method", "wanda", "--out", out]),
+                       (eval_ppl.main, ["--model", ckpt]),
+                       (expert_prune.main, ["--model", ckpt, "--keep-experts", "3", "--out", out]),
+                       (distill.main, ["--teacher", ckpt, "--student", ckpt, "--out", out])]:
+        assert msg in script_error(capsys, main, argv), main.__module__
+    assert not os.path.exists(out)
+
+
+def test_sparse24_refuses_weights_that_overflow_the_half_dtype(tmp_path, capsys):
+    """A float32 2:4 checkpoint whose weights exceed float16's range is not 'round-tripped bitwise in
+    float16': one error line naming the matrix, and bfloat16 works."""
+    model = random_model()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for e in layer.block_sparse_moe.experts:
+                for lin in (e.w1, e.w2, e.w3):
+                    lin.weight.copy_(lin.weight.masked_fill(prune.nm_mask(lin.weight.abs().double(), 2, 4), 0))  # 2:4
+        model.model.layers[0].block_sparse_moe.experts[0].w1.weight[0, 0:4] = torch.tensor([1e6, 0.0, 0.0, 1.0])
+    ckpt = write_checkpoint(tmp_path / "ck", model=model)
+    line = script_error(capsys, sparse24.main, ["--model", ckpt])
+    assert "experts.0.w1.weight" in line and "overflow torch.float16" in line
+    report = sparse24.main(["--model", ckpt, "--dtype", "bfloat16"])
+    assert report["model"]["stored_dtype"] == "float32" and report["model"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("variant", [{"dynamic_skip_beta": [0.5, 0.5]},
+                                     {"condensed_layers": {"1": {"experts": [0, 2], "weights": [0.6, 0.4]}}}])
+def test_an_expert_level_variant_is_honoured_or_refused_by_every_script(tmp_path, capsys, variant):
+    """NAEE's skipping and CD-MoE's condensed layers run other MoE blocks than Mixtral's: evaluation
+    runs them (expert_prune.load_model); every script that would run a plain Mixtral refuses them."""
+    ckpt = write_checkpoint(tmp_path / "ck")
+    path = os.path.join(ckpt, "config.json")
+    json.dump({**json.load(open(path)), **variant}, open(path, "w"))
+    out = str(tmp_path / "out")
+    for main, argv in [(prune.main, ["--model", ckpt, "--method", "wanda", "--out", out]),
+                       (expert_prune.main, ["--model", ckpt, "--keep-experts", "3", "--out", out]),
+                       (distill.main, ["--teacher", ckpt, "--student", ckpt, "--out", out]),
+                       (sparse24.main, ["--model", ckpt])]:
+        assert "is an expert-level variant" in script_error(capsys, main, argv), main.__module__
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    assert eval_ppl.main(["--model", ckpt, "--eval-data", str(text), "--seqlen", "32", "--eval-windows", "2"])[0]["ppl"] > 1
+    assert not os.path.exists(out)
