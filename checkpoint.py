@@ -106,8 +106,8 @@ def refuse_variant(path: str, config: MixtralConfig):
     """An expert-level variant (config.json's dynamic_skip_beta or condensed_layers, written by
     expert_prune.py) runs other MoE blocks than Mixtral's: refused by every script that would run it
     as a plain Mixtral (evaluation honours it, through expert_prune.load_model)."""
-    kind = ("NAEE dynamic skipping" if config.dynamic_skip_beta else
-            "CD-MoE condensed layers" if config.condensed_layers else None)
+    kind = ("NAEE dynamic skipping" if config.extra.get("dynamic_skip_beta") else
+            "CD-MoE condensed layers" if config.extra.get("condensed_layers") else None)
     if kind:
         raise CheckpointError(f"{path} is an expert-level variant ({kind}, in config.json) that this script would run "
                               f"as a plain Mixtral; use the checkpoint it was made from (eval_ppl.py evaluates it)")

@@ -48,6 +48,7 @@ removed).
 import itertools
 import math
 import time
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 import cli
 import data
 import mini_mixtral as mm
-from checkpoint import CheckpointReader, CheckpointWriter, check_output, save_model
+from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, check_output, save_model
 from checkpoint import load_model as load_plain_model
 from layerwise import COMPUTE_DTYPES, Positions, compute_dtype, embed_windows, layers, run_layer
 from progress import log
@@ -89,7 +90,8 @@ class SkippingMoeBlock(mm.SparseMoeBlock):
         skip = skip_second(weights, self.beta)  # [N]
         weights = torch.where(skip[:, None], torch.tensor([1.0, 0.0], device=x.device), weights)
         keep = torch.stack([torch.ones_like(skip), ~skip], dim=1)  # [N, 2]: a skipper's second choice is not run
-        return self.run_experts(x, weights, experts, observer, keep).view(B, T, H), router_logits
+        slot = torch.arange(experts.numel(), device=x.device)[keep.reshape(-1)]  # the assignments that run
+        return self.run_assignments(x, weights, experts, slot, observer).view(B, T, H), router_logits
 
 
 class CondensedMoeBlock(nn.Module):
@@ -116,15 +118,42 @@ class CondensedMoeBlock(nn.Module):
         return out.view(B, T, H), None  # no router logits
 
 
+def skip_betas(config: mm.MixtralConfig) -> Optional[list]:
+    """NAEE's per-layer beta, config.json's dynamic_skip_beta (a key transformers ignores), checked;
+    None for a model that does not skip."""
+    beta, n = config.extra.get("dynamic_skip_beta"), config.num_hidden_layers
+    if beta is not None and not (isinstance(beta, list) and len(beta) == n and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in beta)):
+        raise CheckpointError(f"config.json's dynamic_skip_beta must list {n} numbers >= 0, one per layer")
+    return beta
+
+
+def condensed_layers(config: mm.MixtralConfig) -> dict:
+    """CD-MoE's {"layer": {"experts": [...], "weights": [...]}}, config.json's condensed_layers (a key
+    transformers ignores), checked; {} for a model with none."""
+    layers, L, E = config.extra.get("condensed_layers") or {}, config.num_hidden_layers, config.num_local_experts
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for layer, c in (layers.items() if isinstance(layers, dict) else [("?", None)]):
+        if not (str(layer).isdigit() and int(layer) < L and isinstance(c, dict)
+                and isinstance(c.get("experts"), list) and isinstance(c.get("weights"), list)
+                and 0 < len(c["experts"]) == len(c["weights"])
+                and all(whole(e) and 0 <= e < E for e in c["experts"]) and all(map(number, c["weights"]))):
+            raise CheckpointError(f"config.json's condensed_layers[{layer!r}] must name a layer below {L}, experts "
+                                  f"below {E} and one finite weight each")
+    return layers
+
+
 def install_variants(model: mm.Mixtral) -> mm.Mixtral:
     """Replace the MoE blocks that the config marks as condensed or skipping, in place."""
     cfg = model.config
+    condensed, betas = condensed_layers(cfg), skip_betas(cfg)
     for l, layer in enumerate(model.model.layers):
-        c = (cfg.condensed_layers or {}).get(str(l))
+        c = condensed.get(str(l))
         if c:
             layer.block_sparse_moe = CondensedMoeBlock(layer.block_sparse_moe, c["experts"], c["weights"])
-        elif cfg.dynamic_skip_beta:
-            layer.block_sparse_moe = SkippingMoeBlock(layer.block_sparse_moe, cfg.dynamic_skip_beta[l])
+        elif betas:
+            layer.block_sparse_moe = SkippingMoeBlock(layer.block_sparse_moe, betas[l])
     return model
 
 
@@ -393,7 +422,7 @@ def expert_budget(config: mm.MixtralConfig, skip_fraction=0.0, nonzero_fraction=
     per_expert = 3 * config.hidden_size * config.intermediate_size
     stored, macs = 0, 0.0
     for l in range(config.num_hidden_layers):
-        c = (config.condensed_layers or {}).get(str(l))
+        c = condensed_layers(config).get(str(l))
         if c:
             stored += len(c["experts"]) * per_expert
             macs += len(c["experts"]) * per_expert
@@ -407,8 +436,8 @@ def expert_budget(config: mm.MixtralConfig, skip_fraction=0.0, nonzero_fraction=
 @torch.no_grad()
 def skip_fraction(model: mm.Mixtral, windows, batch_size=8) -> float:
     """Fraction of expert calls the dynamic skipping removes on these windows."""
-    cfg = model.config
-    if not cfg.dynamic_skip_beta:
+    cfg, betas = model.config, skip_betas(model.config)
+    if not betas:
         return 0.0
     skipped, calls = 0, 0
     for i in range(0, len(windows), batch_size):
@@ -417,7 +446,7 @@ def skip_fraction(model: mm.Mixtral, windows, batch_size=8) -> float:
             if rl is None:
                 continue
             w, _ = mm.route(rl, cfg.num_experts_per_tok)
-            skipped += skip_second(w, cfg.dynamic_skip_beta[l]).sum().item()
+            skipped += skip_second(w, betas[l]).sum().item()
             calls += w.numel()
     return skipped / calls
 

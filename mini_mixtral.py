@@ -53,10 +53,6 @@ class MixtralConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"  # SwiGLU; the only activation Mixtral uses
     torch_dtype: str = "bfloat16"  # the dtype the weights are stored in
-    # Not transformers fields (transformers ignores them): the expert-level variants of
-    # expert_prune.py, which installs its own MoE blocks when a checkpoint asks for them.
-    dynamic_skip_beta: Optional[list] = None  # NAEE dynamic skipping: per layer beta, skip expert 2 if g1 < beta g0
-    condensed_layers: Optional[dict] = None  # CD-MoE: {"layer": {"experts": [...], "weights": [...]}}, router skipped
     # config.json keys this class does not use (architectures, bos_token_id, ...): kept verbatim
     # so that a saved checkpoint has the same config.json as the one loaded.
     extra: dict = field(default_factory=dict, repr=False, compare=False)
@@ -87,8 +83,8 @@ class MixtralConfig:
         return cfg
 
     def check(self):
-        """ValueError (one line) for a value no Mixtral has: a size that is not a positive integer,
-        a norm epsilon or RoPE base that is not a positive number, variant settings that do not fit."""
+        """ValueError (one line) for a value no Mixtral has: a size that is not a positive integer, a
+        norm epsilon or RoPE base that is not a positive number."""
         whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -110,24 +106,12 @@ class MixtralConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise ValueError("num_experts_per_tok must lie in [1, num_local_experts]")
-        L, E, beta = self.num_hidden_layers, self.num_local_experts, self.dynamic_skip_beta
-        if beta is not None and not (isinstance(beta, list) and len(beta) == L
-                                     and all(v is None or (number(v) and v >= 0) for v in beta)):
-            raise ValueError(f"dynamic_skip_beta must list {L} numbers >= 0 (or null), one per layer")
-        for layer, c in (self.condensed_layers or {}).items():
-            if not (str(layer).isdigit() and int(layer) < L and isinstance(c, dict)
-                    and isinstance(c.get("experts"), list) and isinstance(c.get("weights"), list)
-                    and 0 < len(c["experts"]) == len(c["weights"])
-                    and all(whole(e) and 0 <= e < E for e in c["experts"]) and all(map(number, c["weights"]))):
-                raise ValueError(f"condensed_layers[{layer!r}] must name a layer below {L}, experts below {E} and "
-                                 f"one finite weight each")
 
     def to_dict(self) -> dict:
         d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
-        for optional in ("head_dim", "dynamic_skip_beta", "condensed_layers"):
-            if d[optional] is None:
-                del d[optional]
+        if d["head_dim"] is None:
+            del d["head_dim"]
         d["model_type"] = "mixtral"
         d.setdefault("architectures", ["MixtralForCausalLM"])
         return d
@@ -276,13 +260,15 @@ class SparseMoeBlock(nn.Module):
         weights, experts = route(router_logits, self.top_k)  # [N, k] each: Eq. 2
         return self.run_experts(x, weights, experts, observer).view(B, T, H), router_logits
 
-    def run_experts(self, x, weights, experts, observer=None, keep=None):
+    def run_experts(self, x, weights, experts, observer=None):
         """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) for every token t, each expert run once
-        on all of its tokens. x [N, hidden]; weights, experts [N, k]; keep: optional [N, k] bool,
-        False for a (token, choice) assignment that is not run (NAEE's skipping). Returns [N, hidden]."""
+        on all of its tokens. x [N, hidden]; weights, experts [N, k]. Returns [N, hidden]."""
         slot = torch.arange(experts.numel(), device=x.device)  # one slot per (token, choice): token = slot // k
-        if keep is not None:
-            slot = slot[keep.reshape(-1)]
+        return self.run_assignments(x, weights, experts, slot, observer)
+
+    def run_assignments(self, x, weights, experts, slot, observer=None):
+        """run_experts over the (token, choice) assignments in slot only (indices into the flattened
+        [N, k]); the others add nothing."""
         # Sort the assignments by expert, so each expert's tokens are contiguous.
         order = slot[torch.argsort(experts.reshape(-1)[slot], stable=True)]
         token_of = order // self.top_k  # token index of each sorted assignment

@@ -112,11 +112,11 @@ def test_skipping_beta_zero_changes_nothing_and_beta_one_keeps_the_top_expert():
     x = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         ref, logits = m(x, return_router_logits=True)
-        m0 = mm.Mixtral(small_config(dynamic_skip_beta=[0.0, 0.0])).eval()
+        m0 = mm.Mixtral(small_config(extra={"dynamic_skip_beta": [0.0, 0.0]})).eval()
         m0.load_state_dict(m.state_dict())
         ep.install_variants(m0)
         assert torch.equal(m0(x), ref)
-        m1 = mm.Mixtral(small_config(dynamic_skip_beta=[1.0, 1.0])).eval()
+        m1 = mm.Mixtral(small_config(extra={"dynamic_skip_beta": [1.0, 1.0]})).eval()
         m1.load_state_dict(m.state_dict())
         ep.install_variants(m1)
         top1 = mm.Mixtral(small_config(num_experts_per_tok=1)).eval()  # top-1 routing: weight 1 on the top expert
@@ -132,7 +132,7 @@ def test_skip_betas_are_medians_and_honoured_after_loading(tmp_path, ckpt, text_
                    "--out", out])
     model = ep.load_model(out)
     assert isinstance(model.model.layers[0].block_sparse_moe, ep.SkippingMoeBlock)
-    assert model.config.dynamic_skip_beta == rep["skip_beta"] and all(0 < b <= 1 for b in rep["skip_beta"])
+    assert ep.skip_betas(model.config) == rep["skip_beta"] and all(0 < b <= 1 for b in rep["skip_beta"])
     toks = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     assert 0.2 < ep.skip_fraction(model, toks) / 0.5 < 1.8  # median: about half the tokens skip (of 2 calls)
 
@@ -140,7 +140,7 @@ def test_skip_betas_are_medians_and_honoured_after_loading(tmp_path, ckpt, text_
 def test_condensed_layer_runs_fixed_experts_without_router():
     m = random_model()
     c = {"0": {"experts": [1, 3], "weights": [0.3, 0.2]}}
-    cm = mm.Mixtral(small_config(condensed_layers=c)).eval()
+    cm = mm.Mixtral(small_config(extra={"condensed_layers": c})).eval()
     cm.load_state_dict(m.state_dict())
     ep.install_variants(cm)
     assert set(cm.state_dict()) == set(m.state_dict())  # the checkpoint keys stay the official ones
@@ -164,7 +164,7 @@ def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
                    "--nsamples", "4", "--seqlen", "32", "--out", out])
     (layer, entry), = rep["condensed_layers"].items()
     assert len(entry["experts"]) == 2 and all(0 < w < 1 for w in entry["weights"])
-    assert ep.load_model(out).config.condensed_layers == rep["condensed_layers"]
+    assert ep.condensed_layers(ep.load_model(out).config) == rep["condensed_layers"]
     assert isinstance(ep.load_model(out).model.layers[int(layer)].block_sparse_moe, ep.CondensedMoeBlock)
     with pytest.raises(checkpoint.CheckpointError, match="expert-level variant"):  # never run as a plain Mixtral
         checkpoint.load_model(out)

@@ -549,9 +549,6 @@ def test_permission_denied_as_a_non_root_user(world):
     (lambda c: c.update(hidden_size=64.0), "hidden_size 64.0 is not a positive integer"),
     (lambda c: c.update(rms_norm_eps=-1), "rms_norm_eps -1 is not a positive number"),
     (lambda c: c.update(tie_word_embeddings="no"), "tie_word_embeddings 'no' is not true or false"),
-    (lambda c: c.update(dynamic_skip_beta=[0.5]), "dynamic_skip_beta must list 2 numbers"),
-    (lambda c: c.update(condensed_layers={"0": {"experts": [99], "weights": [1.0]}}), "condensed_layers['0']"),
-    (lambda c: c.update(condensed_layers={"7": {"experts": [0], "weights": [1.0]}}), "condensed_layers['7']"),
     ("list", "not a JSON object but a list"),
     ("weight_map", "not a safetensors index"),
 ])
@@ -616,3 +613,19 @@ def test_an_expert_level_variant_is_honoured_or_refused_by_every_script(tmp_path
     text.write_text("def f(x):\n    return x + 1\n" * 200)
     assert eval_ppl.main(["--model", ckpt, "--eval-data", str(text), "--seqlen", "32", "--eval-windows", "2"])[0]["ppl"] > 1
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("variant,msg", [({"dynamic_skip_beta": [0.5]}, "dynamic_skip_beta must list 2 numbers"),
+                                         ({"condensed_layers": {"0": {"experts": [99], "weights": [1.0]}}},
+                                          "condensed_layers['0']"),
+                                         ({"condensed_layers": {"7": {"experts": [0], "weights": [1.0]}}},
+                                          "condensed_layers['7']"),
+                                         ({"condensed_layers": [1]}, "condensed_layers['?']")])
+def test_a_variant_setting_that_does_not_fit_is_one_line(tmp_path, capsys, variant, msg):
+    """The variants' settings are read (and checked) by expert_prune.py, which eval_ppl.py loads them with."""
+    ckpt = write_checkpoint(tmp_path / "ck")
+    path = os.path.join(ckpt, "config.json")
+    json.dump({**json.load(open(path)), **variant}, open(path, "w"))
+    assert msg in script_error(capsys, eval_ppl.main, ["--model", ckpt])
+    assert "is an expert-level variant" in script_error(capsys, prune.main, ["--model", ckpt, "--method", "wanda",
+                                                                              "--out", str(tmp_path / "o")])
