@@ -248,10 +248,11 @@ PROTOCOLS = ("layerwise", "progressive")
 SELECTIONS = ("naee", "reap")  # how the r kept experts are chosen
 
 
-def naee(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out: str, overwrite: bool = False,
-         batch_size: int = 8, device="cpu", protocol: str = "layerwise", log=log, report_extra: dict = None,
-         select: str = "naee", dtype: str = "float32") -> dict:
-    """NAEE expert pruning to r experts per layer (r = n: none) and optional dynamic skipping.
+def drop_experts(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out: str, overwrite: bool = False,
+                 batch_size: int = 8, device="cpu", protocol: str = "layerwise", log=log, report_extra: dict = None,
+                 select: str = "naee", dtype: str = "float32") -> dict:
+    """Expert pruning to r experts per layer (r = n: none), the r chosen by NAEE's output error or
+    by REAP's saliency (select), and optional dynamic skipping (NAEE).
 
     protocol "layerwise" (the reference's layerwise_pruning, default): every layer's subset is
     chosen on the inputs and outputs of the *dense* model, so the layers are independent.
@@ -496,8 +497,8 @@ def main(argv=None):
             return cd_moe(model_dir, tokens, args.condense_layers, args.condense_experts, args.out, args.overwrite,
                           args.batch_size, args.device, report_extra=recorded, dtype=args.dtype)
         kept = args.keep_experts if args.keep_experts is not None else config.num_local_experts
-        return naee(reader, tokens, kept, args.skip, args.out, args.overwrite, args.batch_size, args.device, args.protocol, report_extra=recorded,
-                    select=args.select, dtype=args.dtype)
+        return drop_experts(reader, tokens, kept, args.skip, args.out, args.overwrite, args.batch_size, args.device,
+                            args.protocol, report_extra=recorded, select=args.select, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ class PruneArgs:
     device: str = "cpu"
 
 
-def attention_inputs(layer: mm.DecoderLayer, stats: dict):
+def attention_input_hooks(layer: mm.DecoderLayer, stats: dict):
     """Forward pre-hooks recording the inputs of q/k/v (shared) and of o_proj."""
     def hook(key):
         def record(module, args):
@@ -277,7 +277,7 @@ def attention_inputs(layer: mm.DecoderLayer, stats: dict):
             attn.o_proj.register_forward_pre_hook(hook("attn.o"))]
 
 
-def block_inputs(layer: mm.DecoderLayer, stats: dict, args: PruneArgs):
+def moe_input_hooks(layer: mm.DecoderLayer, stats: dict, args: PruneArgs):
     """A forward pre-hook on the router recording its input, every token of the MoE block: the
     router's own statistics (--prune-router) and, with --stats-tokens all, every expert's
     statistics over all tokens instead of its routed ones (w2's input computed for all tokens)."""
@@ -332,9 +332,9 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
             stats[f"expert.{call.expert}.x"].add(call.x, call.gate)
             stats[f"expert.{call.expert}.h"].add(call.h, call.gate)
 
-    hooks = attention_inputs(layer, stats) if args.prune_attention else []
+    hooks = attention_input_hooks(layer, stats) if args.prune_attention else []
     if args.prune_router or args.stats_tokens == "all":
-        hooks += block_inputs(layer, stats, args)
+        hooks += moe_input_hooks(layer, stats, args)
     halves = [] if keep_halves else None
     try:
         dense_out = run_layer(layer, x, pos, args.batch_size, observer, DTYPES[args.dtype], halves)
@@ -348,13 +348,13 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
 
 
 @torch.no_grad()
-def prune_layer(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: float, nm) -> dict:
+def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: float, nm) -> dict:
     """Prune the layer's matrices in place. Returns {"counts": {name: (zeros, numel)},
     "fallbacks": [names pruned by magnitude for want of calibration tokens], "dense": {name:
     the weight before pruning}, "solver_error": {name: SparseGPT's relative error on its Hessian}}."""
     counts, fallbacks, dense, solver = {}, [], {}, {}
     for name, module, key in matrices(layer, args):
-        dense[name] = compact(module.weight.data)
+        dense[name] = dense_copy(module.weight.data)
         w, fell_back = prune_matrix(module.weight.data, args.method, stats[key], sparsity, nm, args.group,
                                     args.blocksize, args.percdamp)
         module.weight.data = w
@@ -366,7 +366,7 @@ def prune_layer(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: 
     return {"counts": counts, "fallbacks": fallbacks, "dense": dense, "solver_error": solver}
 
 
-def compact(w: torch.Tensor) -> torch.Tensor:
+def dense_copy(w: torch.Tensor) -> torch.Tensor:
     """w in bfloat16 when that is exact (a checkpoint stored in bfloat16, as Mixtral's is), so that
     keeping a layer's dense weights for the error measurement costs half as much; else w itself."""
     half = w.to(torch.bfloat16)
@@ -443,7 +443,7 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
                  laps: Laps = None):
     """MoE-Pruner Algorithm 1, the layer-wise loop every method here shares. decoder_layers yields
     (l, decoder layer l) in order (layerwise.layers); x [n, T, hidden] are layer 0's inputs;
-    sparsities[l] is layer l's target. Yields (l, prune_layer's summary with the measured output
+    sparsities[l] is layer l's target. Yields (l, prune_matrices's summary with the measured output
     errors) once layer l is pruned; laps times the three phases."""
     laps = laps or Laps()
     for l, layer in decoder_layers:
@@ -452,7 +452,7 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
         x = None if halves else x  # the second pass starts from the kept attention halves, not from x
         laps.lap("stats_forward_s")
         # 2. every matrix pruned by its score, S_ij = |W_ij| * ||X_j * Gate|| (Eq. 9) or a baseline's
-        pruned = prune_layer(layer, stats, args, sparsities[l], nm)
+        pruned = prune_matrices(layer, stats, args, sparsities[l], nm)
         laps.lap("prune_s")
         # 3. the pruned layer's outputs: the inputs of layer l+1 (the dense ones with --dense-forward)
         pruned_out, sums = pruned_forward(layer, x, pos, args, halves, pruned.pop("dense"), dense_out.dtype)

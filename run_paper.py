@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import bench_scale
 import cli
 import data
 import distill
@@ -57,6 +56,7 @@ import expert_prune
 import mini_mixtral as mm
 import prune
 import zeroshot
+from bench import scale as bench_scale
 from checkpoint import CheckpointReader, check_not_input, check_output_file, remove, remove_stale_temps, json_text, read_config, write_output_file
 from layerwise import embed_windows, layers, run_layer
 from progress import log, machine, machine_line
@@ -315,7 +315,7 @@ def part_experts(s: Setup) -> list:
         t0 = time.time()
         quiet = lambda m: None
         if kind in ("naee", "reap"):
-            expert_prune.naee(CheckpointReader(s.model), tokens, *extra, out, overwrite=True, log=quiet, select=kind)
+            expert_prune.drop_experts(CheckpointReader(s.model), tokens, *extra, out, overwrite=True, log=quiet, select=kind)
         elif kind == "cd-moe":
             expert_prune.cd_moe(s.model, tokens, *extra, out, overwrite=True, log=quiet)
         elif kind == "prune":
@@ -727,7 +727,7 @@ def facts(res: dict) -> dict:
 def evaluation_facts(results: list) -> dict:
     """The numbers of an eval_ppl.py or zeroshot.py --json file (one model or a list) that documents
     quote, by model."""
-    if isinstance(results, dict) and "runs" in results and "rates" in results:  # bench_scale.py
+    if isinstance(results, dict) and "runs" in results and "rates" in results:  # python -m bench.scale
         return bench_scale.facts(results)
     out = {}
     for r in results if isinstance(results, list) else [results]:

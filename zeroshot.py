@@ -8,9 +8,9 @@ same kind of question of code: given up to 12 lines of a held-out file, which of
 next: the true one, or one of 3 lines drawn from other held-out files? lm-eval scores each choice
 by its log-likelihood after the context (acc) and per byte (acc_norm); chance is 25%.
 
-  - tasks/stdlib_nextline.jsonl: the items, built deterministically by `python zeroshot.py --build`
+  - lm_eval_task/stdlib_nextline.jsonl: the items, built deterministically by `python zeroshot.py --build`
     (seeded; the embedded corpus's eval split of the running Python's stdlib);
-  - tasks/stdlib_nextline.yaml: the lm-eval task;
+  - lm_eval_task/stdlib_nextline.yaml: the lm-eval task;
   - `python zeroshot.py --model DIR [DIR ...]`: lm-eval's own `hf` model (transformers loads the
     official-layout checkpoints unchanged) on the task, one table.
 
@@ -34,7 +34,7 @@ from checkpoint import CheckpointReader, check_output_file, json_text, write_out
 # run_paper.py imports this module for its table alone
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 
-TASKS = os.path.join(data.REPO, "tasks")
+TASKS = os.path.join(data.REPO, "lm_eval_task")  # the lm-eval task: its yaml and its items
 TASK = "stdlib_nextline"
 ITEMS = os.path.join(TASKS, TASK + ".jsonl")
 CONTEXT_LINES = 12  # lines of context before the line to choose

@@ -1,4 +1,4 @@
-"""bench_scale.py's checkpoint writer and arithmetic, without writing 6 GB: the same code at a scaled config."""
+"""bench/scale.py's checkpoint writer and arithmetic, without writing 6 GB: the same code at a scaled config."""
 
 import dataclasses
 import os
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import bench_scale
 import checkpoint
 import progress
+from bench import scale as bench_scale
 from conftest import small_config, write_checkpoint
 
 

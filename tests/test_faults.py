@@ -237,12 +237,12 @@ def test_without_overwrite_nothing_is_ever_replaced(world, monkeypatch, capsys):
     assert tree_hash(out) == first
     # a folder created at --out while a run is writing is left alone, even an empty one
     late = world["tmp"] / "late"
-    orig = prune.prune_layer
+    orig = prune.prune_matrices
 
     def user_makes_the_folder(*a, **k):
         late.mkdir(exist_ok=True)
         return orig(*a, **k)
-    monkeypatch.setattr(prune, "prune_layer", user_makes_the_folder)
+    monkeypatch.setattr(prune, "prune_matrices", user_makes_the_folder)
     line = script_error(capsys, prune.main, prune_argv(world, late), alone=False)
     assert "appeared while this run was writing" in line
     assert late.is_dir() and os.listdir(late) == []

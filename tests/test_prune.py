@@ -330,8 +330,8 @@ def test_out_is_never_overwritten_nor_half_written(tmp_path, ckpt, text_file, mo
         if len(calls) % 2 == 0:
             raise KeyboardInterrupt  # the user hits ^C in layer 1
         return orig(*a, **k)
-    orig = prune.prune_layer
-    monkeypatch.setattr(prune, "prune_layer", interrupted)
+    orig = prune.prune_matrices
+    monkeypatch.setattr(prune, "prune_matrices", interrupted)
     assert "interrupted" in script_error(capsys, prune.main, [*base, "--out", str(tmp_path / "new")], alone=False)
     assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", "out", "text.txt"])
     assert "interrupted" in script_error(capsys, prune.main, [*base, "--out", str(out), "--overwrite"], alone=False)

@@ -245,7 +245,7 @@ def test_layer_one_is_pruned_on_the_pruned_layer_zeros_outputs(tmp_path, ckpt, t
         x1 = run_layer(pruned.model.layers[0], dense.model.embed_tokens(tokens), pos, 8)
     layer1 = dense.model.layers[1]
     stats, _, _, _ = prune.collect_stats(layer1, x1, pos, prune.PruneArgs(method="wanda"))
-    prune.prune_layer(layer1, stats, prune.PruneArgs(method="wanda"), 0.5, None)
+    prune.prune_matrices(layer1, stats, prune.PruneArgs(method="wanda"), 0.5, None)
     other = checkpoint.load_model(str(tmp_path / "d"))
     name = "block_sparse_moe.experts.0.w1.weight"
     expected = layer1.get_parameter(name) == 0

@@ -63,8 +63,8 @@ def test_unsupported_shapes_and_dtypes_are_clear_errors(shape, dtype, why):
 def test_cuda_paths_fail_clearly_without_cuda(tmp_path, ckpt, capsys):
     with pytest.raises(sparse24.SparsityError, match="need a CUDA GPU"):
         sparse24.to_semi_structured(random_24(32, 64, torch.float16, 0), "cutlass")
-    import bench_sparse24
-    assert bench_sparse24.main([]) == 0  # the benchmark says so in one line and exits 0
+    from bench import sparse24_kernels
+    assert sparse24_kernels.main([]) == 0  # the benchmark says so in one line and exits 0
     assert script_error(capsys, sparse24.main, ["--model", ckpt, "--run"]) == ("error: semi-structured sparse kernels need a CUDA GPU (sm80 or newer); "
                                  "none is available")
 

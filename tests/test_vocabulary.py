@@ -6,22 +6,20 @@ import re
 
 import pytest
 
-import bench_scale
-import bench_sparse24
 import cli
 import data
 import distill
 import eval_ppl
 import expert_prune
-import gpu_check
 import prune
 import run_paper
 import sparse24
 import zeroshot
+from bench import gpu_check, scale as bench_scale, sparse24_kernels
 
 SCRIPTS = {"prune": prune, "distill": distill, "eval_ppl": eval_ppl, "expert_prune": expert_prune,
-           "sparse24": sparse24, "run_paper": run_paper, "zeroshot": zeroshot, "bench_scale": bench_scale,
-           "bench_sparse24": bench_sparse24, "gpu_check": gpu_check}
+           "sparse24": sparse24, "run_paper": run_paper, "zeroshot": zeroshot, "bench.scale": bench_scale,
+           "bench.sparse24_kernels": sparse24_kernels, "bench.gpu_check": gpu_check}
 FORMER = {"--samples": "--nsamples", "--data": None, "--r": "--keep-experts", "--max-windows": "--eval-windows"}
 
 

@@ -5,8 +5,8 @@ Both models get the same random official-layout checkpoint and the same token ba
 alternate (ours, theirs, ours, ...) so that machine noise hits both alike, and the median of
 --repeats runs is reported. transformers is a test-only dependency: this script needs it.
 
-    python bench_forward.py                       # the embedded model's shape
-    python bench_forward.py --hidden 1024 --intermediate 3584 --layers 2 --batch 1 --seqlen 2048
+    python -m bench.forward                       # the embedded model's shape
+    python -m bench.forward --hidden 1024 --intermediate 3584 --layers 2 --batch 1 --seqlen 2048
 """
 
 import argparse
@@ -45,7 +45,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if transformers is None:
-        raise SystemExit("error: bench_forward.py compares against transformers: pip install -r requirements-test.txt")
+        raise SystemExit("error: bench.forward compares against transformers: pip install -r requirements-test.txt")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = mm.MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,

@@ -5,9 +5,9 @@ The CUDA checks and the GPU figures of docs/benchmarks.md, in one run of a few m
      the 2:4 kernels against the dense model; then the rest of the test suite on that machine;
   2. README's first command on the GPU: the embedded model pruned by MoE-Pruner at 50%, both
      models' perplexity on the evaluation sample (the CPU gives the README's numbers);
-  3. bench_sparse24.py: CUTLASS (and cuSPARSELt) 2:4 kernels against dense at Mixtral-8x7B's
+  3. bench.sparse24_kernels: CUTLASS (and cuSPARSELt) 2:4 kernels against dense at Mixtral-8x7B's
      expert shapes and for one whole MoE block;
-  4. bench_scale.py --device cuda: prune.py on one decoder layer at Mixtral-8x7B's width with the
+  4. bench.scale --device cuda: prune.py on one decoder layer at Mixtral-8x7B's width with the
      paper's 128 x 2048 calibration tokens, every method in bfloat16 and MoE-Pruner in float32.
 
 Each step runs in its own process with its own time limit; a step that fails or runs out of time
@@ -15,7 +15,7 @@ is recorded as such and the next one runs. Everything goes to one JSON file, whi
 docs/benchmarks.md quotes (`python run_paper.py --docs`). With no CUDA device it says so and
 writes nothing.
 
-    python gpu_check.py --out results/gpu.json
+    python -m bench.gpu_check --out results/gpu.json
 """
 
 import json
@@ -29,17 +29,17 @@ import time
 import torch
 
 import cli
+import data
 from checkpoint import check_output_file, json_text, write_output_file
 from progress import machine
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def step(argv: list, limit: int, log) -> dict:
     """argv in a fresh process, at most limit seconds: its exit status, time and output's tail."""
     t = time.time()
     try:
-        p = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=limit)
+        p = subprocess.run(argv, cwd=data.REPO, capture_output=True, text=True, timeout=limit)
         rc, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         text = lambda v: v if isinstance(v, str) else (v or b"").decode(errors="replace")
@@ -66,7 +66,7 @@ def main(argv=None):
     with cli.errors():
         check_output_file(a.out, a.overwrite)
         if not torch.cuda.is_available():
-            print("gpu_check.py: torch sees no CUDA device; nothing measured")
+            print("bench.gpu_check: torch sees no CUDA device; nothing measured")
             return {}
         logf = open(a.log, "w") if a.log else None
         end = time.time() + a.seconds
@@ -110,7 +110,7 @@ def main(argv=None):
                 save()
             if "sparse24" not in skip:
                 js = os.path.join(work, "sparse24.json")
-                r = run([py, "bench_sparse24.py", "--json", js], 120)
+                r = run([py, "-m", "bench.sparse24_kernels", "--json", js], 120)
                 res["steps"]["sparse24"] = {**r, "results": loaded(js)}
                 save()
             scale = os.path.join(work, "scale")
@@ -118,7 +118,7 @@ def main(argv=None):
                 if f"scale-{dtype}" in skip:
                     continue
                 js = os.path.join(work, f"scale-{dtype}.json")
-                r = run([py, "bench_scale.py", "--device", "cuda", "--layers", "1", "--nsamples", "128", "--dtypes", dtype,
+                r = run([py, "-m", "bench.scale", "--device", "cuda", "--layers", "1", "--nsamples", "128", "--dtypes", dtype,
                          "--methods", methods, "--batch-size", "8", "--dir", scale, "--keep", "--json", js], 300)
                 res["steps"][f"scale_{dtype}"] = {**r, "results": loaded(js)}
                 save()

@@ -20,9 +20,9 @@ The checkpoint is deleted at the end (--keep keeps it). Needs ~3.3 GB of disk a 
 so in one line when the disk lacks it. Never run in CI: it takes tens of minutes and up to
 ~20 GB of memory at the default calibration size.
 
-    python bench_scale.py                                   # 2 layers, 16 x 2048 tokens
-    python bench_scale.py --layers 1 --nsamples 4 --methods moe-pruner --dtypes float32
-    python bench_scale.py --rates-only --repeats 5            # this machine's GEMM rates, a minute
+    python -m bench.scale                                   # 2 layers, 16 x 2048 tokens
+    python -m bench.scale --layers 1 --nsamples 4 --methods moe-pruner --dtypes float32
+    python -m bench.scale --rates-only --repeats 5            # this machine's GEMM rates, a minute
 """
 
 import json
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import data
 import prune
 from checkpoint import (CheckpointReader, CheckpointWriter, DTYPES, check_output_file, expected_shapes, json_text,
                         load_layer, write_output_file)
@@ -132,9 +133,9 @@ def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_s
     maximum RSS, and layer 0's plain forward."""
     argv = ["--model", model, "--out", out, "--method", method, "--calib-tokens", calib, "--dtype", dtype,
             "--batch-size", str(batch_size), "--device", device]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, bench_scale; bench_scale.child(sys.argv[1:])", *argv],
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from bench import scale; scale.child(sys.argv[1:])", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
+                            cwd=data.REPO)
     sampled = [0]
 
     def sample():
@@ -200,11 +201,11 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
         check_output_file(json_path, overwrite)  # before any work
     config = full_width_config(layers)
     need = checkpoint_bytes(config) * 1.1
-    work = folder or tempfile.mkdtemp(prefix="bench_scale-")
+    work = folder or tempfile.mkdtemp(prefix="bench-scale-")
     os.makedirs(work, exist_ok=True)
     free = shutil.disk_usage(work).free
     if free < need:
-        print(f"bench_scale.py: {free / GiB:.1f} GiB free in {work}, {need / GiB:.1f} GiB needed; nothing measured")
+        print(f"bench.scale: {free / GiB:.1f} GiB free in {work}, {need / GiB:.1f} GiB needed; nothing measured")
         return {}
     threads = torch.get_num_threads()
     tokens = nsamples * seqlen

@@ -11,7 +11,7 @@ cheap next to the calibration forward?
 3. Scoring and masking time against the calibration forward, per method, on the embedded
    model at prune.py's default settings, from prune_report.json (target <= 0.1).
 
-    python bench_prune.py                  # ~3 minutes on 2 cores
+    python -m bench.prune_memory                  # ~3 minutes on 2 cores
 """
 
 import argparse
@@ -44,16 +44,15 @@ def make_checkpoint(path, layers, hidden, intermediate):
     return cfg
 
 
-def run_prune(model, out, method, nsamples, seqlen, extra=()):
+def run_prune(model, out, method, extra=()):
     """prune.py in a fresh process; returns its peak RSS in bytes and its report."""
     # VmHWM, the high-water mark of this process's own address space; ru_maxrss would include the
     # parent's peak, which Linux carries across fork and exec.
     code = ("import re, sys, prune; prune.main(sys.argv[1:]); "
             "print('PEAK', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
-    argv = ["--model", model, "--out", out, "--method", method, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
-            "--calib-tokens", os.path.join(model, "calib.npy"), *extra]
-    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    argv = ["--model", model, "--out", out, "--method", method, "--calib-tokens", os.path.join(model, "calib.npy"),
+            *extra]  # the token file fixes the windows: nsamples x seqlen
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=data.REPO)
     if r.returncode:
         raise SystemExit(r.stderr)
     peak = int(r.stdout.split("PEAK")[1])
@@ -87,8 +86,7 @@ def main(argv=None):
             cfg = make_checkpoint(path, layers, args.hidden, args.intermediate)
             np.save(os.path.join(path, "calib.npy"),
                     np.random.default_rng(0).integers(0, 4096, size=(args.nsamples, args.seqlen)))
-            peaks[layers], report = run_prune(path, os.path.join(d, f"o{layers}"), "moe-pruner",
-                                              args.nsamples, args.seqlen)
+            peaks[layers], report = run_prune(path, os.path.join(d, f"o{layers}"), "moe-pruner")
         layer_bytes = sum(torch.Size(s).numel() for s in layer_shapes(cfg, 0).values()) * 4
         print(f"peak RSS of prune.py --method moe-pruner, {args.nsamples} x {args.seqlen} calibration tokens, "
               f"hidden {args.hidden}, 8 experts x {args.intermediate} (one layer = {layer_bytes / GiB:.2f} GiB "

@@ -10,8 +10,8 @@ tables of times and speed-ups, measured side by side in one run (CUDA events, me
 
 CUDA only (sm80+): on any other machine it says so in one line and exits 0.
 
-    python bench_sparse24.py
-    python bench_sparse24.py --dtype bfloat16 --tokens 1,64,512,4096
+    python -m bench.sparse24_kernels
+    python -m bench.sparse24_kernels --dtype bfloat16 --tokens 1,64,512,4096
 """
 
 import statistics
@@ -126,7 +126,7 @@ def main(argv=None):
         try:
             sparse24.require_cuda()
         except sparse24.SparsityError as e:
-            print(f"bench_sparse24.py: {e}; nothing measured")
+            print(f"bench.sparse24_kernels: {e}; nothing measured")
             return 0
         results = bench(args.dtype, [int(t) for t in args.tokens.split(",")], args.iters,
                         [int(t) for t in args.moe_tokens.split(",")])
