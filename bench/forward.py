@@ -6,16 +6,16 @@ alternate (ours, theirs, ours, ...) so that machine noise hits both alike, and t
 --repeats runs is reported. transformers is a test-only dependency: this script needs it.
 
     python -m bench.forward                       # the embedded model's shape
-    python -m bench.forward --hidden 1024 --intermediate 3584 --layers 2 --batch 1 --seqlen 2048
+    python -m bench.forward --hidden-size 1024 --intermediate-size 3584 --num-hidden-layers 2 --batch-size 1 --seqlen 2048
 """
 
-import argparse
 import statistics
 import tempfile
 import time
 
 import torch
 
+import cli
 import mini_mixtral as mm
 from checkpoint import load_model, save_model
 
@@ -33,24 +33,25 @@ def timed(fn, x):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256, help="hidden_size (default: the embedded model's)")
-    p.add_argument("--intermediate", type=int, default=512, help="intermediate_size per expert")
-    p.add_argument("--layers", type=int, default=4, help="num_hidden_layers")
-    p.add_argument("--experts", type=int, default=8, help="num_local_experts (top-2 routing)")
-    p.add_argument("--vocab", type=int, default=4096, help="vocab_size")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs per model (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p = cli.parser(__doc__)
+    for flag, former, default, what in (("--hidden-size", "--hidden", 256, "config.json's hidden_size (the embedded model's)"),
+                                         ("--intermediate-size", "--intermediate", 512, "intermediate_size per expert"),
+                                         ("--num-hidden-layers", "--layers", 4, "decoder layers"),
+                                         ("--num-local-experts", "--experts", 8, "experts per layer (top-2 routing)"),
+                                         ("--vocab-size", "--vocab", 4096, "vocabulary"),
+                                         ("--batch-size", "--batch", 8, "windows per forward")):
+        p.add_argument(flag, former, type=cli.positive_int, default=default, help=what + cli.spelled((former,)))
+    p.add_argument("--seqlen", type=cli.seqlen, default=512, help="tokens per window")
+    p.add_argument("--repeats", type=cli.positive_int, default=7, help="timed runs per model (median reported)")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if transformers is None:
         raise SystemExit("error: bench.forward compares against transformers: pip install -r requirements-test.txt")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = mm.MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                           num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-                           num_local_experts=args.experts, num_experts_per_tok=2, rope_theta=10000.0,
+    cfg = mm.MixtralConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                           num_hidden_layers=args.num_hidden_layers, num_attention_heads=8, num_key_value_heads=2,
+                           num_local_experts=args.num_local_experts, num_experts_per_tok=2, rope_theta=10000.0,
                            max_position_embeddings=args.seqlen, torch_dtype="float32")
     ours = mm.init_weights(mm.Mixtral(cfg), std=0.02, seed=0).eval()
     with tempfile.TemporaryDirectory() as d:
@@ -62,7 +63,7 @@ def main(argv=None):
                     d + "/ck", dtype=torch.float32, experts_implementation=impl).eval()
             except (ValueError, ImportError) as e:
                 print(f"transformers {impl}: unavailable ({e})")
-    x = torch.randint(0, args.vocab, (args.batch, args.seqlen), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.seqlen), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = models["mini_mixtral"](x)
         for name, m in models.items():
@@ -74,8 +75,8 @@ def main(argv=None):
             times[name].append(timed(m, x))
     tokens = x.numel()
     base = statistics.median(times["mini_mixtral"])
-    print(f"forward of {args.batch} x {args.seqlen} tokens, hidden {args.hidden}, {args.experts} experts x "
-          f"{args.intermediate}, {args.layers} layers, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"forward of {args.batch_size} x {args.seqlen} tokens, hidden {args.hidden_size}, {args.num_local_experts} experts x "
+          f"{args.intermediate_size}, {args.num_hidden_layers} layers, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     print("| model | tokens/s | mini_mixtral speed-up |\n|---|---|---|")
     for name, ts in times.items():

@@ -118,8 +118,9 @@ def main(argv=None):
                 if f"scale-{dtype}" in skip:
                     continue
                 js = os.path.join(work, f"scale-{dtype}.json")
-                r = run([py, "-m", "bench.scale", "--device", "cuda", "--layers", "1", "--nsamples", "128", "--dtypes", dtype,
-                         "--methods", methods, "--batch-size", "8", "--dir", scale, "--keep", "--json", js], 300)
+                r = run([py, "-m", "bench.scale", "--device", "cuda", "--num-hidden-layers", "1", "--nsamples", "128",
+                         "--dtypes", dtype, "--methods", methods, "--batch-size", "8", "--dir", scale, "--keep",
+                         "--json", js], 300)
                 res["steps"][f"scale_{dtype}"] = {**r, "results": loaded(js)}
                 save()
             if "suite" not in skip:

@@ -14,7 +14,6 @@ cheap next to the calibration forward?
     python -m bench.prune_memory                  # ~3 minutes on 2 cores
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ import tempfile
 import numpy as np
 import torch
 
+import cli
 import data
 import mini_mixtral as mm
 import prune
@@ -73,23 +73,25 @@ def mixtral_projection():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024, help="width of the random models")
-    p.add_argument("--intermediate", type=int, default=2048, help="expert width of the random models")
-    p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    p = cli.parser(__doc__)
+    p.add_argument("--hidden-size", "--hidden", type=cli.positive_int, default=1024,
+                   help="width of the random models" + cli.spelled(("--hidden",)))
+    p.add_argument("--intermediate-size", "--intermediate", type=cli.positive_int, default=2048,
+                   help="expert width of the random models" + cli.spelled(("--intermediate",)))
+    p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
+    p.add_argument("--seqlen", type=cli.seqlen, default=256, help="tokens per calibration window")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         peaks = {}
         for layers in (2, 8):
             path = os.path.join(d, f"m{layers}")
-            cfg = make_checkpoint(path, layers, args.hidden, args.intermediate)
+            cfg = make_checkpoint(path, layers, args.hidden_size, args.intermediate_size)
             np.save(os.path.join(path, "calib.npy"),
                     np.random.default_rng(0).integers(0, 4096, size=(args.nsamples, args.seqlen)))
             peaks[layers], report = run_prune(path, os.path.join(d, f"o{layers}"), "moe-pruner")
         layer_bytes = sum(torch.Size(s).numel() for s in layer_shapes(cfg, 0).values()) * 4
         print(f"peak RSS of prune.py --method moe-pruner, {args.nsamples} x {args.seqlen} calibration tokens, "
-              f"hidden {args.hidden}, 8 experts x {args.intermediate} (one layer = {layer_bytes / GiB:.2f} GiB "
+              f"hidden {args.hidden_size}, 8 experts x {args.intermediate_size} (one layer = {layer_bytes / GiB:.2f} GiB "
               f"in float32):")
         print("| layers | checkpoint (bf16) | peak RSS |\n|---|---|---|")
         for layers, peak in peaks.items():
@@ -97,7 +99,7 @@ def main(argv=None):
             print(f"| {layers} | {size / GiB:.2f} GiB | {peak / GiB:.2f} GiB |")
         print(f"ratio 8-layer / 2-layer: {peaks[8] / peaks[2]:.3f} (target <= 1.15)\n")
 
-        act = 2 * args.nsamples * args.seqlen * args.hidden * 4
+        act = 2 * args.nsamples * args.seqlen * args.hidden_size * 4
         overhead = peaks[2] - layer_bytes - act
         rows = mixtral_projection()
         print("projected peak for Mixtral-8x7B, 128 x 2048 calibration tokens (moe-pruner):")

@@ -7,7 +7,7 @@ One run, side by side:
   2. the expert forward (w1, w3, SwiGLU, w2 of one expert on its routed tokens) in both dtypes,
      as achieved GFLOP/s and as a fraction of that dtype's GEMM peak;
   3. a random checkpoint with Mixtral-8x7B-v0.1's exact config.json (hidden 4096, intermediate
-     14336, 8 experts top-2, 32 heads / 8 kv heads, vocab 32000) but --layers decoder layers,
+     14336, 8 experts top-2, 32 heads / 8 kv heads, vocab 32000) but --num-hidden-layers decoder layers,
      written sharded in the official layout in bfloat16 (about 3.1 GB a layer);
   4. prune.py on it, in a fresh process per run (moe-pruner and sparsegpt, each compute dtype):
      peak RSS (the process's high-water mark, and its resident set sampled every 0.2 s) and the
@@ -21,7 +21,7 @@ so in one line when the disk lacks it. Never run in CI: it takes tens of minutes
 ~20 GB of memory at the default calibration size.
 
     python -m bench.scale                                   # 2 layers, 16 x 2048 tokens
-    python -m bench.scale --layers 1 --nsamples 4 --methods moe-pruner --dtypes float32
+    python -m bench.scale --num-hidden-layers 1 --nsamples 4 --methods moe-pruner --dtypes float32
     python -m bench.scale --rates-only --repeats 5            # this machine's GEMM rates, a minute
 """
 
@@ -313,7 +313,8 @@ def facts(results: dict) -> dict:
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--layers", type=cli.positive_int, default=2, help="decoder layers of the full-width checkpoint")
+    p.add_argument("--num-hidden-layers", "--layers", type=cli.positive_int, default=2,
+                   help="decoder layers of the full-width checkpoint" + cli.spelled(("--layers",)))
     p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
     p.add_argument("--seqlen", type=cli.seqlen, default=2048, help="tokens per calibration window (the paper's 2048)")
     p.add_argument("--methods", default="moe-pruner,sparsegpt", help="comma list of prune.py methods")
@@ -332,8 +333,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     with cli.errors():
         if a.rates_only:
-            return machine_rates(full_width_config(a.layers), a.nsamples, a.seqlen, a.repeats, a.device)
-        return bench(a.layers, a.nsamples, a.seqlen, a.methods.split(","), a.dtypes.split(","), a.bf16_tokens,
+            return machine_rates(full_width_config(a.num_hidden_layers), a.nsamples, a.seqlen, a.repeats, a.device)
+        return bench(a.num_hidden_layers, a.nsamples, a.seqlen, a.methods.split(","), a.dtypes.split(","), a.bf16_tokens,
                      a.batch_size, a.repeats, a.dir, a.keep, a.json, a.device, a.overwrite)
 
 

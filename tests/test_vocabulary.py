@@ -15,12 +15,15 @@ import prune
 import run_paper
 import sparse24
 import zeroshot
-from bench import gpu_check, scale as bench_scale, sparse24_kernels
+from bench import forward, gpu_check, prune_memory, scale as bench_scale, sparse24_kernels
 
 SCRIPTS = {"prune": prune, "distill": distill, "eval_ppl": eval_ppl, "expert_prune": expert_prune,
            "sparse24": sparse24, "run_paper": run_paper, "zeroshot": zeroshot, "bench.scale": bench_scale,
-           "bench.sparse24_kernels": sparse24_kernels, "bench.gpu_check": gpu_check}
-FORMER = {"--samples": "--nsamples", "--data": None, "--r": "--keep-experts", "--max-windows": "--eval-windows"}
+           "bench.sparse24_kernels": sparse24_kernels, "bench.gpu_check": gpu_check, "bench.forward": forward,
+           "bench.prune_memory": prune_memory}
+FORMER = {"--samples": "--nsamples", "--data": None, "--r": "--keep-experts", "--max-windows": "--eval-windows",
+          "--hidden": "--hidden-size", "--intermediate": "--intermediate-size", "--layers": "--num-hidden-layers",
+          "--experts": "--num-local-experts", "--vocab": "--vocab-size", "--batch": "--batch-size"}
 
 
 class Parsed(Exception):
