@@ -22,6 +22,7 @@ import torch
 
 from checkpoint import CheckpointError
 from data import REPO, DataError, shown_path
+from outputs import OutputError
 
 
 class Terminated(BaseException):
@@ -208,14 +209,14 @@ def recorded_value(action: argparse.Action, v, recipe: str):
 
 @contextlib.contextmanager
 def errors(*more: type):
-    """Turn the errors a user can cause (CheckpointError, DataError, the types in `more`, an OS
-    error on a path, SIGINT and SIGTERM) into one `error:` line and a non-zero exit."""
+    """Turn the errors a user can cause (CheckpointError, DataError, OutputError, the types in
+    `more`, an OS error on a path, SIGINT and SIGTERM) into one `error:` line and a non-zero exit."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
-    except (CheckpointError, DataError, *more) as e:
+    except (CheckpointError, DataError, OutputError, *more) as e:
         _fail(str(e), 1)
     except OSError as e:  # a path the user gave: permission, no space, read-only file system, ...
         where = f"{e.filename}: " if e.filename else ""

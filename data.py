@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from checkpoint import CheckpointError, check_output_file, write_output_file
+from outputs import OutputError, check_output_file, write_output_file
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # The trained tiny Mixtral shipped with the repo (see pretrain_tiny.py); every script's default.
@@ -366,7 +366,7 @@ def main(argv=None):
     try:
         for split, digest in write_corpus(a.stdlib, a.out, a.overwrite).items():
             print(f"{split}: {digest}")
-    except (DataError, CheckpointError, OSError) as e:
+    except (DataError, OutputError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -48,8 +48,8 @@ import cli
 import data
 import distributed
 import mini_mixtral as mm
-from checkpoint import (CheckpointReader, CheckpointWriter, check_output, load_layer, load_model, read_config,
-                        refuse_variant)
+from checkpoint import CheckpointReader, CheckpointWriter, load_layer, load_model, read_config, refuse_variant
+from outputs import check_output
 from layerwise import COMPUTE_DTYPES, compute_dtype, embed_windows, layers, run_layer
 from progress import log
 

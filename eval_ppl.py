@@ -25,7 +25,8 @@ import torch
 import cli
 import data
 import mini_mixtral as mm
-from checkpoint import DTYPES, CheckpointReader, check_output_file, json_text, read_config, write_output_file
+from checkpoint import DTYPES, CheckpointReader, read_config
+from outputs import check_output_file, json_text, write_output_file
 from expert_prune import load_model
 from progress import Progress, machine
 

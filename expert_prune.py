@@ -57,9 +57,10 @@ import torch.nn.functional as F
 import cli
 import data
 import mini_mixtral as mm
-from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, check_output, save_model
+from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, save_model
 from checkpoint import load_model as load_plain_model
 from layerwise import COMPUTE_DTYPES, Positions, compute_dtype, embed_windows, layers, run_layer
+from outputs import check_output
 from progress import log
 
 

@@ -46,7 +46,8 @@ from tokenizers import Tokenizer
 import cli
 import data
 import mini_mixtral as mm
-from checkpoint import check_output, load_model, read_config, save_model
+from checkpoint import load_model, read_config, save_model
+from outputs import check_output
 from eval_ppl import expert_load_cv, perplexity, router_stats
 from progress import log
 

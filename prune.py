@@ -49,7 +49,8 @@ import cli
 import data
 import distributed
 import mini_mixtral as mm
-from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, check_output, expected_shapes
+from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes
+from outputs import check_output
 from layerwise import COMPUTE_DTYPES, Positions, embed_windows, layers, rerun_moe_half, run_layer
 from progress import Laps, log
 

@@ -57,7 +57,8 @@ import mini_mixtral as mm
 import prune
 import zeroshot
 from bench import scale as bench_scale
-from checkpoint import CheckpointReader, check_not_input, check_output_file, remove, remove_stale_temps, json_text, read_config, write_output_file
+from checkpoint import CheckpointReader, read_config
+from outputs import check_not_input, check_output_file, json_text, remove, remove_stale_temps, write_output_file
 from layerwise import embed_windows, layers, run_layer
 from progress import log, machine, machine_line
 

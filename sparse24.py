@@ -43,8 +43,9 @@ import cli
 import data
 import mini_mixtral as mm
 import prune
-from checkpoint import (DTYPES, STORED_DTYPES, CheckpointReader, CheckpointWriter, check_output, check_output_file,
-                        expected_shapes, json_text, load_model, read_config, write_output_file)
+from checkpoint import (DTYPES, STORED_DTYPES, CheckpointReader, CheckpointWriter, expected_shapes, load_model,
+                        read_config)
+from outputs import check_output, check_output_file, json_text, write_output_file
 from mini_mixtral import MixtralConfig
 
 HALF = (torch.float16, torch.bfloat16)

@@ -28,7 +28,8 @@ import random
 
 import cli
 import data
-from checkpoint import CheckpointReader, check_output_file, json_text, write_output_file
+from checkpoint import CheckpointReader
+from outputs import check_output_file, json_text, write_output_file
 
 # lm-eval is an optional extra, imported where it is used: importing it takes seconds, and
 # run_paper.py imports this module for its table alone

@@ -30,7 +30,7 @@ import torch
 
 import cli
 import data
-from checkpoint import check_output_file, json_text, write_output_file
+from outputs import check_output_file, json_text, write_output_file
 from progress import machine
 
 

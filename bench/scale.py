@@ -42,8 +42,8 @@ import torch.nn.functional as F
 import cli
 import data
 import prune
-from checkpoint import (CheckpointReader, CheckpointWriter, DTYPES, check_output_file, expected_shapes, json_text,
-                        load_layer, write_output_file)
+from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes, load_layer
+from outputs import check_output_file, json_text, write_output_file
 from layerwise import embed_windows, run_layer
 from mini_mixtral import MixtralConfig
 from progress import Laps, machine

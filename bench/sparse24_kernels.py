@@ -24,7 +24,8 @@ import cli
 import mini_mixtral as mm
 import prune
 import sparse24
-from checkpoint import DTYPES, check_output_file, json_text, write_output_file
+from checkpoint import DTYPES
+from outputs import check_output_file, json_text, write_output_file
 from progress import machine
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 import mini_mixtral as mm
+import outputs
 from conftest import random_model, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -192,7 +193,7 @@ def test_error_missing_unexpected_and_misshapen_keys(tmp_path):
 
 def test_writer_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, ckpt):
     m = checkpoint.load_model(ckpt)
-    with pytest.raises(checkpoint.CheckpointError, match="exists"):
+    with pytest.raises(outputs.OutputError, match="exists"):
         checkpoint.save_model(m, ckpt)
     out = tmp_path / "out"
     w = checkpoint.CheckpointWriter(str(out), m.config)
