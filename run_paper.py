@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -916,29 +917,54 @@ def plots(res: dict, out_dir: str) -> list:
 # -----------------------------------------------------------------------------
 
 
-def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdlib", nsamples=128, seqlen=None,
-        eval_windows=None, seed=0, sweep=(0.3, 0.5, 0.7, 0.8), calib_sweep=(2, 8, 32, 128), draws=5, device=None,
-        keep=False, overwrite=False, command="python run_paper.py") -> dict:
+@dataclass
+class Plan:
+    """A run's settings, as the command line gives them."""
+
+    model: str
+    out: str
+    parts: list
+    calib_data: str = "stdlib"
+    eval_data: str = "stdlib"
+    nsamples: int = 128  # the paper's 128 calibration windows
+    seqlen: Optional[int] = None  # None: 2048, capped at the model's context
+    eval_windows: Optional[int] = None  # None: data.EVAL_SAMPLE on the embedded corpus, all on other text
+    seed: int = 0
+    sweep: tuple = (0.3, 0.5, 0.7, 0.8)  # Figure 5's sparsities
+    calib_sweep: tuple = (2, 8, 32, 128)  # Figure 4's calibration window counts
+    draws: int = 5  # anatomy: calibration draws per method
+    device: Optional[str] = None  # None: cuda when torch sees one
+    keep: bool = False
+    overwrite: bool = False
+    command: str = "python run_paper.py"
+
+
+def run(plan: Plan) -> dict:
     """Every part asked for, on the same calibration and evaluation windows; writes out/results.json,
     out/README.md and the plots. Returns the results."""
+    model, out = plan.model, plan.out
     config = read_config(model)
-    inputs = [model, data.input_path(calib_data), data.input_path(eval_data)]
+    inputs = [model, data.input_path(plan.calib_data), data.input_path(plan.eval_data)]
     check_not_input(out, inputs)
     if os.path.isdir(out):
         for fn in OUTPUT_FILES:  # every file this run may write, refused before any work
-            check_output_file(os.path.join(out, fn), overwrite, inputs)
-    unknown = [p for p in parts if p not in PARTS]
+            check_output_file(os.path.join(out, fn), plan.overwrite, inputs)
+    unknown = [p for p in plan.parts if p not in PARTS]
     if unknown:
         raise data.DataError(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
-    seqlen = seqlen or min(2048, config.max_position_embeddings)
+    seqlen = plan.seqlen or min(2048, config.max_position_embeddings)
     if seqlen > config.max_position_embeddings:
         raise data.DataError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings {config.max_position_embeddings}")
     tok = data.load_tokenizer(model)
-    ids = data.encode(tok, data.text_source(calib_data, "calib"))
-    calib = data.calibration_windows(ids, nsamples, seqlen, seed).numpy()  # one set for every method
-    eval_ids = data.encode(tok, data.text_source(data.resolve_wikitext(eval_data, "test"), "eval"))
+    ids = data.encode(tok, data.text_source(plan.calib_data, "calib"))
+    calib = data.calibration_windows(ids, plan.nsamples, seqlen, plan.seed).numpy()  # one set for every method
+    eval_ids = data.encode(tok, data.text_source(data.resolve_wikitext(plan.eval_data, "test"), "eval"))
     every = data.eval_windows(eval_ids, seqlen)  # [N, seqlen]
-    windows, indices = data.sample_windows(every, data.eval_window_count(eval_data, eval_windows))  # every model's
+    windows, indices = data.sample_windows(every, data.eval_window_count(plan.eval_data, plan.eval_windows))
+    results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": plan.nsamples,
+               "calib_data": plan.calib_data, "eval_data": plan.eval_data, "eval_windows": len(windows),
+               "eval_windows_in_text": len(every), "eval_window_indices": indices, "eval_tokens": windows.numel(),
+               "machine": machine(), "parts": plan.parts, "minutes": {}, "runs": []}
     # Everything is made in a temporary sibling OUT.tmp-PID-XXXX (removed on any error or signal, and
     # by the next run if this one is killed) and copied into --out, file by file, only at the end.
     parent, base = os.path.split(os.path.abspath(out))
@@ -946,65 +972,59 @@ def run(model: str, out: str, parts: list, calib_data="stdlib", eval_data="stdli
     remove_stale_temps(parent, base)
     stage = tempfile.mkdtemp(prefix=f"{base}.tmp-{os.getpid()}-", dir=parent)
     try:
-        return run_staged(model, out, stage, parts, config, calib, ids, windows, every, indices, tok, seqlen, nsamples,
-                          calib_data, eval_data, sweep, calib_sweep, draws, device, keep, overwrite, command)
+        work = os.path.join(out, "checkpoints") if plan.keep else os.path.join(stage, "work")
+        os.makedirs(work, exist_ok=True)
+        np.save(os.path.join(stage, prune.CALIBRATION_FILE), calib)
+        device = plan.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        s = Setup(model, config, calib, os.path.join(stage, prune.CALIBRATION_FILE), ids, windows,
+                  every if len(windows) < len(every) else None, work, device, plan.keep, {})
+        try:
+            run_parts(s, plan, results)
+        finally:
+            if not plan.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        results["command"] = plan.command
+        write_output_file(os.path.join(stage, "results.json"), json_text(results))
+        tables = write_report(results, out, stage)
+        os.makedirs(out, exist_ok=True)
+        for fn in sorted(os.listdir(stage)):  # the finished files, each whole, replacing only with --overwrite
+            if os.path.isfile(os.path.join(stage, fn)):
+                with open(os.path.join(stage, fn), "rb") as f:
+                    write_output_file(os.path.join(out, fn), f.read(), plan.overwrite)
     finally:
         remove(stage)
-
-
-def run_staged(model, out, stage, parts, config, calib, ids, windows, every, indices, tok, seqlen, nsamples,
-               calib_data, eval_data, sweep, calib_sweep, draws, device, keep, overwrite, command) -> dict:
-    """run's work, its files written into stage and copied into out at the end."""
-    work = os.path.join(out, "checkpoints") if keep else os.path.join(stage, "work")
-    os.makedirs(work, exist_ok=True)
-    np.save(os.path.join(stage, prune.CALIBRATION_FILE), calib)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = Setup(model, config, calib, os.path.join(stage, prune.CALIBRATION_FILE), ids, windows,
-              every if len(windows) < len(every) else None, work, device, keep, {})
-    results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": nsamples,
-               "calib_data": calib_data, "eval_data": eval_data, "eval_windows": len(windows),
-               "eval_windows_in_text": len(every), "eval_window_indices": indices, "eval_tokens": windows.numel(),
-               "machine": machine(), "parts": parts, "minutes": {}, "runs": []}
-    try:
-        t0 = time.time()
-        results["dense_ppl"], *dense_all = perplexities(s, model, whole="table" in parts)
-        if dense_all:
-            results["dense_ppl_all"] = dense_all[0]
-        log(f"dense: ppl {results['dense_ppl']:.3f}")
-        for part in parts:
-            t = time.time()
-            if part == "table":
-                results["runs"] += part_table(s)
-            elif part == "sparsity":
-                results["runs"] += part_sparsity(s, list(sweep))
-            elif part == "calibration":
-                results["runs"] += part_calibration(s, [n for n in calib_sweep if n <= nsamples])
-            elif part == "anatomy":
-                results["anatomy"] = part_anatomy(s, draws)
-            elif part == "experts":
-                results["expert_level"] = part_experts(s)
-            elif part == "owl":
-                results["owl"] = part_owl(s)
-            elif part == "distill":
-                results["distill"] = part_distill(s, results["dense_ppl"])
-            elif part == "dtype":
-                results["dtype"] = part_dtype(s)
-            results["minutes"][part] = (time.time() - t) / 60
-            log(f"part {part}: {results['minutes'][part]:.1f} min")
-        results["total_minutes"] = (time.time() - t0) / 60
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
-    results["command"] = command
-    write_output_file(os.path.join(stage, "results.json"), json_text(results))
-    tables = write_report(results, out, stage)
-    os.makedirs(out, exist_ok=True)
-    for fn in sorted(os.listdir(stage)):  # the finished files, each whole, replacing only with --overwrite
-        if os.path.isfile(os.path.join(stage, fn)):
-            with open(os.path.join(stage, fn), "rb") as f:
-                write_output_file(os.path.join(out, fn), f.read(), overwrite)
     print(tables)
     return results
+
+
+def run_parts(s: Setup, plan: Plan, results: dict):
+    """The dense model's perplexity, then each part in turn, into results."""
+    t0 = time.time()
+    results["dense_ppl"], *dense_all = perplexities(s, plan.model, whole="table" in plan.parts)
+    if dense_all:
+        results["dense_ppl_all"] = dense_all[0]
+    log(f"dense: ppl {results['dense_ppl']:.3f}")
+    for part in plan.parts:
+        t = time.time()
+        if part == "table":
+            results["runs"] += part_table(s)
+        elif part == "sparsity":
+            results["runs"] += part_sparsity(s, list(plan.sweep))
+        elif part == "calibration":
+            results["runs"] += part_calibration(s, [n for n in plan.calib_sweep if n <= plan.nsamples])
+        elif part == "anatomy":
+            results["anatomy"] = part_anatomy(s, plan.draws)
+        elif part == "experts":
+            results["expert_level"] = part_experts(s)
+        elif part == "owl":
+            results["owl"] = part_owl(s)
+        elif part == "distill":
+            results["distill"] = part_distill(s, results["dense_ppl"])
+        elif part == "dtype":
+            results["dtype"] = part_dtype(s)
+        results["minutes"][part] = (time.time() - t) / 60
+        log(f"part {part}: {results['minutes'][part]:.1f} min")
+    results["total_minutes"] = (time.time() - t0) / 60
 
 
 def write_report(results: dict, out: str, folder: str = None) -> str:
@@ -1118,8 +1138,9 @@ def main(argv=None):
             raise data.DataError(f"--sweep {a.sweep}: sparsities in [0, 1); --calib-sweep {a.calib_sweep}: counts >= 1")
         parts = [a.only] if a.only else a.parts.split(",")
         command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
-        return run(a.model or data.default_model_dir(), a.out, parts, a.calib_data, a.eval_data, a.nsamples, a.seqlen,
-                   a.eval_windows, a.seed, sweep, calib_sweep, a.draws, a.device, a.keep, a.overwrite, command)
+        return run(Plan(a.model or data.default_model_dir(), a.out, parts, a.calib_data, a.eval_data, a.nsamples,
+                        a.seqlen, a.eval_windows, a.seed, tuple(sweep), tuple(calib_sweep), a.draws, a.device, a.keep,
+                        a.overwrite, command))
 
 
 if __name__ == "__main__":
