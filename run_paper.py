@@ -57,7 +57,7 @@ import expert_prune
 import mini_mixtral as mm
 import prune
 import zeroshot
-from bench import scale as bench_scale
+from bench import forward as bench_forward, prune_memory as bench_prune_memory, scale as bench_scale
 from checkpoint import CheckpointReader, read_config
 from outputs import check_not_input, check_output_file, json_text, remove, remove_stale_temps, write_output_file
 from layerwise import embed_windows, layers, run_layer
@@ -731,6 +731,8 @@ def evaluation_facts(results: list) -> dict:
     quote, by model."""
     if isinstance(results, dict) and "runs" in results and "rates" in results:  # python -m bench.scale
         return bench_scale.facts(results)
+    if isinstance(results, dict) and "runs" in results and "transformers" in results:  # python -m bench.forward
+        return bench_forward.facts(results)
     out = {}
     for r in results if isinstance(results, list) else [results]:
         m = r["model"]
@@ -751,6 +753,10 @@ def evaluation_facts(results: list) -> dict:
             out[f"topk-mass%:{m}"] = f"{min(mass):.0%}-{max(mass):.0%}"
             out[f"load-cv:{m}"] = f"{min(cv):.2f}-{max(cv):.2f}"
     return out
+
+
+BENCH_TABLES = {"scale": bench_scale.markdown, "prune-memory": bench_prune_memory.markdown,
+                "forward": bench_forward.markdown}  # the tables of the benchmarks' --json files
 
 
 def render_document(text: str, root: str = data.REPO) -> str:
@@ -776,8 +782,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
             body = side_by_side([results(f) for f in folders])
         elif name == "zeroshot" and len(folders) == 1 and folders[0].endswith(".json"):
             body = zeroshot.markdown_table(results(folders[0]))
-        elif name == "scale" and len(folders) == 1 and folders[0].endswith(".json"):
-            body = bench_scale.markdown(results(folders[0]))
+        elif name in BENCH_TABLES and len(folders) == 1 and folders[0].endswith(".json"):
+            body = BENCH_TABLES[name](results(folders[0]))
         elif name == "eval" and len(folders) == 1 and folders[0].endswith(".json"):
             r = results(folders[0])
             r = r if isinstance(r, list) else [r]
@@ -785,7 +791,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
         else:
             section = next((t for n, _, t in SECTIONS if n == name), None)
             if section is None or len(folders) != 1:
-                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, scale, zeroshot, "
+                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, zeroshot, "
+                                     + ", ".join(BENCH_TABLES) + ", "
                                      + ", ".join(n for n, _, _ in SECTIONS))
             body = section(results(folders[0]))
         return f"<!-- table {m.group(1)} {name} -->\n{body.strip()}\n<!-- end table -->"

@@ -9,9 +9,9 @@ cheap next to the calibration forward?
    overhead of the run above plus one Mixtral layer in float32, the calibration activations
    (inputs and outputs of a layer) and one batch's temporaries.
 3. Scoring and masking time against the calibration forward, per method, on the embedded
-   model at prune.py's default settings, from prune_report.json (target <= 0.1).
+   model at prune.py's default settings, from prune_report.json.
 
-    python -m bench.prune_memory                  # ~3 minutes on 2 cores
+    python -m bench.prune_memory --json results/bench/prune-memory.json
 """
 
 import json
@@ -28,6 +28,8 @@ import data
 import mini_mixtral as mm
 import prune
 from checkpoint import CheckpointWriter, expected_shapes, layer_shapes
+from outputs import check_output_file, json_text, write_output_file
+from progress import machine
 
 GiB = 1024**3
 
@@ -72,6 +74,57 @@ def mixtral_projection():
     return rows
 
 
+def measure(hidden_size: int, intermediate_size: int, nsamples: int, seqlen: int) -> dict:
+    """Steps 1-3: every figure markdown() prints."""
+    res = {"machine": machine(), "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+           "nsamples": nsamples, "seqlen": seqlen, "peak_rss": {}, "checkpoint_bytes": {}, "times": []}
+    with tempfile.TemporaryDirectory() as d:
+        for layers in (2, 8):
+            path = os.path.join(d, f"m{layers}")
+            cfg = make_checkpoint(path, layers, hidden_size, intermediate_size)
+            np.save(os.path.join(path, "calib.npy"), np.random.default_rng(0).integers(0, 4096, size=(nsamples, seqlen)))
+            res["peak_rss"][str(layers)], _ = run_prune(path, os.path.join(d, f"o{layers}"), "moe-pruner")
+            res["checkpoint_bytes"][str(layers)] = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        res["layer_bytes"] = sum(torch.Size(s).numel() for s in layer_shapes(cfg, 0).values()) * 4
+        act = 2 * nsamples * seqlen * hidden_size * 4
+        res["overhead_bytes"] = res["peak_rss"]["2"] - res["layer_bytes"] - act
+        res["projection"] = mixtral_projection()
+        model = data.default_model_dir()
+        for method in ("moe-pruner", "wanda", "magnitude", "sparsegpt"):
+            out = os.path.join(d, f"t-{method}")
+            rep = prune.main(["--model", model, "--method", method, "--out", out])
+            res["times"].append({"method": method, "tokens": rep["calibration"]["tokens"],
+                                 "stats_forward_s": sum(l["stats_forward_s"] for l in rep["layers"]),
+                                 "prune_s": sum(l["prune_s"] for l in rep["layers"])})
+        res["model"] = data.shown_path(model)
+    return res
+
+
+def markdown(res: dict) -> str:
+    """measure()'s figures as the three tables docs/benchmarks.md quotes."""
+    m = res["machine"]
+    peaks, sizes = res["peak_rss"], res["checkpoint_bytes"]
+    out = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}", "",
+           f"peak RSS of prune.py --method moe-pruner, {res['nsamples']} x {res['seqlen']} calibration tokens, hidden "
+           f"{res['hidden_size']}, 8 experts x {res['intermediate_size']} (one layer = {res['layer_bytes'] / GiB:.2f} "
+           f"GiB in float32):", "", "| layers | checkpoint (bf16) | peak RSS |", "|---|---|---|"]
+    out += [f"| {n} | {sizes[n] / GiB:.2f} GiB | {peaks[n] / GiB:.2f} GiB |" for n in peaks]
+    out += ["", f"ratio 8-layer / 2-layer: {peaks['8'] / peaks['2']:.3f}", "",
+            "projected peak for Mixtral-8x7B, 128 x 2048 calibration tokens (moe-pruner), from the overhead measured "
+            "above:", "", "| term | GiB |", "|---|---|",
+            f"| measured overhead (interpreter, torch, buffers) | {res['overhead_bytes'] / GiB:.2f} |"]
+    rows = res["projection"]
+    out += [f"| {k} | {v / GiB:.2f} |" for k, v in rows.items()]
+    fixed = res["overhead_bytes"] + rows["one decoder layer (float32)"] + rows["one batch's temporaries"]
+    out += [f"| **total, float32 activations** | **{(fixed + rows['activations in + out, float32']) / GiB:.1f}** |",
+            f"| **total, --act-dtype bfloat16** | **{(fixed + rows['activations in + out, bfloat16']) / GiB:.1f}** |",
+            "", f"scoring + masking time / calibration forward time, {res['model']}, prune.py defaults:", "",
+            "| method | calibration tokens | stats forward s | prune s | ratio |", "|---|---|---|---|---|"]
+    out += [f"| {t['method']} | {t['tokens']} | {t['stats_forward_s']:.2f} | {t['prune_s']:.2f} | "
+            f"{t['prune_s'] / t['stats_forward_s']:.3f} |" for t in res["times"]]
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--hidden-size", "--hidden", type=cli.positive_int, default=1024,
@@ -80,52 +133,18 @@ def main(argv=None):
                    help="expert width of the random models" + cli.spelled(("--intermediate",)))
     p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
     p.add_argument("--seqlen", type=cli.seqlen, default=256, help="tokens per calibration window")
+    p.add_argument("--json", help="also write every figure to this file (docs/benchmarks.md quotes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as d:
-        peaks = {}
-        for layers in (2, 8):
-            path = os.path.join(d, f"m{layers}")
-            cfg = make_checkpoint(path, layers, args.hidden_size, args.intermediate_size)
-            np.save(os.path.join(path, "calib.npy"),
-                    np.random.default_rng(0).integers(0, 4096, size=(args.nsamples, args.seqlen)))
-            peaks[layers], report = run_prune(path, os.path.join(d, f"o{layers}"), "moe-pruner")
-        layer_bytes = sum(torch.Size(s).numel() for s in layer_shapes(cfg, 0).values()) * 4
-        print(f"peak RSS of prune.py --method moe-pruner, {args.nsamples} x {args.seqlen} calibration tokens, "
-              f"hidden {args.hidden_size}, 8 experts x {args.intermediate_size} (one layer = {layer_bytes / GiB:.2f} GiB "
-              f"in float32):")
-        print("| layers | checkpoint (bf16) | peak RSS |\n|---|---|---|")
-        for layers, peak in peaks.items():
-            size = sum(os.path.getsize(os.path.join(d, f"m{layers}", f)) for f in os.listdir(os.path.join(d, f"m{layers}")))
-            print(f"| {layers} | {size / GiB:.2f} GiB | {peak / GiB:.2f} GiB |")
-        print(f"ratio 8-layer / 2-layer: {peaks[8] / peaks[2]:.3f} (target <= 1.15)\n")
+    with cli.errors():
+        if args.json:
+            check_output_file(args.json, args.overwrite)
+        res = measure(args.hidden_size, args.intermediate_size, args.nsamples, args.seqlen)
+        print(markdown(res))
+        if args.json:
+            write_output_file(args.json, json_text(res), args.overwrite)
+        return res
 
-        act = 2 * args.nsamples * args.seqlen * args.hidden_size * 4
-        overhead = peaks[2] - layer_bytes - act
-        rows = mixtral_projection()
-        print("projected peak for Mixtral-8x7B, 128 x 2048 calibration tokens (moe-pruner):")
-        print("| term | GiB |\n|---|---|")
-        print(f"| measured overhead (interpreter, torch, buffers) | {overhead / GiB:.2f} |")
-        for k, v in rows.items():
-            print(f"| {k} | {v / GiB:.2f} |")
-        fixed = overhead + rows["one decoder layer (float32)"] + rows["one batch's temporaries"]
-        print(f"| **total, float32 activations** | **{(fixed + rows['activations in + out, float32']) / GiB:.1f}** |")
-        print(f"| **total, --act-dtype bfloat16** | **{(fixed + rows['activations in + out, bfloat16']) / GiB:.1f}** |")
-        print("(sparsegpt adds its Hessians: 8 experts x (4096^2 + 14336^2) float32 = 6.6 GiB)\n")
-
-        try:
-            model = data.default_model_dir()
-        except data.DataError as e:
-            print(f"no embedded model for the time ratio: {e}")
-            return
-        print(f"scoring + masking time / calibration forward time, {model}, prune.py defaults:")
-        print("| method | calibration tokens | stats forward s | prune s | ratio |\n|---|---|---|---|---|")
-        for method in ("moe-pruner", "wanda", "magnitude", "sparsegpt"):
-            out = os.path.join(d, f"t-{method}")
-            prune.main(["--model", model, "--method", method, "--out", out])
-            rep = json.load(open(os.path.join(out, "prune_report.json")))
-            fwd = sum(l["stats_forward_s"] for l in rep["layers"])
-            pr = sum(l["prune_s"] for l in rep["layers"])
-            print(f"| {method} | {rep['calibration']['tokens']} | {fwd:.2f} | {pr:.2f} | {pr / fwd:.3f} |")
 
 if __name__ == "__main__":
     main()
