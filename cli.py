@@ -22,7 +22,7 @@ import torch
 
 from checkpoint import CheckpointError
 from data import REPO, DataError, shown_path
-from outputs import OutputError
+from outputs import OutputError, json_text, write_output_file
 
 
 class Terminated(BaseException):
@@ -90,6 +90,19 @@ def device(s: str) -> str:
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{s}: torch sees {torch.cuda.device_count()} CUDA devices")
     return s
+
+
+def add_json_args(p: argparse.ArgumentParser):
+    """--json and --overwrite of a benchmark: its figures as a results file, which docs quote."""
+    p.add_argument("--json", help="also write every figure to this file (docs/benchmarks.md quotes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+
+
+def show_and_save(table: str, results, path: str = None, overwrite: bool = False):
+    """Print a benchmark's table; with a path, write its figures there by the output rule."""
+    print(table)
+    if path:
+        write_output_file(path, json_text(results), overwrite)
 
 
 def add_device_arg(p: argparse.ArgumentParser):

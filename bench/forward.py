@@ -20,7 +20,7 @@ import cli
 import data
 import mini_mixtral as mm
 from checkpoint import load_model, save_model
-from outputs import check_output_file, json_text, write_output_file
+from outputs import check_output_file
 from progress import machine
 
 
@@ -100,8 +100,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=cli.positive_int, default=7, help="timed runs per model (median reported)")
     p.add_argument("--threads", default="0",
                    help="comma list of torch thread counts to measure at, 0 for torch's choice (e.g. 2,1)")
-    p.add_argument("--json", help="also write every figure to this file (docs/benchmarks.md quotes it)")
-    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    cli.add_json_args(p)
     args = p.parse_args(argv)
     with cli.errors():
         if importlib.util.find_spec("transformers") is None:
@@ -118,9 +117,7 @@ def main(argv=None):
                                num_experts_per_tok=2, rope_theta=10000.0, max_position_embeddings=args.seqlen,
                                torch_dtype="float32")
         res = measure(cfg, args.batch_size, args.seqlen, args.repeats, threads)
-        print(markdown(res))
-        if args.json:
-            write_output_file(args.json, json_text(res), args.overwrite)
+        cli.show_and_save(markdown(res), res, args.json, args.overwrite)
         return res
 
 

@@ -28,7 +28,7 @@ import data
 import mini_mixtral as mm
 import prune
 from checkpoint import CheckpointWriter, expected_shapes, layer_shapes
-from outputs import check_output_file, json_text, write_output_file
+from outputs import check_output_file
 from progress import machine
 
 GiB = 1024**3
@@ -133,16 +133,13 @@ def main(argv=None):
                    help="expert width of the random models" + cli.spelled(("--intermediate",)))
     p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
     p.add_argument("--seqlen", type=cli.seqlen, default=256, help="tokens per calibration window")
-    p.add_argument("--json", help="also write every figure to this file (docs/benchmarks.md quotes it)")
-    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    cli.add_json_args(p)
     args = p.parse_args(argv)
     with cli.errors():
         if args.json:
             check_output_file(args.json, args.overwrite)
         res = measure(args.hidden_size, args.intermediate_size, args.nsamples, args.seqlen)
-        print(markdown(res))
-        if args.json:
-            write_output_file(args.json, json_text(res), args.overwrite)
+        cli.show_and_save(markdown(res), res, args.json, args.overwrite)
         return res
 
 

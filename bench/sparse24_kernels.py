@@ -25,7 +25,7 @@ import mini_mixtral as mm
 import prune
 import sparse24
 from checkpoint import DTYPES
-from outputs import check_output_file, json_text, write_output_file
+from outputs import check_output_file
 from progress import machine
 
 
@@ -118,8 +118,7 @@ def main(argv=None):
     p.add_argument("--tokens", default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
     p.add_argument("--iters", type=cli.positive_int, default=20, help="timed repetitions (median reported)")
     p.add_argument("--moe-tokens", default="1,128,1024,4096", help="token counts for the whole MoE block")
-    p.add_argument("--json", help="also write every measurement to this file (docs/benchmarks.md quotes it)")
-    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    cli.add_json_args(p)
     args = p.parse_args(argv)
     with cli.errors():
         if args.json:
@@ -131,9 +130,7 @@ def main(argv=None):
             return 0
         results = bench(args.dtype, [int(t) for t in args.tokens.split(",")], args.iters,
                         [int(t) for t in args.moe_tokens.split(",")])
-        print(markdown(results))
-        if args.json:
-            write_output_file(args.json, json_text(results), args.overwrite)
+        cli.show_and_save(markdown(results), results, args.json, args.overwrite)
     return 0
 
 
