@@ -48,7 +48,8 @@ import cli
 import data
 import distributed
 import mini_mixtral as mm
-from checkpoint import CheckpointReader, CheckpointWriter, load_layer, load_model, read_config, refuse_variant
+from checkpoint import (CheckpointReader, CheckpointWriter, expected_shapes, load_layer, load_model, read_config,
+                        refuse_variant)
 from outputs import check_output
 from layerwise import COMPUTE_DTYPES, compute_dtype, embed_windows, layers, run_layer
 from progress import log
@@ -92,15 +93,24 @@ def kd_lambda(ce: torch.Tensor, l_expert: torch.Tensor) -> float:
     return (ce / l_expert).item()
 
 
-def pruned_matrices(student_dir: str, model: torch.nn.Module) -> list:
+def pruned_matrices(student_dir: str, config: mm.MixtralConfig) -> list:
     """The names of the matrices that pruning changed: those prune_report.json lists with sparsity
     > 0 when the student has one, else every expert matrix. Only these keep a mask; an exact zero
     elsewhere (the embedding has a few) is an ordinary weight."""
+    matrices = {n for n, shape in expected_shapes(config).items() if len(shape) == 2}
     report = os.path.join(student_dir, "prune_report.json")
-    if os.path.isfile(report):
+    if not os.path.isfile(report):
+        return sorted(n for n in matrices if ".experts." in n)
+    try:
         with open(report) as f:
-            return [n for n, s in json.load(f).get("per_matrix_sparsity", {}).items() if s > 0]
-    return [n for n, p in model.named_parameters() if ".experts." in n and p.dim() == 2]
+            sparsity = json.load(f)["per_matrix_sparsity"]
+        names = [n for n, s in sparsity.items() if s > 0]
+        if not set(names) <= matrices:
+            raise ValueError("it names a matrix the student does not have")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise data.DataError(f"{report}: not a prune report of this student ({e}); remove it to keep every expert "
+                             f"matrix's zeros") from None
+    return names
 
 
 def zero_masks(model: torch.nn.Module, names=None) -> dict:
@@ -368,6 +378,7 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
         raise data.DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {distributed.world()} processes")
     ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(text, "train"))
     windows = data.calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    pruned = pruned_matrices(student_dir, config)  # the matrices whose zeros stay zero
     if distributed.is_main():  # every check passed: say what runs before the first minutes of it
         log(f"{data.shown_path(student_dir)} distilled from {data.shown_path(teacher_dir)} -> {data.shown_path(out)}: "
             f"{mode} mode, loss {cfg.loss}, {cfg.nsamples} x {cfg.seqlen} tokens of {text}, {cfg.epochs} epochs")
@@ -381,7 +392,7 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
             load = (lambda p: load_sharded(p, device, device.type == "cuda")) if distributed.active() else \
                 (lambda p: load_model(p, torch.float32, device))
             teacher, student = load(teacher_dir).requires_grad_(False), load(student_dir)
-            masks = zero_masks(student, pruned_matrices(student_dir, student))
+            masks = zero_masks(student, pruned)
             if not masks:
                 raise data.DataError(f"{student_dir}: no pruned weights (no exact zeros in its pruned matrices); "
                                      f"distil a checkpoint written by prune.py")

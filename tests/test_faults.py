@@ -629,3 +629,20 @@ def test_a_variant_setting_that_does_not_fit_is_one_line(tmp_path, capsys, varia
     assert msg in script_error(capsys, eval_ppl.main, ["--model", ckpt])
     assert "is an expert-level variant" in script_error(capsys, prune.main, ["--model", ckpt, "--method", "wanda",
                                                                               "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("text", ["{not json", "{}", '{"per_matrix_sparsity": {"model.layers.9.x": 0.5}}',
+                                  '{"per_matrix_sparsity": {"model.layers.0.block_sparse_moe.experts.0.w1.weight": "half"}}'])
+def test_a_students_report_that_lies_is_one_line(world, capsys, text):
+    """distill.py reads which matrices keep their zeros from the student's prune_report.json: a corrupt
+    or foreign one is an error naming the file, not a traceback, and nothing is written."""
+    report = os.path.join(world["student"], "prune_report.json")
+    original = open(report).read()
+    try:
+        open(report, "w").write(text)
+        line = script_error(capsys, distill.main, distill_argv(world, world["tmp"] / "out"))
+        assert "prune_report.json: not a prune report of this student" in line
+        assert not (world["tmp"] / "out").exists()
+    finally:
+        open(report, "w").write(original)
+    unchanged(world)
