@@ -155,6 +155,11 @@ def cases(w):
         ("distill --out TEXT", distill.main, distill_argv(w, w["text"], "--overwrite"), "is the input"),
         ("run_paper --out INSIDE MODEL", run_paper.main,
          ["--model", w["ckpt"], "--out", os.path.join(w["ckpt"], "results"), "--parts", "table"], "lies inside the input"),
+        ("run_paper --sweep 1.5", run_paper.main, ["--model", w["ckpt"], "--sweep", "0.5,1.5", "--out", str(out)],
+         "sparsities in [0, 1)"),
+        ("run_paper --seqlen past the context", run_paper.main,
+         ["--model", w["ckpt"], "--calib-data", w["text"], "--seqlen", "4096", "--out", str(out)],
+         "exceeds the model's max_position_embeddings"),
         ("run_paper --out TEXT FOLDER", run_paper.main,
          ["--model", w["ckpt"], "--calib-data", w["text"], "--out", w["text"], "--overwrite", "--parts", "table"],
          "is the input"),
@@ -646,3 +651,18 @@ def test_a_students_report_that_lies_is_one_line(world, capsys, text):
     finally:
         open(report, "w").write(original)
     unchanged(world)
+
+
+def test_run_papers_staging_folder_of_a_killed_run_is_removed_by_the_next(world):
+    """SIGKILL cannot be handled: a killed run_paper.py leaves OUT.tmp-PID-XXXX; the next run writing
+    to OUT removes it (its process no longer exists) and leaves a live run's alone."""
+    t = world["tmp"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = t / f"res.tmp-{dead.pid}-abc", t / f"res.tmp-{os.getpid()}-xyz"
+    stale.mkdir()
+    live.mkdir()
+    run_paper.main(["--model", world["ckpt"], "--calib-data", world["text"], "--eval-data", world["text"], "--seqlen", "32",
+                    "--nsamples", "4", "--eval-windows", "2", "--parts", "table", "--out", str(t / "res")])
+    assert not stale.exists() and live.exists() and (t / "res" / "results.json").is_file()
+    live.rmdir()
