@@ -48,6 +48,7 @@ removed).
 import itertools
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -249,9 +250,21 @@ PROTOCOLS = ("layerwise", "progressive")
 SELECTIONS = ("naee", "reap")  # how the r kept experts are chosen
 
 
-def drop_experts(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: bool, out: str, overwrite: bool = False,
-                 batch_size: int = 8, device="cpu", protocol: str = "layerwise", log=log, report_extra: dict = None,
-                 select: str = "naee", dtype: str = "float32") -> dict:
+@dataclass
+class ExpertPruning:
+    """What drop_experts does (recorded in its report through the command line's arguments)."""
+
+    r: int  # experts kept per layer (NAEE's r; the model's count: none dropped)
+    skip: bool = False  # NAEE's dynamic skipping
+    select: str = "naee"  # how the r are chosen: NAEE's output error or REAP's saliency
+    protocol: str = "layerwise"  # the reference's layerwise_pruning (default) or progressive_pruning
+    batch_size: int = 8  # calibration windows per forward (and per NAEE error term, as in the reference)
+    device: str = "cpu"
+    dtype: str = "float32"  # compute dtype of every forward
+
+
+def drop_experts(reader: CheckpointReader, tokens: torch.Tensor, how: ExpertPruning, out: str, overwrite: bool = False,
+                 log=log, report_extra: dict = None) -> dict:
     """Expert pruning to r experts per layer (r = n: none), the r chosen by NAEE's output error or
     by REAP's saliency (select), and optional dynamic skipping (NAEE).
 
@@ -262,6 +275,8 @@ def drop_experts(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: b
     once from the dense model).
     dtype: the compute dtype of every forward (layerwise.compute_dtype); errors and saliencies
     are accumulated in float64 either way."""
+    r, skip, select, protocol, batch_size, device, dtype = (how.r, how.skip, how.select, how.protocol, how.batch_size,
+                                                            how.device, how.dtype)
     if protocol not in PROTOCOLS:
         raise data.DataError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     if select not in SELECTIONS:
@@ -269,7 +284,7 @@ def drop_experts(reader: CheckpointReader, tokens: torch.Tensor, r: int, skip: b
     config = reader.config
     n, k = config.num_local_experts, config.num_experts_per_tok
     if not k <= r <= n:
-        raise data.DataError(f"--r {r}: must lie in [num_experts_per_tok {k}, num_local_experts {n}]")
+        raise data.DataError(f"--keep-experts {r}: must lie in [num_experts_per_tok {k}, num_local_experts {n}]")
     if skip and k != 2:
         raise data.DataError(f"dynamic skipping is defined for top-2 routing; this model routes to {k}")
     new = mm.MixtralConfig.from_dict({**config.to_dict(), "num_local_experts": r})
@@ -498,8 +513,8 @@ def main(argv=None):
             return cd_moe(model_dir, tokens, args.condense_layers, args.condense_experts, args.out, args.overwrite,
                           args.batch_size, args.device, report_extra=recorded, dtype=args.dtype)
         kept = args.keep_experts if args.keep_experts is not None else config.num_local_experts
-        return drop_experts(reader, tokens, kept, args.skip, args.out, args.overwrite, args.batch_size, args.device,
-                            args.protocol, report_extra=recorded, select=args.select, dtype=args.dtype)
+        how = ExpertPruning(kept, args.skip, args.select, args.protocol, args.batch_size, args.device, args.dtype)
+        return drop_experts(reader, tokens, how, args.out, args.overwrite, report_extra=recorded)
 
 
 if __name__ == "__main__":

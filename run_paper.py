@@ -317,7 +317,8 @@ def part_experts(s: Setup) -> list:
         t0 = time.time()
         quiet = lambda m: None
         if kind in ("naee", "reap"):
-            expert_prune.drop_experts(CheckpointReader(s.model), tokens, *extra, out, overwrite=True, log=quiet, select=kind)
+            how = expert_prune.ExpertPruning(*extra, select=kind)
+            expert_prune.drop_experts(CheckpointReader(s.model), tokens, how, out, overwrite=True, log=quiet)
         elif kind == "cd-moe":
             expert_prune.cd_moe(s.model, tokens, *extra, out, overwrite=True, log=quiet)
         elif kind == "prune":
