@@ -50,8 +50,8 @@ import distributed
 import mini_mixtral as mm
 from checkpoint import (CheckpointReader, CheckpointWriter, expected_shapes, load_layer, load_model, read_config,
                         refuse_variant)
-from outputs import check_output
 from layerwise import COMPUTE_DTYPES, compute_dtype, embed_windows, layers, run_layer
+from outputs import check_output
 from progress import log
 
 

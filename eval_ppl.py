@@ -26,8 +26,8 @@ import cli
 import data
 import mini_mixtral as mm
 from checkpoint import DTYPES, CheckpointReader, read_config
-from outputs import check_output_file, json_text, write_output_file
 from expert_prune import load_model
+from outputs import check_output_file, json_text, write_output_file
 from progress import Progress, machine
 
 
@@ -72,7 +72,8 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
     probability of the k chosen experts before renormalisation: k / n_experts for a flat router,
     1 for a decisive one), over all tokens of the windows."""
     cfg = model.config
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long, device="cpu")  # statistics on the CPU
+    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,
+                         device="cpu")  # the statistics are gathered on the CPU
     gates = [[] for _ in range(cfg.num_hidden_layers)]
     mass = [[] for _ in range(cfg.num_hidden_layers)]
     for i in range(0, len(windows), batch_size):
@@ -164,9 +165,10 @@ def main(argv=None):
                    help="one or more checkpoint directories (official layout), evaluated on the same windows and "
                         "printed as one table; default: the embedded tiny Mixtral")
     p.add_argument("--eval-data", "--data", dest="eval_data", default="stdlib",
-                   help="text to evaluate ('--data': its former spelling, still accepted): a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
+                   help="text to evaluate: a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
                         "'stdlib' for the embedded corpus's held-out eval split (default), or 'stdlib:calib' "
-                        "(stdlib:train) for its calibration (training) split, e.g. to measure the router there")
+                        "(stdlib:train) for its calibration (training) split, e.g. to measure the router there"
+                        + cli.spelled(("--data",)))
     p.add_argument("--split", default="test", choices=("test", "validation"),
                    help="with a WikiText directory: wiki.test.raw (Wanda's and SparseGPT's choice, default) or "
                         "wiki.valid.raw (what the MoE-Pruner paper says it used)")

@@ -437,9 +437,9 @@ def cd_moe(model_dir: str, tokens: torch.Tensor, n_layers: int, n_experts: int, 
 def expert_budget(config: mm.MixtralConfig, skip_fraction=0.0, nonzero_fraction=1.0) -> dict:
     """Stored expert parameters and expert multiply-accumulates per token of a model variant."""
     per_expert = 3 * config.hidden_size * config.intermediate_size
-    stored, macs = 0, 0.0
+    stored, macs, condensed = 0, 0.0, condensed_layers(config)
     for l in range(config.num_hidden_layers):
-        c = condensed_layers(config).get(str(l))
+        c = condensed.get(str(l))
         if c:
             stored += len(c["experts"]) * per_expert
             macs += len(c["experts"]) * per_expert

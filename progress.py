@@ -9,6 +9,7 @@ carriage returns.
 
 import os
 import platform
+import re
 import sys
 import time
 
@@ -64,6 +65,18 @@ class Laps:
         now = time.time()
         self.times[name] = now - self.t
         self.t = now
+
+
+def process_memory(field: str = "VmHWM", pid="self") -> int:
+    """A process's memory in bytes, read from the kernel's /proc/PID/status where it has one (Linux),
+    else 0: VmHWM, the high-water mark of the process's own address space (ru_maxrss would include a
+    parent's peak, carried across fork and exec), or VmRSS, its resident set now."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            found = re.search(rf"{field}:\s+(\d+)", f.read())
+    except OSError:
+        return 0
+    return int(found.group(1)) * 1024 if found else 0
 
 
 def machine() -> dict:

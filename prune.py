@@ -50,8 +50,8 @@ import data
 import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes
-from outputs import check_output
 from layerwise import COMPUTE_DTYPES, Positions, embed_windows, layers, rerun_moe_half, run_layer
+from outputs import check_output
 from progress import Laps, log
 
 METHODS = ("moe-pruner", "wanda", "sparsegpt", "magnitude")

@@ -48,10 +48,7 @@ def make_checkpoint(path, layers, hidden, intermediate):
 
 def run_prune(model, out, method, extra=()):
     """prune.py in a fresh process; returns its peak RSS in bytes and its report."""
-    # VmHWM, the high-water mark of this process's own address space; ru_maxrss would include the
-    # parent's peak, which Linux carries across fork and exec.
-    code = ("import re, sys, prune; prune.main(sys.argv[1:]); "
-            "print('PEAK', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
+    code = "import sys, prune, progress; prune.main(sys.argv[1:]); print('PEAK', progress.process_memory('VmHWM'))"
     argv = ["--model", model, "--out", out, "--method", method, "--calib-tokens", os.path.join(model, "calib.npy"),
             *extra]  # the token file fixes the windows: nsamples x seqlen
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=data.REPO)

@@ -27,7 +27,6 @@ so in one line when the disk lacks it. Never run in CI: it takes tens of minutes
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shap
 from outputs import check_output_file, json_text, write_output_file
 from layerwise import embed_windows, run_layer
 from mini_mixtral import MixtralConfig
-from progress import Laps, machine
+from progress import Laps, machine, process_memory
 
 GiB = 1024**3
 
@@ -124,8 +123,7 @@ def child(argv: list):
     laps = Laps()
     run_layer(layer, x, pos, args["batch_size"], dtype=DTYPES[args["dtype"]])
     laps.lap("plain_forward_s")
-    rss = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-    print("CHILD " + json.dumps({"peak_rss": rss, "gpu_peak": gpu_peak, **laps.times}))
+    print("CHILD " + json.dumps({"peak_rss": process_memory("VmHWM"), "gpu_peak": gpu_peak, **laps.times}))
 
 
 def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_size: int, device: str) -> dict:
@@ -133,18 +131,13 @@ def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_s
     maximum RSS, and layer 0's plain forward."""
     argv = ["--model", model, "--out", out, "--method", method, "--calib-tokens", calib, "--dtype", dtype,
             "--batch-size", str(batch_size), "--device", device]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from bench import scale; scale.child(sys.argv[1:])", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=data.REPO)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from bench import scale; scale.child(sys.argv[1:])",
+                             *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=data.REPO)
     sampled = [0]
 
     def sample():
         while proc.poll() is None:
-            try:
-                rss = re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{proc.pid}/status").read())
-                sampled[0] = max(sampled[0], int(rss.group(1)) * 1024) if rss else sampled[0]
-            except OSError:
-                pass
+            sampled[0] = max(sampled[0], process_memory("VmRSS", proc.pid))
             time.sleep(0.2)
     t = threading.Thread(target=sample)
     t.start()
