@@ -25,11 +25,13 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import cli
+from cli import UserError
 from mini_mixtral import DecoderLayer, Mixtral, MixtralConfig
 from outputs import check_output, publish, remove, remove_stale_temps, umask
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be used; the message is one line naming the problem."""
 
 
@@ -64,7 +66,7 @@ def layer_shapes(config: MixtralConfig, l: int) -> dict:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in cli.DTYPES}  # --dtype's names as torch dtypes
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors' names
 SAFETENSORS_DTYPES = {**STORED_DTYPES, "I16": torch.int16}  # and the metadata of sparse24's compressed matrices
 

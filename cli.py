@@ -2,7 +2,9 @@
 What every script's command line shares: argument types that refuse bad values before any work,
 one-line errors, and signals handled like errors.
 
-A script's main() builds its parser with `parser(__doc__)` and runs its work inside
+This module imports no torch, and each script builds its parser (`build_parser`) before its own
+heavy imports: `--help` and a usage error are answered at once, before torch loads (about a
+second on a small machine). A script's main() builds the same parser and runs its work inside
 `with errors():`. Every problem a user can cause (a bad argument, a missing or unusable file, a
 signal) then ends the script with a single line `error: ...` on stderr and a non-zero exit
 status, never a traceback; the `with CheckpointWriter(...)` blocks inside have already removed
@@ -14,15 +16,34 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
 
-import torch
-
-from checkpoint import CheckpointError
-from data import REPO, DataError, shown_path
 from outputs import OutputError, json_text, write_output_file
+
+REPO = os.path.dirname(os.path.abspath(__file__))  # the repository root: models/, corpus/, results/
+DTYPES = ("float32", "float16", "bfloat16")  # what --dtype accepts where a checkpoint is stored or read
+COMPUTE_DTYPES = ("float32", "bfloat16")  # what --dtype accepts wherever a layer forward runs
+METHODS = ("moe-pruner", "wanda", "sparsegpt", "magnitude")  # prune.py's scores (--method)
+# Evaluation windows of the embedded corpus when none are asked for: 128 x 512 = 65k tokens, a
+# sixth of the eval split, spread over all of it (a model's evaluation takes seconds, not minutes).
+EVAL_SAMPLE = 128
+
+
+class UserError(Exception):
+    """A problem with what the user gave (a path, a file, a value): reported as one line naming it.
+    DataError and CheckpointError are its kinds."""
+
+
+def shown_path(path: str) -> str:
+    """How reports and results name a path: relative to the repository when inside it (so results
+    read the same on every machine), else as given."""
+    if path is None:
+        return None
+    rel = os.path.relpath(os.path.abspath(path), REPO)
+    return path if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
 class Terminated(BaseException):
@@ -46,7 +67,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if shown and "default" not in text and action.option_strings:  # `is`: a default of 0 is shown
             text += " (default: %(default)s)"
         return text
 
@@ -78,16 +100,17 @@ nonnegative_float = number(float, "a number", lambda v: math.isfinite(v) and v >
 
 
 def device(s: str) -> str:
-    """An argparse type: cpu, cuda or cuda:N, refused at once when torch cannot use it."""
-    try:
-        d = torch.device(s)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected cpu, cuda or cuda:N") from None
-    if d.type not in ("cpu", "cuda"):
+    """An argparse type: cpu, cuda or cuda:N, refused at once when torch cannot use it; 'auto' (the
+    default) is cuda when torch sees one, else cpu."""
+    import torch  # here, not at the top: parsing --help needs no torch (see the docstring above)
+    if s == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", s)
+    if m is None:
         raise argparse.ArgumentTypeError(f"{s!r}: expected cpu, cuda or cuda:N")
-    if d.type == "cuda" and not torch.cuda.is_available():
+    if m.group(1) == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{s}: torch sees no CUDA device")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+    if m.group(1) == "cuda" and m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{s}: torch sees {torch.cuda.device_count()} CUDA devices")
     return s
 
@@ -107,9 +130,17 @@ def show_and_save(table: str, results, path: str = None, overwrite: bool = False
 
 def add_device_arg(p: argparse.ArgumentParser):
     """--device, the same in every script: cuda when torch sees one, else cpu."""
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=device, default="auto",
                    help="where the model and activations live: cpu, cuda or cuda:N (default: cuda when torch sees "
                         "one, else cpu)")
+
+
+def add_eval_windows_arg(p: argparse.ArgumentParser, former: tuple = ()):
+    """--eval-windows, the evaluation sample (eval_ppl.py, run_paper.py; data.sample_windows draws it)."""
+    p.add_argument("--eval-windows", *former, dest="eval_windows", type=nonnegative_int, default=None,
+                   help=f"evaluation windows per model, spread evenly over the whole text; 0 = all. Default: "
+                        f"{EVAL_SAMPLE} for the embedded corpus (the sample of README's tables, 65k tokens), all for "
+                        f"any other text (the literature's protocol)" + spelled(former))
 
 
 def add_calib_data_arg(p: argparse.ArgumentParser, split: str = "calibration", former: tuple = ()):
@@ -176,7 +207,7 @@ def apply_recipe(p: argparse.ArgumentParser, args: argparse.Namespace, argv, pat
         with open(args.recipe) as f:
             recorded = {(renamed or {}).get(k, k): v for k, v in json.load(f)["args"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: "args" not an object
-        raise DataError(f"--recipe {args.recipe}: not a report with recorded arguments ({e})") from None
+        raise UserError(f"--recipe {args.recipe}: not a report with recorded arguments ({e})") from None
     given = given_flags(p, argv) - {"recipe"}
     actions = {a.dest: a for a in p._actions}
     for k, v in recorded.items():
@@ -217,19 +248,19 @@ def recorded_value(action: argparse.Action, v, recipe: str):
             raise argparse.ArgumentTypeError(f"choose from {', '.join(map(str, action.choices))}")
         return v
     except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
-        raise DataError(f"--recipe {recipe}: its {flag} {v!r}: {e}") from None
+        raise UserError(f"--recipe {recipe}: its {flag} {v!r}: {e}") from None
 
 
 @contextlib.contextmanager
 def errors(*more: type):
-    """Turn the errors a user can cause (CheckpointError, DataError, OutputError, the types in
-    `more`, an OS error on a path, SIGINT and SIGTERM) into one `error:` line and a non-zero exit."""
+    """Turn the errors a user can cause (UserError with its kinds CheckpointError and DataError,
+    OutputError, the types in `more`, an OS error on a path, SIGINT and SIGTERM) into one `error:` line and a non-zero exit."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
-    except (CheckpointError, DataError, OutputError, *more) as e:
+    except (UserError, OutputError, *more) as e:
         _fail(str(e), 1)
     except OSError as e:  # a path the user gave: permission, no space, read-only file system, ...
         where = f"{e.filename}: " if e.filename else ""

@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cli import EVAL_SAMPLE, REPO, UserError, shown_path
 from outputs import OutputError, check_output_file, write_output_file
-
-REPO = os.path.dirname(os.path.abspath(__file__))
 # The trained tiny Mixtral shipped with the repo (see pretrain_tiny.py); every script's default.
 SHIPPED_MODEL = os.path.join(REPO, "models", "tiny-mixtral")
 # The second shipped model: trained with the standard balancing weight from upcycling, its router
@@ -44,17 +43,8 @@ CACHE_MODEL = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("
                            "mini-moe-pruner", "tiny-mixtral")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Input text or tokens cannot be used; the message is one line naming the problem."""
-
-
-def shown_path(path: str) -> str:
-    """How reports and results name a path: relative to the repository when inside it (so results
-    read the same on every machine), else as given."""
-    if path is None:
-        return None
-    rel = os.path.relpath(os.path.abspath(path), REPO)
-    return path if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
 def default_model_dir() -> str:
@@ -255,10 +245,6 @@ def eval_windows(ids: np.ndarray, seqlen: int) -> torch.Tensor:
         raise DataError(f"text has {len(ids)} tokens, fewer than one window of {seqlen}")
     return torch.from_numpy(ids[: n * seqlen].astype(np.int64).reshape(n, seqlen))  # [windows, seqlen]
 
-
-# Evaluation windows of the embedded corpus when none are asked for: 128 x 512 = 65k tokens, a
-# sixth of the eval split, spread over all of it (a model's evaluation takes seconds, not minutes).
-EVAL_SAMPLE = 128
 
 
 def is_embedded(spec: str) -> bool:

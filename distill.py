@@ -34,6 +34,7 @@ embedded model distils in a few minutes on 2 CPU cores.
     torchrun --nproc_per_node 8 distill.py --teacher DENSE --student PRUNED --out KD --device cuda
 """
 
+import argparse
 import contextlib
 import json
 import math
@@ -41,18 +42,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.nn.functional as F
-
 import cli
-import data
-import distributed
-import mini_mixtral as mm
-from checkpoint import (CheckpointReader, CheckpointWriter, expected_shapes, load_layer, load_model, read_config,
-                        refuse_variant)
-from layerwise import COMPUTE_DTYPES, compute_dtype, embed_windows, layers, run_layer
-from outputs import check_output
-from progress import log
+
+
+# -----------------------------------------------------------------------------
+# The configuration and the command line, first: --help and usage errors are answered before torch loads
+# (cli.py)
 
 
 @dataclass
@@ -69,6 +64,50 @@ class DistillConfig:
     seed: int = 0
     loss: str = "eq10"  # eq10: L_CE + lambda L_expert (the paper); ce: L_CE alone; mse: L_expert alone (ablations)
     dtype: str = "float32"  # compute dtype on CPU (bfloat16: autocast, fast only with AMX / AVX-512 BF16); CUDA: bf16
+
+
+FORMER = {"nsamples": ("--samples",)}  # DistillConfig field -> its former spellings, still accepted
+# DistillConfig field -> the argparse type that refuses bad values before any work
+FIELD_TYPES = {"nsamples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
+               "warmup_steps": cli.nonnegative_int, "batch_size": cli.positive_int, "grad_accum": cli.positive_int,
+               "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": cli.nonnegative_int,
+               "loss": str, "dtype": str}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--teacher", help="the dense checkpoint (default: the embedded tiny Mixtral)")
+    p.add_argument("--student", help="the pruned checkpoint (same config)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--mode", default="full", choices=("full", "per-expert"),
+                   help="full: Eq. 10 on the whole model; per-expert: one expert at a time on cached inputs")
+    cli.add_calib_data_arg(p, "train", former=("--data",))
+    for f, default in asdict(DistillConfig()).items():
+        former = FORMER.get(f, ())
+        p.add_argument("--" + f.replace("_", "-"), *former, type=FIELD_TYPES[f], default=default,
+                       choices={"loss": ("eq10", "ce", "mse"), "dtype": cli.COMPUTE_DTYPES}.get(f),
+                       help=f"DistillConfig.{f} (default {default}; see the module docstring)" + cli.spelled(former))
+    cli.add_device_arg(p)
+    p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "
+                                    "same windows and steps); flags given as well override it")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
+import torch
+import torch.nn.functional as F
+
+import data
+import distributed
+import mini_mixtral as mm
+from checkpoint import (CheckpointReader, CheckpointWriter, expected_shapes, load_layer, load_model, read_config,
+                        refuse_variant)
+from layerwise import compute_dtype, embed_windows, layers, run_layer
+from outputs import check_output
+from progress import log
 
 
 # -----------------------------------------------------------------------------
@@ -421,31 +460,8 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
     return report
 
 
-FORMER = {"nsamples": ("--samples",)}  # DistillConfig field -> its former spellings, still accepted
-# DistillConfig field -> the argparse type that refuses bad values before any work
-FIELD_TYPES = {"nsamples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
-               "warmup_steps": cli.nonnegative_int, "batch_size": cli.positive_int, "grad_accum": cli.positive_int,
-               "weight_decay": cli.nonnegative_float, "rebalance_every": cli.nonnegative_int, "seed": cli.nonnegative_int,
-               "loss": str, "dtype": str}
-
-
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--teacher", help="the dense checkpoint (default: the embedded tiny Mixtral)")
-    p.add_argument("--student", help="the pruned checkpoint (same config)")
-    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--mode", default="full", choices=("full", "per-expert"),
-                   help="full: Eq. 10 on the whole model; per-expert: one expert at a time on cached inputs")
-    cli.add_calib_data_arg(p, "train", former=("--data",))
-    for f, default in asdict(DistillConfig()).items():
-        former = FORMER.get(f, ())
-        p.add_argument("--" + f.replace("_", "-"), *former, type=FIELD_TYPES[f], default=default,
-                       choices={"loss": ("eq10", "ce", "mse"), "dtype": COMPUTE_DTYPES}.get(f),
-                       help=f"DistillConfig.{f} (default {default}; see the module docstring)" + cli.spelled(former))
-    cli.add_device_arg(p)
-    p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "
-                                    "same windows and steps); flags given as well override it")
+    p = build_parser()
     args = p.parse_args(argv)
     with cli.errors():
         recipe = cli.apply_recipe(p, args, argv, paths=("teacher", "student", "calib_data"),

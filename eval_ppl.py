@@ -16,13 +16,51 @@ routing weight (the "hint" MoE-Pruner's metric multiplies in).
     python eval_ppl.py --model DIR --eval-data wiki.test.raw --seqlen 2048 --json out.json
 """
 
+import argparse
 import math
 import sys
 import time
 
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--model", nargs="+", default=None,
+                   help="one or more checkpoint directories (official layout), evaluated on the same windows and "
+                        "printed as one table; default: the embedded tiny Mixtral")
+    p.add_argument("--eval-data", "--data", dest="eval_data", default="stdlib",
+                   help="text to evaluate: a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
+                        "'stdlib' for the embedded corpus's held-out eval split (default), or 'stdlib:calib' "
+                        "(stdlib:train) for its calibration (training) split, e.g. to measure the router there"
+                        + cli.spelled(("--data",)))
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="with a WikiText directory: wiki.test.raw (Wanda's and SparseGPT's choice, default) or "
+                        "wiki.valid.raw (what the MoE-Pruner paper says it used)")
+    p.add_argument("--seqlen", type=cli.seqlen, default=None,
+                   help="window length in tokens (default 2048 as in the pruning literature, or the model's "
+                        "max_position_embeddings if that is smaller, e.g. 512 for the embedded model)")
+    cli.add_eval_windows_arg(p, former=("--max-windows",))
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
+    p.add_argument("--dtype", default="float32", choices=cli.DTYPES, help="compute dtype")
+    cli.add_device_arg(p)
+    p.add_argument("--router-stats", action="store_true",
+                   help="also report the expert load CV (Eq. 4-5) and top-1 gate statistics per layer")
+    p.add_argument("--json", help="write the results to this file: {ppl, windows, tokens, ...} for one model, "
+                                  "a list of them for several")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import torch
 
-import cli
 import data
 import mini_mixtral as mm
 from checkpoint import DTYPES, CheckpointReader, read_config
@@ -160,34 +198,7 @@ def markdown_table(results, router=False, speed=True):
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", nargs="+", default=None,
-                   help="one or more checkpoint directories (official layout), evaluated on the same windows and "
-                        "printed as one table; default: the embedded tiny Mixtral")
-    p.add_argument("--eval-data", "--data", dest="eval_data", default="stdlib",
-                   help="text to evaluate: a WikiText raw file or directory, a C4 json/json.gz shard, any text file, "
-                        "'stdlib' for the embedded corpus's held-out eval split (default), or 'stdlib:calib' "
-                        "(stdlib:train) for its calibration (training) split, e.g. to measure the router there"
-                        + cli.spelled(("--data",)))
-    p.add_argument("--split", default="test", choices=("test", "validation"),
-                   help="with a WikiText directory: wiki.test.raw (Wanda's and SparseGPT's choice, default) or "
-                        "wiki.valid.raw (what the MoE-Pruner paper says it used)")
-    p.add_argument("--seqlen", type=cli.seqlen, default=None,
-                   help="window length in tokens (default 2048 as in the pruning literature, or the model's "
-                        "max_position_embeddings if that is smaller, e.g. 512 for the embedded model)")
-    p.add_argument("--eval-windows", "--max-windows", type=cli.nonnegative_int, default=None,
-                   help=f"evaluate N windows spread evenly over the whole text; 0 = all. Default: "
-                        f"{data.EVAL_SAMPLE} for the embedded corpus (the sample of README's tables; all 753 of 512 "
-                        f"tokens with 0), all for any other text (the literature's protocol); --max-windows: its former "
-                        f"spelling, still accepted")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
-    cli.add_device_arg(p)
-    p.add_argument("--router-stats", action="store_true",
-                   help="also report the expert load CV (Eq. 4-5) and top-1 gate statistics per layer")
-    p.add_argument("--json", help="write the results to this file: {ppl, windows, tokens, ...} for one model, "
-                                  "a list of them for several")
-    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+    p = build_parser()
     args = p.parse_args(argv)
     results, cache = [], {}
     with cli.errors():

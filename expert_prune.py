@@ -45,22 +45,64 @@ removed).
     python expert_prune.py --condense-layers 2 --condense-experts 2 --out out/cdmoe-2x2
 """
 
+import argparse
 import itertools
 import math
 import time
 from dataclasses import dataclass
 from typing import Optional
 
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+PROTOCOLS = ("layerwise", "progressive")
+SELECTIONS = ("naee", "reap")  # how the r kept experts are chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--model", help="input checkpoint directory; default: the embedded tiny Mixtral")
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--keep-experts", "--r", dest="keep_experts", type=cli.positive_int, default=None,
+                   help="NAEE / REAP: experts kept per layer, NAEE's r (default: all)" + cli.spelled(("--r",)))
+    p.add_argument("--skip", action="store_true", help="NAEE dynamic skipping, beta = median g1/g0 per layer")
+    p.add_argument("--select", default="naee", choices=SELECTIONS,
+                   help="with --r: keep the r experts whose subset changes the layer output least (NAEE, default) "
+                        "or the r of highest REAP saliency (mean gate x output norm over routed tokens)")
+    p.add_argument("--protocol", default="layerwise", choices=PROTOCOLS,
+                   help="NAEE: choose each layer's experts on the dense model's inputs and outputs (layerwise, the "
+                        "reference default) or on inputs through the already-pruned layers (progressive)")
+    p.add_argument("--condense-layers", type=cli.nonnegative_int, default=0, help="CD-MoE: how many layers to condense")
+    p.add_argument("--condense-experts", type=cli.positive_int, default=2,
+                   help="CD-MoE: always-on experts per condensed layer")
+    cli.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
+    cli.add_device_arg(p)
+    p.add_argument("--dtype", default="float32", choices=cli.COMPUTE_DTYPES,
+                   help="compute dtype of every forward: bfloat16 runs the matrix products in bfloat16 (autocast; the "
+                        "weights stay exact, errors and saliencies are accumulated in float64); fast only on CPUs with "
+                        "AMX or AVX-512 BF16 and on GPUs")
+    p.add_argument("--recipe", help="repeat the run an expert_prune_report.json records; flags given as well override it")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 import data
 import mini_mixtral as mm
 from checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, save_model
 from checkpoint import load_model as load_plain_model
-from layerwise import COMPUTE_DTYPES, Positions, compute_dtype, embed_windows, layers, run_layer
+from layerwise import Positions, compute_dtype, embed_windows, layers, run_layer
 from outputs import check_output
 from progress import log
 
@@ -244,10 +286,6 @@ def reap_saliency(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch
         counts[c.expert] += len(c.tokens)
     run_layer(layer, x, pos, batch_size, observer)
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
-
-
-PROTOCOLS = ("layerwise", "progressive")
-SELECTIONS = ("naee", "reap")  # how the r kept experts are chosen
 
 
 @dataclass
@@ -469,30 +507,7 @@ def skip_fraction(model: mm.Mixtral, windows, batch_size=8) -> float:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", help="input checkpoint directory; default: the embedded tiny Mixtral")
-    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--keep-experts", "--r", dest="keep_experts", type=cli.positive_int, default=None,
-                   help="NAEE / REAP: experts kept per layer, NAEE's r (default: all)" + cli.spelled(("--r",)))
-    p.add_argument("--skip", action="store_true", help="NAEE dynamic skipping, beta = median g1/g0 per layer")
-    p.add_argument("--select", default="naee", choices=SELECTIONS,
-                   help="with --r: keep the r experts whose subset changes the layer output least (NAEE, default) "
-                        "or the r of highest REAP saliency (mean gate x output norm over routed tokens)")
-    p.add_argument("--protocol", default="layerwise", choices=PROTOCOLS,
-                   help="NAEE: choose each layer's experts on the dense model's inputs and outputs (layerwise, the "
-                        "reference default) or on inputs through the already-pruned layers (progressive)")
-    p.add_argument("--condense-layers", type=cli.nonnegative_int, default=0, help="CD-MoE: how many layers to condense")
-    p.add_argument("--condense-experts", type=cli.positive_int, default=2,
-                   help="CD-MoE: always-on experts per condensed layer")
-    cli.add_calibration_args(p, nsamples_help="calibration windows (NAEE: 128)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="windows per forward pass")
-    cli.add_device_arg(p)
-    p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
-                   help="compute dtype of every forward: bfloat16 runs the matrix products in bfloat16 (autocast; the "
-                        "weights stay exact, errors and saliencies are accumulated in float64); fast only on CPUs with "
-                        "AMX or AVX-512 BF16 and on GPUs")
-    p.add_argument("--recipe", help="repeat the run an expert_prune_report.json records; flags given as well override it")
+    p = build_parser()
     args = p.parse_args(argv)
     with cli.errors():
         recipe = cli.apply_recipe(p, args, argv, paths=("model", "calib_tokens", "calib_data"), renamed={"r": "keep_experts"})

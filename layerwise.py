@@ -42,9 +42,6 @@ def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device="cpu", 
     return x, Positions(cos, sin, mm.attention_mask(tokens.shape[1], reader.config.sliding_window, device))
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")  # what --dtype accepts wherever a layer forward runs
-
-
 def compute_dtype(device_type: str, dtype) -> contextlib.AbstractContextManager:
     """The context a forward runs in: for bfloat16 (torch.bfloat16 or "bfloat16") the matrix
     products under autocast, the weights staying float32 so that pruning and writing them back

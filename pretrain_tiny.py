@@ -32,24 +32,19 @@ with the per-layer loss at weight 1.0, which revived the collapsed experts:
         --moe-lr 3e-4 --aux-loss-coef 1.0 --threads 2
 """
 
+import argparse
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tokenizers import Tokenizer
-
 import cli
-import data
-import mini_mixtral as mm
-from checkpoint import load_model, read_config, save_model
-from outputs import check_output
-from eval_ppl import expert_load_cv, perplexity, router_stats
-from progress import log
+
+
+# -----------------------------------------------------------------------------
+# The configuration and the command line, first: --help and usage errors are answered before torch loads
+# (cli.py)
 
 
 @dataclass
@@ -81,6 +76,59 @@ class TrainConfig:
     upcycle_noise: float = 0.0  # relative std of Gaussian noise added to each upcycled expert copy (breaks symmetry)
     router_lr_mult: float = 1.0  # the router's learning rate = moe_lr x this
     router_weight_decay: float = -1.0  # the router's weight decay; -1: the same as weight_decay
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", help="output checkpoint directory (default: the cache folder, ~/.cache/mini-moe-pruner/tiny-mixtral)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from --out's .train_state.pt if present")
+    p.add_argument("--save-every", type=cli.nonnegative_int, default=100,
+                   help="save resumable state every N steps (0: never)")
+    types = {"seed": int, "dense_tokens": cli.nonnegative_float, "moe_tokens": cli.nonnegative_float,
+             "batch_size": cli.positive_int, "seqlen": cli.seqlen, "lr": cli.positive_float, "moe_lr": cli.positive_float,
+             "warmup_steps": cli.nonnegative_int, "aux_loss_coef": cli.nonnegative_float,
+             "weight_decay": cli.nonnegative_float, "intermediate_size": cli.positive_int,
+             "hidden_size": cli.positive_int, "num_hidden_layers": cli.positive_int,
+             "num_local_experts": cli.positive_int}
+    for f, type_ in types.items():
+        default = getattr(TrainConfig, f)
+        p.add_argument("--" + f.replace("_", "-"), type=type_, default=default, help=f"TrainConfig.{f} (default {default})")
+    p.add_argument("--balance", choices=["per-layer", "pooled"], default=TrainConfig.balance,
+                   help="load-balancing loss form: per-layer (Switch Transformers, default) or pooled over "
+                        "all layers (transformers' load_balancing_loss_func; balances only the layers' total)")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint (its tokenizer and shape) instead of training tokenizer + dense "
+                        "model: a dense one (one expert, as --moe-tokens 0 writes) is upcycled and trained for "
+                        "--moe-tokens (stage 3); an MoE one is trained for --moe-tokens more (stage 4)")
+    p.add_argument("--upcycle-noise", type=float, default=TrainConfig.upcycle_noise,
+                   help="relative std of the noise added to each upcycled expert copy (default 0: exact copies)")
+    p.add_argument("--router-lr-mult", type=float, default=TrainConfig.router_lr_mult,
+                   help="the router's learning rate as a multiple of the stage's (default 1)")
+    p.add_argument("--router-weight-decay", type=float, default=TrainConfig.router_weight_decay,
+                   help="the router's weight decay (default: --weight-decay's 0.1; decay pulls router logits "
+                        "towards uniform routing)")
+    p.add_argument("--tokenizer", default=None,
+                   help="reuse this checkpoint directory's tokenizer.json instead of training one (stage 1), so a "
+                        "new model shares the shipped model's tokenizer")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's choice)")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+import data
+import mini_mixtral as mm
+from checkpoint import load_model, read_config, save_model
+from outputs import check_output
+from eval_ppl import expert_load_cv, perplexity, router_stats
+from progress import log
 
 
 def cosine_lr(step, total, peak, warmup):
@@ -313,45 +361,13 @@ def train(tc: TrainConfig, out: str, overwrite: bool = False, resume: bool = Fal
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--out", default=data.CACHE_MODEL, help="output checkpoint directory (default: the cache folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--resume", action="store_true", help="continue from --out's .train_state.pt if present")
-    p.add_argument("--save-every", type=cli.nonnegative_int, default=100,
-                   help="save resumable state every N steps (0: never)")
-    types = {"seed": int, "dense_tokens": cli.nonnegative_float, "moe_tokens": cli.nonnegative_float,
-             "batch_size": cli.positive_int, "seqlen": cli.seqlen, "lr": cli.positive_float, "moe_lr": cli.positive_float,
-             "warmup_steps": cli.nonnegative_int, "aux_loss_coef": cli.nonnegative_float,
-             "weight_decay": cli.nonnegative_float, "intermediate_size": cli.positive_int,
-             "hidden_size": cli.positive_int, "num_hidden_layers": cli.positive_int,
-             "num_local_experts": cli.positive_int}
-    for f, type_ in types.items():
-        default = getattr(TrainConfig, f)
-        p.add_argument("--" + f.replace("_", "-"), type=type_, default=default, help=f"TrainConfig.{f} (default {default})")
-    p.add_argument("--balance", choices=["per-layer", "pooled"], default=TrainConfig.balance,
-                   help="load-balancing loss form: per-layer (Switch Transformers, default) or pooled over "
-                        "all layers (transformers' load_balancing_loss_func; balances only the layers' total)")
-    p.add_argument("--init-from", default=None,
-                   help="start from this checkpoint (its tokenizer and shape) instead of training tokenizer + dense "
-                        "model: a dense one (one expert, as --moe-tokens 0 writes) is upcycled and trained for "
-                        "--moe-tokens (stage 3); an MoE one is trained for --moe-tokens more (stage 4)")
-    p.add_argument("--upcycle-noise", type=float, default=TrainConfig.upcycle_noise,
-                   help="relative std of the noise added to each upcycled expert copy (default 0: exact copies)")
-    p.add_argument("--router-lr-mult", type=float, default=TrainConfig.router_lr_mult,
-                   help="the router's learning rate as a multiple of the stage's (default 1)")
-    p.add_argument("--router-weight-decay", type=float, default=TrainConfig.router_weight_decay,
-                   help="the router's weight decay (default: --weight-decay's 0.1; decay pulls router logits "
-                        "towards uniform routing)")
-    p.add_argument("--tokenizer", default=None,
-                   help="reuse this checkpoint directory's tokenizer.json instead of training one (stage 1), so a "
-                        "new model shares the shipped model's tokenizer")
-    p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's choice)")
+    p = build_parser()
     args = p.parse_args(argv)
     tc = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)})
     if args.threads:
         torch.set_num_threads(args.threads)
     with cli.errors():
-        train(tc, args.out, args.overwrite, args.resume, args.save_every, args.init_from, args.tokenizer)
+        train(tc, args.out or data.CACHE_MODEL, args.overwrite, args.resume, args.save_every, args.init_from, args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ and the calibration activations are ever in memory.
     python prune.py --model DIR --method wanda --sparsity 0.5 --nm 2:4 --out out/wanda-24
 """
 
+import argparse
 import contextlib
 import io
 import math
@@ -42,19 +43,78 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import cli
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--model", help="input checkpoint directory (official layout); default: the embedded tiny Mixtral")
+    p.add_argument("--method", choices=cli.METHODS, help="the pruning score (required unless --recipe)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
+    p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
+    cli.add_calibration_args(p)
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--prune-attention", action="store_true",
+                   help="also prune q/k/v/o with the method's router-free form (gate = 1), for whole-model sparsity")
+    p.add_argument("--prune-router", action="store_true",
+                   help="also prune the router W_g (gate = 1 over all tokens), as reference Wanda/SparseGPT code, which "
+                        "prunes every Linear of a layer, does")
+    p.add_argument("--stats-tokens", default="routed", choices=("routed", "all"),
+                   help="each expert's statistics over the tokens routed to it (default; what Wanda's reference code "
+                        "sees when it hooks an expert's Linear) or over all tokens (a router-blind Wanda/SparseGPT)")
+    p.add_argument("--group", default="row", choices=("row", "matrix"),
+                   help="unstructured comparison group: each output row (Wanda, MoE-Pruner; default) or the whole "
+                        "matrix (the reference magnitude baseline's one threshold per matrix)")
+    p.add_argument("--layer-sparsity",
+                   help="non-uniform sparsity: a comma list of one value per decoder layer, or 'owl' (Outlier-Weighed "
+                        "Layerwise sparsity, Yin et al. 2023: layers with more outlier scores pruned less, mean kept "
+                        "at --sparsity)")
+    p.add_argument("--owl-lambda", type=cli.nonnegative_float, default=0.08,
+                   help="OWL: layer sparsities span 2 x lambda around --sparsity, never beyond +- 2 x lambda "
+                        "(default 0.08, the reference's)")
+    p.add_argument("--owl-m", type=cli.positive_float, default=5.0,
+                   help="OWL: a score is an outlier above M x its layer's mean (default 5, as the reference's README "
+                        "commands; its argparse default is 3)")
+    p.add_argument("--percdamp", type=cli.positive_float, default=0.01,
+                   help="SparseGPT: dampening added to diag(H), as a fraction of its mean (default 0.01, the reference's)")
+    p.add_argument("--blocksize", type=cli.positive_int, default=128,
+                   help="SparseGPT: columns updated together, also the unstructured mask's group (default 128)")
+    p.add_argument("--dense-forward", action="store_true",
+                   help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
+                        "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
+    p.add_argument("--error-stride", type=cli.positive_int, default=16,
+                   help="the report's per-matrix errors ||W X - W' X|| / ||W X|| are measured on every N-th input row of "
+                        "each matrix (default 16: about 6%% of the forwards' cost; 1 measures every row, exactly)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--act-dtype", default="float32", choices=cli.DTYPES,
+                   help="dtype the calibration activations are kept in between layers (half precision halves memory)")
+    p.add_argument("--dtype", default="float32", choices=cli.COMPUTE_DTYPES,
+                   help="compute dtype of the layer forward: bfloat16 runs the matrix products in bfloat16 (autocast; "
+                        "weights, masks and statistics stay exact), several times faster on CPUs with AMX or AVX-512 "
+                        "BF16 and on GPUs; statistics are accumulated in float64, Hessians in float32")
+    cli.add_device_arg(p)
+    p.add_argument("--recipe", help="repeat the run a prune_report.json records (same arguments, same calibration "
+                                    "tokens from the calibration_tokens.npy beside it); flags given as well override it")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import numpy as np
 import torch
 
-import cli
 import data
 import distributed
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes
-from layerwise import COMPUTE_DTYPES, Positions, embed_windows, layers, rerun_moe_half, run_layer
+from layerwise import Positions, embed_windows, layers, rerun_moe_half, run_layer
 from outputs import check_output
 from progress import Laps, log
-
-METHODS = ("moe-pruner", "wanda", "sparsegpt", "magnitude")
 
 
 # -----------------------------------------------------------------------------
@@ -531,8 +591,8 @@ def parse_nm(s):
 
 
 def check_args(args: PruneArgs, config: mm.MixtralConfig, nm):
-    if args.method not in METHODS:
-        raise data.DataError(f"unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+    if args.method not in cli.METHODS:
+        raise data.DataError(f"unknown method {args.method!r}; choose from {', '.join(cli.METHODS)}")
     if not 0 <= args.sparsity < 1:
         raise data.DataError(f"--sparsity {args.sparsity} outside [0, 1)")
     if nm is not None:
@@ -567,7 +627,7 @@ def check_args(args: PruneArgs, config: mm.MixtralConfig, nm):
                                              and args.sparsity + 2 * args.owl_lambda < 1 and args.owl_m > 0):
         raise data.DataError(f"--owl-lambda {args.owl_lambda} must keep every layer in [0, 1): OWL's layers lie within "
                              f"--sparsity {args.sparsity} +- 2 x lambda; and --owl-m {args.owl_m} must be > 0")
-    if args.dtype not in COMPUTE_DTYPES:
+    if args.dtype not in cli.COMPUTE_DTYPES:
         raise data.DataError(f"--dtype {args.dtype!r}: float32 or bfloat16")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
@@ -667,55 +727,7 @@ def sparsity_summary(config, per_matrix):
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", help="input checkpoint directory (official layout); default: the embedded tiny Mixtral")
-    p.add_argument("--method", choices=METHODS, help="the pruning score (required unless --recipe)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
-    p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
-    cli.add_calibration_args(p)
-    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--prune-attention", action="store_true",
-                   help="also prune q/k/v/o with the method's router-free form (gate = 1), for whole-model sparsity")
-    p.add_argument("--prune-router", action="store_true",
-                   help="also prune the router W_g (gate = 1 over all tokens), as reference Wanda/SparseGPT code, which "
-                        "prunes every Linear of a layer, does")
-    p.add_argument("--stats-tokens", default="routed", choices=("routed", "all"),
-                   help="each expert's statistics over the tokens routed to it (default; what Wanda's reference code "
-                        "sees when it hooks an expert's Linear) or over all tokens (a router-blind Wanda/SparseGPT)")
-    p.add_argument("--group", default="row", choices=("row", "matrix"),
-                   help="unstructured comparison group: each output row (Wanda, MoE-Pruner; default) or the whole "
-                        "matrix (the reference magnitude baseline's one threshold per matrix)")
-    p.add_argument("--layer-sparsity",
-                   help="non-uniform sparsity: a comma list of one value per decoder layer, or 'owl' (Outlier-Weighed "
-                        "Layerwise sparsity, Yin et al. 2023: layers with more outlier scores pruned less, mean kept "
-                        "at --sparsity)")
-    p.add_argument("--owl-lambda", type=cli.nonnegative_float, default=0.08,
-                   help="OWL: layer sparsities span 2 x lambda around --sparsity, never beyond +- 2 x lambda "
-                        "(default 0.08, the reference's)")
-    p.add_argument("--owl-m", type=cli.positive_float, default=5.0,
-                   help="OWL: a score is an outlier above M x its layer's mean (default 5, as the reference's README "
-                        "commands; its argparse default is 3)")
-    p.add_argument("--percdamp", type=cli.positive_float, default=0.01,
-                   help="SparseGPT: dampening added to diag(H), as a fraction of its mean (default 0.01, the reference's)")
-    p.add_argument("--blocksize", type=cli.positive_int, default=128,
-                   help="SparseGPT: columns updated together, also the unstructured mask's group (default 128)")
-    p.add_argument("--dense-forward", action="store_true",
-                   help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
-                        "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
-    p.add_argument("--error-stride", type=cli.positive_int, default=16,
-                   help="the report's per-matrix errors ||W X - W' X|| / ||W X|| are measured on every N-th input row of "
-                        "each matrix (default 16: about 6%% of the forwards' cost; 1 measures every row, exactly)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="calibration windows per forward pass")
-    p.add_argument("--act-dtype", default="float32", choices=list(DTYPES),
-                   help="dtype the calibration activations are kept in between layers (half precision halves memory)")
-    p.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
-                   help="compute dtype of the layer forward: bfloat16 runs the matrix products in bfloat16 (autocast; "
-                        "weights, masks and statistics stay exact), several times faster on CPUs with AMX or AVX-512 "
-                        "BF16 and on GPUs; statistics are accumulated in float64, Hessians in float32")
-    cli.add_device_arg(p)
-    p.add_argument("--recipe", help="repeat the run a prune_report.json records (same arguments, same calibration "
-                                    "tokens from the calibration_tokens.npy beside it); flags given as well override it")
+    p = build_parser()
     a = p.parse_args(argv)
     with cli.errors():
         recipe = cli.apply_recipe(p, a, argv, paths=("model", "calib_tokens", "calib_data"))

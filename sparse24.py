@@ -33,13 +33,45 @@ torch.sparse alone is used (torchao's sparsity module has been removed upstream)
     python sparse24.py --prune-from DIR --method wanda --out out/wanda-24   # prune to 2:4 first
 """
 
+import argparse
+
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--model", help="a checkpoint pruned with prune.py --nm 2:4")
+    p.add_argument("--prune-from", help="prune this checkpoint to 2:4 first (prune.py's functions) into --out")
+    p.add_argument("--method", default="moe-pruner", choices=cli.METHODS, help="with --prune-from: the pruning method")
+    p.add_argument("--out", help="with --prune-from: where the 2:4 checkpoint goes")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"],
+                   help="half precision for the compressed layout (default: the stored dtype if half, else float16)")
+    p.add_argument("--include-attention", action="store_true",
+                   help="also check and convert q/k/v/o (for checkpoints pruned with --prune-attention)")
+    p.add_argument("--run", action="store_true", help="run the model with semi-structured weights on CUDA and "
+                                                      "compare its logits with the dense masked model")
+    p.add_argument("--backend", default="cutlass", choices=["cutlass", "cusparselt"],
+                   help="torch's semi-structured backend for --run (explicit: torch's default changed across versions)")
+    p.add_argument("--save", help="also write the checkpoint with its 2:4 matrices stored compressed (kept values + "
+                                  "metadata, ~56%% of their dense bytes) to this folder; load it with "
+                                  "sparse24.load_compressed")
+    p.add_argument("--json", help="write the storage report (and the --run comparison) to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and --json if they exist")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
 
 import torch
 from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 from torch.sparse._semi_structured_conversions import (sparse_semi_structured_from_dense_cutlass,
                                                        sparse_semi_structured_to_dense_cutlass)
 
-import cli
 import data
 import mini_mixtral as mm
 import prune
@@ -270,24 +302,7 @@ def compare_logits(model_dir, backend, dtype, windows, include_attention=False):
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", help="a checkpoint pruned with prune.py --nm 2:4")
-    p.add_argument("--prune-from", help="prune this checkpoint to 2:4 first (prune.py's functions) into --out")
-    p.add_argument("--method", default="moe-pruner", help="with --prune-from: the pruning method")
-    p.add_argument("--out", help="with --prune-from: where the 2:4 checkpoint goes")
-    p.add_argument("--dtype", choices=["float16", "bfloat16"],
-                   help="half precision for the compressed layout (default: the stored dtype if half, else float16)")
-    p.add_argument("--include-attention", action="store_true",
-                   help="also check and convert q/k/v/o (for checkpoints pruned with --prune-attention)")
-    p.add_argument("--run", action="store_true", help="run the model with semi-structured weights on CUDA and "
-                                                      "compare its logits with the dense masked model")
-    p.add_argument("--backend", default="cutlass", choices=["cutlass", "cusparselt"],
-                   help="torch's semi-structured backend for --run (explicit: torch's default changed across versions)")
-    p.add_argument("--save", help="also write the checkpoint with its 2:4 matrices stored compressed (kept values + "
-                                  "metadata, ~56%% of their dense bytes) to this folder; load it with "
-                                  "sparse24.load_compressed")
-    p.add_argument("--json", help="write the storage report (and the --run comparison) to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace --out and --json if they exist")
+    p = build_parser()
     args = p.parse_args(argv)
     with cli.errors(SparsityError):
         if args.run:

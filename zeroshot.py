@@ -21,25 +21,49 @@ On a machine that can download the paper's tasks:
         --tasks arc_easy,arc_challenge,boolq,hellaswag,mmlu,openbookqa,piqa,rte,winogrande
 """
 
+import argparse
 import importlib.util
 import json
 import os
 import random
 
 import cli
+
+
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+
+TASKS = os.path.join(cli.REPO, "lm_eval_task")  # the lm-eval task: its yaml and its items
+TASK = "stdlib_nextline"
+ITEMS = os.path.join(TASKS, TASK + ".jsonl")
+CONTEXT_LINES = 12  # lines of context before the line to choose
+N_ITEMS = 400  # a few hundred: the accuracy's standard error is about 2.5 points at 50%
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--build", action="store_true", help=f"(re)write {os.path.relpath(ITEMS, cli.REPO)} from the eval split")
+    p.add_argument("--model", nargs="*", default=[], help="checkpoint directories to evaluate")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="lm-eval's batch size")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N items")
+    p.add_argument("--json", help="write the results to this file")
+    cli.add_device_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --json (and, with --build, the items file)")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import data
 from checkpoint import CheckpointReader
 from outputs import check_output_file, json_text, write_output_file
 
 # lm-eval is an optional extra, imported where it is used: importing it takes seconds, and
 # run_paper.py imports this module for its table alone
-HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
-
-TASKS = os.path.join(data.REPO, "lm_eval_task")  # the lm-eval task: its yaml and its items
-TASK = "stdlib_nextline"
-ITEMS = os.path.join(TASKS, TASK + ".jsonl")
-CONTEXT_LINES = 12  # lines of context before the line to choose
-N_ITEMS = 400  # a few hundred: the accuracy's standard error is about 2.5 points at 50%
 
 
 def usable(line: str) -> bool:
@@ -81,7 +105,7 @@ def evaluate(model_dir: str, batch_size: int = 8, limit: int = None, device: str
     prefix = config.extra.get("bos_token_id")
     prefix = config.extra.get("eos_token_id", 0) if prefix is None else prefix
     cwd = os.getcwd()
-    os.chdir(data.REPO)  # the task file names its items relative to the repository
+    os.chdir(cli.REPO)  # the task file names its items relative to the repository
     try:
         out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={os.path.join(cwd, model_dir)},dtype=float32,"
                                                              f"prefix_token_id={prefix}",
@@ -103,14 +127,7 @@ def markdown_table(rows: list) -> str:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--build", action="store_true", help=f"(re)write {os.path.relpath(ITEMS, data.REPO)} from the eval split")
-    p.add_argument("--model", nargs="*", default=[], help="checkpoint directories to evaluate")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="lm-eval's batch size")
-    p.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate only the first N items")
-    p.add_argument("--json", help="write the results to this file")
-    cli.add_device_arg(p)
-    p.add_argument("--overwrite", action="store_true", help="replace --json (and, with --build, the items file)")
+    p = build_parser()
     a = p.parse_args(argv)
     with cli.errors():
         if a.json:
@@ -118,7 +135,7 @@ def main(argv=None):
         if a.build:
             items = build_items()
             write_output_file(ITEMS, "".join(json.dumps(it) + "\n" for it in items), a.overwrite)
-            print(f"wrote {len(items)} items to {os.path.relpath(ITEMS, data.REPO)}")
+            print(f"wrote {len(items)} items to {os.path.relpath(ITEMS, cli.REPO)}")
         rows = [evaluate(m, a.batch_size, a.limit, a.device) for m in a.model]
         if rows:
             print(markdown_table(rows))

@@ -3,6 +3,8 @@ former spellings only as aliases of the current ones."""
 
 import argparse
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -63,6 +65,12 @@ def test_former_spellings_are_only_aliases(name):
             assert "former spelling" in a.help, (name, old)
 
 
+def test_every_former_spelling_is_still_accepted():
+    """A user's scripts may still spell a flag the old way: each former spelling works somewhere."""
+    aliases = {old for p in PARSERS.values() for a in p._actions for old in a.option_strings[1:]}
+    assert set(FORMER) <= aliases, sorted(set(FORMER) - aliases)
+
+
 def test_one_flag_means_one_thing_with_one_type():
     """--device, --seed, --nsamples, --seqlen, --batch-size, --calib-data, --eval-data: the same
     argparse type (the same checks) in every script that has them."""
@@ -86,7 +94,33 @@ def test_help_shows_every_default_and_choice(capsys):
         prune.main(["--help"])
     text = capsys.readouterr().out
     assert "{moe-pruner,wanda,sparsegpt,magnitude}" in text and "(default: 128)" in text
+    assert "window offsets (default: 0)" in text  # a default of 0 is shown too
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "torch loaded" if "torch" in sys.modules else "no torch")
+"""
+
+
+BAD_VALUE = {"prune.py": "--seed", "distill.py": "--seed", "expert_prune.py": "--seed", "run_paper.py": "--seed",
+             "pretrain_tiny.py": "--seed", "eval_ppl.py": "--batch-size", "zeroshot.py": "--batch-size",
+             "sparse24.py": "--method"}
+
+
+@pytest.mark.parametrize("script", BAD_VALUE)
+def test_help_and_bad_values_answer_before_torch_loads(script):
+    """--help and a bad flag value are answered by the parser each script builds before its heavy
+    imports, so they appear at once (torch's import alone takes about a second)."""
+    for flags, code in ((["--help"], 0), ([BAD_VALUE[script], "x"], 2)):
+        out = subprocess.run([sys.executable, "-c", PROBE, script, *flags], cwd=data.REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert out.stdout.splitlines()[-1] == f"exit {code} no torch", (flags, out.stdout[-300:], out.stderr[-300:])
 
 
 def test_readmes_table_of_flags_is_true():
