@@ -35,6 +35,8 @@ unless --keep.
         --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --eval-windows 0 --device cuda
 """
 
+import argparse
+import importlib
 import json
 import os
 import re
@@ -46,10 +48,56 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
+    p.add_argument("--out", default="results", help="folder for results.json, README.md (the tables) and the plots")
+    p.add_argument("--parts", default="table,sparsity,calibration",
+                   help=f"comma list of parts to run, from {', '.join(PARTS)} (default: table,sparsity,calibration)")
+    p.add_argument("--only", choices=PARTS, help="run this one part (the same as --parts PART)")
+    p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
+    p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --eval-data)")
+    p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
+    p.add_argument("--seqlen", type=cli.seqlen, default=None,
+                   help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
+    cli.add_eval_windows_arg(p)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the calibration windows")
+    p.add_argument("--sweep", default="0.3,0.5,0.7,0.8",
+                   help="sparsities of the Figure 5 sweep (finer: 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8, about twice as long)")
+    p.add_argument("--calib-sweep", default="2,8,32,128",
+                   help="calibration sample counts of Figure 4 (finer: 2,4,8,16,32,64,128)")
+    p.add_argument("--draws", type=cli.positive_int, default=5, help="anatomy: calibration draws per method")
+    cli.add_device_arg(p)
+    p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--replot", action="store_true",
+                   help="run nothing: rewrite --out's README.md and plots from its results.json (e.g. after "
+                        "installing matplotlib)")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="run nothing: print the tables of these --out folders side by side (e.g. one model's "
+                        "results next to another's), from their results.json")
+    p.add_argument("--docs", action="store_true",
+                   help="run nothing: copy the tables and numbers of results/ anew into README.md and docs/*.md "
+                        "(where their <!-- table --> and <!-- value --> markers say)")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import numpy as np
 import torch
 
-import cli
 import data
 import distill
 import eval_ppl
@@ -57,7 +105,8 @@ import expert_prune
 import mini_mixtral as mm
 import prune
 import zeroshot
-from bench import forward as bench_forward, prune_memory as bench_prune_memory, scale as bench_scale
+from bench import distributed as bench_distributed, forward as bench_forward, prune_memory as bench_prune_memory
+from bench import scale as bench_scale
 from checkpoint import CheckpointReader, read_config
 from outputs import check_not_input, check_output_file, json_text, remove, remove_stale_temps, write_output_file
 from layerwise import embed_windows, layers, run_layer
@@ -72,7 +121,6 @@ except ImportError:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")
 CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
-PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype")
 # What a run writes into --out (the plots only with matplotlib).
 OUTPUT_FILES = ("results.json", "README.md", prune.CALIBRATION_FILE, "sparsity_sweep.png", "calibration_sweep.png",
                 "anatomy.png", "expert_level.png")
@@ -550,7 +598,7 @@ def distill_table(res: dict) -> str:
     if not res.get("distill"):
         return ""
     st = res["distill"][0]["settings"]
-    out = [f"Distillation: {st['samples']} windows x {st['seqlen']} tokens, {st['epochs']} epochs, lr {st['lr']}; "
+    out = [f"Distillation: {st['nsamples']} windows x {st['seqlen']} tokens, {st['epochs']} epochs, lr {st['lr']}; "
            "loss eq10 = L_CE + lambda L_expert (Eq. 10), ce = L_CE alone, mse = L_expert alone.\n",
            "| method | sparsity | KD mode | loss | dense | pruned | distilled | pruning gap recovered | KD seconds |\n"
            "|---|---|---|---|---|---|---|---|---|"]
@@ -687,6 +735,18 @@ def facts(res: dict) -> dict:
         if r.get("owl_outlier_ratios"):
             out[f"owl-layers:{key}"] = " / ".join(f"{v:.3f}" for v in r["layer_sparsities"])
             out[f"owl-outliers:{key}"] = f"{min(r['owl_outlier_ratios']):.2%}-{max(r['owl_outlier_ratios']):.2%}"
+    for r in res.get("distill", []):
+        key = f"{r['method']}:{r['sparsity']}:{r['mode']}:{r['loss']}"
+        out[f"kd:{key}"] = f"{r['distilled_ppl']:.3f}"
+        out[f"kd-gap:{key}"] = f"{r['gap_recovered']:.1%}"
+        out[f"kd-cost:{key}"] = f"{r['distilled_ppl'] / r['dense_ppl'] - 1:+.1%}"  # perplexity over dense
+        out[f"kd-pruned-cost:{key}"] = f"{r['pruned_ppl'] / r['dense_ppl'] - 1:+.1%}"
+        out[f"kd-minutes:{key}"] = f"{r['seconds'] / 60:.0f}"
+        if r.get("lambda") is not None:
+            out[f"kd-lambda:{key}"] = f"{r['lambda']:.2f}"
+    if res.get("distill"):
+        gaps = [r["gap_recovered"] for r in res["distill"] if r["mode"] == "full" and r["loss"] == "eq10"]
+        out["kd-gap-range"] = f"{min(gaps):.0%}-{max(gaps):.0%}"
     if res.get("dtype"):
         d = res["dtype"]
         out["dtype-mask"] = f"{d['mask_difference']:.3%}"
@@ -747,17 +807,40 @@ def evaluation_facts(results: list) -> dict:
             out[f"load-cv:{m}:{x['layer']}"] = f"{x['load_cv']:.3f}"
             out[f"smallest-share:{m}:{x['layer']}"] = f"{min(shares):.1%}"
             out[f"topk-mass:{m}:{x['layer']}"] = f"{x['topk_mass']:.3f}"
+            out[f"gate:{m}:{x['layer']}"] = f"{x['top1_gate_mean']:.3f} +- {x['top1_gate_std']:.3f}"
         if r.get("router"):
             mass = [x["topk_mass"] for x in r["router"]]
             cv = [x["load_cv"] for x in r["router"]]
             out[f"topk-mass:{m}"] = f"{min(mass):.2f}-{max(mass):.2f}"
             out[f"topk-mass%:{m}"] = f"{min(mass):.0%}-{max(mass):.0%}"
             out[f"load-cv:{m}"] = f"{min(cv):.2f}-{max(cv):.2f}"
+            for k in ("top1_gate_mean", "top1_gate_std"):
+                out[f"{k.replace('_', '-')}:{m}"] = f"{min(x[k] for x in r['router']):.2f}-{max(x[k] for x in r['router']):.2f}"
     return out
 
 
+def path_value(obj, key: str) -> str:
+    """The value a marker KEY of the form PATH|FORMAT names in any JSON file: PATH dotted into its
+    objects and lists (previous.router_calib.0.load_cv), FORMAT as format() takes it (.2f; a list is
+    formatted item by item and joined with ', '; *1e-6 before it scales a number, for millions)."""
+    path, fmt = key.split("|", 1)
+    scale = 1.0
+    if fmt.startswith("*"):
+        factor, _, fmt = fmt[1:].partition(":")
+        scale = float(factor)
+    v = obj
+    for part in path.split("."):
+        try:
+            v = v[int(part)] if isinstance(v, list) else v[part]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise data.DataError(f"no {path!r} in the file (at {part!r})") from None
+    one = lambda x: format(x * scale if scale != 1.0 else x, fmt)
+    return ", ".join(one(x) for x in v) if isinstance(v, list) else one(v)
+
+
+# the tables of the benchmarks' --json files
 BENCH_TABLES = {"scale": bench_scale.markdown, "prune-memory": bench_prune_memory.markdown,
-                "forward": bench_forward.markdown}  # the tables of the benchmarks' --json files
+                "forward": bench_forward.markdown, "distributed-memory": bench_distributed.markdown}
 
 
 def render_document(text: str, root: str = data.REPO) -> str:
@@ -765,7 +848,9 @@ def render_document(text: str, root: str = data.REPO) -> str:
     <!-- table FOLDER SECTION --> and <!-- end table --> becomes that section of FOLDER/results.json
     (FOLDER+FOLDER... with SECTION 'compare': the runs side by side; an eval_ppl.py --json file with
     SECTION 'eval': its table), and every value between <!-- value FOLDER NAME --> and <!-- end -->
-    becomes facts(FOLDER's results)[NAME] (evaluation_facts for a .json file). FOLDER is relative
+    becomes facts(FOLDER's results)[NAME] (evaluation_facts for a .json file; path_value for a NAME
+    PATH|FORMAT, which reads any JSON file, e.g. a model's report.json); every block between
+    <!-- help SCRIPT --> and <!-- end help --> becomes that script's --help. FOLDER is relative
     to root. A document rendered from the committed results is itself: the test of that
     keeps every table and number in README.md and docs/ equal to results/."""
     cache = {}
@@ -799,13 +884,38 @@ def render_document(text: str, root: str = data.REPO) -> str:
         return f"<!-- table {m.group(1)} {name} -->\n{body.strip()}\n<!-- end table -->"
 
     def value(m: re.Match) -> str:
+        if "|" in m.group(2):
+            return f"<!-- value {m.group(1)} {m.group(2)} -->{path_value(results(m.group(1)), m.group(2))}<!-- end -->"
         f = evaluation_facts(results(m.group(1))) if m.group(1).endswith(".json") else facts(results(m.group(1)))
         if m.group(2) not in f:
             raise data.DataError(f"{m.group(1)} has no value {m.group(2)!r}; it has {', '.join(sorted(f))}")
         return f"<!-- value {m.group(1)} {m.group(2)} -->{f[m.group(2)]}<!-- end -->"
 
     text = re.sub(r"<!-- table (\S+) (\S+) -->\n.*?<!-- end table -->", table, text, flags=re.S)
+    text = re.sub(r"<!-- help (\S+) -->\n.*?<!-- end help -->",
+                  lambda m: f"<!-- help {m.group(1)} -->\n```text\n{help_text(m.group(1)).strip()}\n```\n<!-- end help -->",
+                  text, flags=re.S)
     return re.sub(r"<!-- value (\S+) (\S+) -->.*?<!-- end -->", value, text)
+
+
+HELP_WIDTH = 100  # --help as docs/command-line.md shows it: argparse wraps at the terminal's width, here fixed
+
+
+def help_text(script: str) -> str:
+    """A script's --help, less its description (the module's docstring), as a terminal HELP_WIDTH
+    columns wide shows it, from the parser it builds (build_parser, which needs no torch)."""
+    module = importlib.import_module(script[:-3].replace("/", "."))
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_WIDTH)
+    try:
+        p = module.build_parser()
+        p.prog, p.description = script, None
+        return p.format_help()
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
 
 
 def documents(root: str = data.REPO) -> list:
@@ -1089,38 +1199,7 @@ def read_results(folder: str, flag: str) -> dict:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--model", help="checkpoint directory; default: the embedded tiny Mixtral")
-    p.add_argument("--out", default="results", help="folder for results.json, README.md (the tables) and the plots")
-    p.add_argument("--parts", default="table,sparsity,calibration",
-                   help=f"comma list of parts to run, from {', '.join(PARTS)} (default: table,sparsity,calibration)")
-    p.add_argument("--only", choices=PARTS, help="run this one part (the same as --parts PART)")
-    p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
-    p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --eval-data)")
-    p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
-    p.add_argument("--seqlen", type=cli.seqlen, default=None,
-                   help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
-    p.add_argument("--eval-windows", type=cli.nonnegative_int, default=None,
-                   help=f"evaluation windows per model, spread evenly over the whole text; 0 = all. Default: "
-                        f"{data.EVAL_SAMPLE} for the embedded corpus (65k tokens), all for any other text")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the calibration windows")
-    p.add_argument("--sweep", default="0.3,0.5,0.7,0.8",
-                   help="sparsities of the Figure 5 sweep (finer: 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8, about twice as long)")
-    p.add_argument("--calib-sweep", default="2,8,32,128",
-                   help="calibration sample counts of Figure 4 (finer: 2,4,8,16,32,64,128)")
-    p.add_argument("--draws", type=cli.positive_int, default=5, help="anatomy: calibration draws per method")
-    cli.add_device_arg(p)
-    p.add_argument("--keep", action="store_true", help="keep the pruned checkpoints (under --out/checkpoints)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    p.add_argument("--replot", action="store_true",
-                   help="run nothing: rewrite --out's README.md and plots from its results.json (e.g. after "
-                        "installing matplotlib)")
-    p.add_argument("--compare", nargs="+", metavar="DIR",
-                   help="run nothing: print the tables of these --out folders side by side (e.g. one model's "
-                        "results next to another's), from their results.json")
-    p.add_argument("--docs", action="store_true",
-                   help="run nothing: copy the tables and numbers of results/ anew into README.md and docs/*.md "
-                        "(where their <!-- table --> and <!-- value --> markers say)")
+    p = build_parser()
     a = p.parse_args(argv)
     with cli.errors():
         if a.docs:

@@ -1,5 +1,6 @@
 """distill.py: Eq. 10's loss, lambda, the kept sparsity mask, and both modes."""
 
+import copy
 import json
 import os
 
@@ -170,3 +171,59 @@ def test_a_report_with_the_former_flag_names_still_repeats_its_run(tmp_path):
     rec = cli.apply_recipe(p, a, ["--recipe", str(old), "--epochs", "1"], renamed={"samples": "nsamples", "data": "calib_data"})
     assert (a.nsamples, a.calib_data, a.epochs) == (12, "stdlib", 1) and rec["overridden"] == {"epochs": 1}
     assert p.parse_args(["--samples", "5", "--data", "x"]).__dict__ == p.parse_args(["--nsamples", "5", "--calib-data", "x"]).__dict__
+
+
+def test_per_expert_training_steps_follow_the_schedule_over_every_token(monkeypatch):
+    """train_expert (--mode per-expert): steps of batch_size x seqlen / 2 tokens, each epoch one
+    seeded permutation of all cached tokens, the learning rate of step s lr x cosine(s, steps,
+    warmup), the pruned weights kept at zero; it reports the MSE before and after."""
+    expert = random_model().model.layers[0].block_sparse_moe.experts[1]
+    with torch.no_grad():
+        expert.w1.weight[:, ::3] = 0  # a pruned pattern to keep
+    zeros = {n: (p == 0).clone() for n, p in expert.named_parameters()}
+    untrained = copy.deepcopy(expert)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = torch.arange(50)  # each row says which token it is
+    y = torch.randn(50, 64, generator=torch.Generator().manual_seed(1))
+    cfg = distill.DistillConfig(batch_size=2, seqlen=8, epochs=3, lr=1e-3, warmup_steps=2, seed=5)
+    seen, lrs = [], []
+    expert.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 0].long().tolist()))
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: (lrs.append([g["lr"] for g in self.param_groups]), step(self, *a, **k))[1])
+    before, after = distill.train_expert(expert, x, y, cfg)
+    assert seen[0] == seen[-1] == list(range(50))  # the MSE before and after, on every token
+    g = torch.Generator().manual_seed(5)
+    batches = [b for _ in range(3) for b in torch.randperm(50, generator=g).split(8)]  # 7 steps an epoch
+    assert seen[1:-1] == [b.tolist() for b in batches]
+    assert lrs == [[1e-3 * distill.cosine(s, 21, 2)] for s in range(21)]
+    assert all(torch.equal(p == 0, zeros[n]) for n, p in expert.named_parameters())
+    with torch.no_grad():
+        assert before == pytest.approx(F.mse_loss(untrained(x), y).item())
+        assert after == pytest.approx(F.mse_loss(expert(x), y).item()) and after < before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_expert_mode_trains_exactly_the_experts_the_teacher_routes_to(tmp_path, pair, seed):
+    """On a handful of tokens some experts receive none: each layer's history lists every expert
+    the teacher routed tokens to, with their count, and no other; an expert with no tokens is left
+    as the student had it, the others are trained."""
+    teacher, student = pair
+    windows = torch.randint(0, 300, (1, 3), generator=torch.Generator().manual_seed(seed))
+    counts = {}
+    observers = {l: (lambda c, l=l: counts.__setitem__((l, c.expert), len(c.tokens))) for l in range(2)}
+    with torch.no_grad():
+        checkpoint.load_model(teacher)(windows, observers)
+    out = str(tmp_path / "kd")
+    cfg = distill.DistillConfig(epochs=1, lr=1e-2)
+    with checkpoint.CheckpointWriter(out, checkpoint.read_config(student), src_dir=student) as writer:
+        rep = distill.distill_per_expert(teacher, student, windows, cfg, writer, "cpu", lambda s: None)
+    assert [h["layer"] for h in rep["layers"]] == [0, 1]
+    got = {(h["layer"], e["expert"]): e["tokens"] for h in rep["layers"] for e in h["experts"]}
+    assert got == counts and len(got) < 8  # some expert had no token
+    s, o = checkpoint.load_model(student), checkpoint.load_model(out)
+    for l in range(2):
+        for e in range(4):
+            name = f"model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight"
+            same = torch.equal(s.get_parameter(name), o.get_parameter(name))
+            assert same == ((l, e) not in counts), (l, e)

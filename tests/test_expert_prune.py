@@ -4,6 +4,7 @@ import copy
 import itertools
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import expert_prune as ep
 import checkpoint
 import data
 import mini_mixtral as mm
-from conftest import random_model, script_error, small_config
+from conftest import TEXT, random_model, script_error, small_config, write_checkpoint
 from layerwise import Positions
 
 
@@ -260,3 +261,148 @@ def test_progressive_protocol_targets_the_dense_models_block_outputs():
             z_s = sliced(layer, list(s)).block_sparse_moe(moe_in(x_pruned))[0]
             assert err.item() == pytest.approx((z_s - z_dense).double().pow(2).sum().sqrt().item(), rel=1e-4)
     assert not torch.allclose(errors, ep.subset_errors(layer, x_pruned, pos, r=3, batch_size=3)[1])
+
+
+def drop(ckpt, text_file, out, **how):
+    """drop_experts as main() runs it, on 3 calibration windows of 16 tokens, its log lines caught."""
+    reader = checkpoint.CheckpointReader(ckpt)
+    tokens = data.calibration_tokens(ckpt, reader.config.vocab_size, 128, text_file, None, 3, 16, 0)
+    lines = []
+    rep = ep.drop_experts(reader, tokens, ep.ExpertPruning(**how), out, log=lines.append)
+    return tokens, rep, lines
+
+
+def chain(ckpt, tokens, r, progressive, batch_size=2):
+    """NAEE layer by layer, written out: each layer's subset errors on the stream the protocol feeds
+    it, the target always the dense model's block output. Returns [(keep, best error, worst error)]."""
+    dense = checkpoint.load_model(ckpt)
+    cos, sin = mm.rope_cos_sin(dense.config, tokens.shape[1])
+    pos = Positions(cos, sin, None)
+    with torch.no_grad():
+        x_dense = x = dense.model.embed_tokens(tokens)  # [n, T, hidden]
+        out = []
+        for layer in dense.model.layers:
+            subsets, errors = ep.subset_errors(layer, x, pos, r, batch_size, x_dense if progressive else None)
+            keep = list(subsets[int(errors.argmin())])
+            out.append((keep, errors.min().item(), errors.max().item()))
+            x = sliced(layer, keep)(x, cos, sin)[0] if progressive else layer(x_dense, cos, sin)[0]
+            x_dense = layer(x_dense, cos, sin)[0]
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["layerwise", "progressive"])
+def test_each_protocol_feeds_each_layer_its_stream_and_reports_what_it_chose(tmp_path, protocol):
+    """Layer l >= 1 sees the dense stream (layerwise) or the stream through the pruned layers
+    (progressive), against the dense block's output either way; the report and the log say so."""
+    ckpt = write_checkpoint(tmp_path / "ck", num_hidden_layers=3)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    tokens, rep, lines = drop(ckpt, str(text), str(tmp_path / "o"), r=2, protocol=protocol, batch_size=2)
+    expected = chain(ckpt, tokens, 2, protocol == "progressive")
+    assert rep["kept_experts"] == [k for k, _, _ in expected]
+    assert [e["layer"] for e in rep["layers"]] == [0, 1, 2] and all(e["subsets"] == 6 for e in rep["layers"])
+    for e, (keep, best, worst) in zip(rep["layers"], expected):
+        assert e["keep"] == keep and e["error"] == pytest.approx(best, rel=1e-6)
+        assert e["worst_error"] == pytest.approx(worst, rel=1e-6)
+    assert {k: rep[k] for k in ("method", "r", "skip", "protocol", "skip_beta", "calibration_tokens")} == \
+        {"method": "naee", "r": 2, "skip": False, "protocol": protocol, "skip_beta": None, "calibration_tokens": 48}
+    assert json.load(open(tmp_path / "o" / "expert_prune_report.json")) == rep
+    assert os.path.isfile(tmp_path / "o" / "tokenizer.json")  # the input's other files come along
+    assert [re.fullmatch(r"layer (\d): keep experts (\[\d, \d\]) \(\d+\.\ds\)", s).groups() for s in lines] == \
+        [(str(l), str(k)) for l, (k, _, _) in enumerate(expected)]
+
+
+def test_no_expert_dropped_records_no_subsets_and_skipping_logs_its_beta(tmp_path, ckpt, text_file):
+    for select in ("naee", "reap"):
+        _, rep, lines = drop(ckpt, text_file, str(tmp_path / select), r=4, skip=True, select=select)
+        assert rep["layers"] == [] and rep["kept_experts"] == [[0, 1, 2, 3]] * 2
+        assert [float(re.fullmatch(r"layer \d: keep experts \[0, 1, 2, 3\], skip beta (\d\.\d{3}) \(\d+\.\ds\)", s)
+                      .group(1)) for s in lines] == pytest.approx(rep["skip_beta"], abs=5e-4)
+    _, rep, _ = drop(ckpt, text_file, str(tmp_path / "reap2"), r=2, select="reap")
+    assert set(rep["layers"][0]) == {"layer", "keep", "saliency"}
+    assert [len(e["saliency"]) for e in rep["layers"]] == [4, 4] and [e["layer"] for e in rep["layers"]] == [0, 1]
+
+
+@pytest.mark.parametrize("how,msg", [(dict(r=2, protocol="dense"), "unknown protocol 'dense'; choose from layerwise, "
+                                                                    "progressive"),
+                                     (dict(r=2, select="best"), "unknown expert selection 'best'; choose from naee, reap")])
+def test_drop_experts_names_a_bad_setting(tmp_path, ckpt, text_file, how, msg):
+    with pytest.raises(data.DataError) as e:
+        drop(ckpt, text_file, str(tmp_path / "o"), **how)
+    assert str(e.value) == msg
+
+
+def test_skipping_needs_top_2_routing(tmp_path, text_file):
+    ckpt = write_checkpoint(tmp_path / "ck", num_experts_per_tok=1)
+    with pytest.raises(data.DataError) as e:
+        drop(ckpt, text_file, str(tmp_path / "o"), r=4, skip=True)
+    assert str(e.value) == "dynamic skipping is defined for top-2 routing; this model routes to 1"
+
+
+def test_cd_moe_bounds_stored_dtype_and_report(tmp_path, text_file):
+    """Every layer and every expert may be condensed (the bounds are inclusive), one more is a
+    one-line error; the output keeps the input's stored dtype and files, and reports what it did."""
+    ckpt = write_checkpoint(tmp_path / "ck", dtype=torch.bfloat16)
+    tokens = data.calibration_tokens(ckpt, 300, 128, text_file, None, 4, 16, 0)
+    lines = []
+    rep = ep.cd_moe(ckpt, tokens, 2, 4, str(tmp_path / "all"), log=lines.append)
+    assert sorted(rep["condensed_layers"]) == ["0", "1"] and rep["method"] == "cd-moe"
+    assert rep["calibration_tokens"] == 64 and lines
+    assert checkpoint.CheckpointReader(str(tmp_path / "all"), allow_variants=True).stored_dtype() == torch.bfloat16
+    assert os.path.isfile(tmp_path / "all" / "tokenizer.json")
+    assert json.load(open(tmp_path / "all" / "expert_prune_report.json")) == rep
+    for n_layers, n_experts in ((3, 2), (1, 5), (0, 2), (1, 0)):
+        with pytest.raises(data.DataError) as e:
+            ep.cd_moe(ckpt, tokens, n_layers, n_experts, str(tmp_path / "bad"))
+        assert str(e.value) == "--condense-layers must lie in [1, 2] and --condense-experts in [1, 4]"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_variant_blocks_show_an_observer_what_each_expert_saw():
+    """The observer contract of mini_mixtral's block holds for both variants: a condensed layer
+    shows each always-on expert every token with its fixed weight; a skipping layer shows the
+    plain block's calls less the skipped second choices (beta 1: each token's top expert only,
+    at gate 1)."""
+    block = random_model().model.layers[0].block_sparse_moe
+    h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    x = h.reshape(10, 64)
+    calls = []
+    with torch.no_grad():
+        ep.CondensedMoeBlock(block, [1, 3], [0.3, 0.2])(h, calls.append)
+        assert [c.expert for c in calls] == [1, 3]
+        for c, w in zip(calls, (0.3, 0.2)):
+            assert torch.equal(c.tokens, torch.arange(10)) and torch.equal(c.x, x)
+            assert torch.equal(c.gate, torch.full((10,), w))
+            assert torch.equal(c.h, block.experts[c.expert].hidden(x)) and torch.equal(c.y, block.experts[c.expert](x))
+        plain, skipping = [], []
+        block(h, plain.append)
+        ep.SkippingMoeBlock(block, 0.0)(h, skipping.append)
+        assert [(c.expert, c.tokens.tolist()) for c in plain] == [(c.expert, c.tokens.tolist()) for c in skipping]
+        top1 = []
+        ep.SkippingMoeBlock(block, 1.0)(h, top1.append)
+        first = mm.route(block.gate(x), 2)[1][:, 0]  # [10] each token's top expert
+        assert sorted((c.expert, t) for c in top1 for t in c.tokens.tolist()) == sorted(
+            (int(e), t) for t, e in enumerate(first))
+        assert all(torch.equal(c.gate, torch.ones(len(c.tokens))) for c in top1)
+
+
+def test_skip_ratios_cover_every_window_of_every_batch():
+    """g1 / g0 of every token of every window, whatever the batch size: the top-2 weights of the
+    router on the MoE block's input, computed here for all windows at once."""
+    m, layer, x, cos, sin = layer_inputs(2)
+    x = torch.cat([x, x.flip(0) * 0.5])  # [6, 10, 64]: 6 windows, batches of 4 and 2
+    with torch.no_grad():
+        h = layer.post_attention_layernorm(layer.attend(x, cos, sin)).reshape(-1, 64)  # [60, hidden]
+        w, _ = mm.route(layer.block_sparse_moe.gate(h), 2)
+    got = ep.skip_ratios(layer, x, Positions(cos, sin, None), batch_size=4)
+    assert got.shape == (60,) and torch.allclose(got, w[:, 1] / w[:, 0])
+
+
+def test_expert_budget_counts_condensed_skipping_and_sparse_layers():
+    per = 3 * 64 * 96
+    cfg = small_config(num_hidden_layers=3, extra={"condensed_layers": {"0": {"experts": [1, 2], "weights": [0.4, 0.3]},
+                                                                       "2": {"experts": [3], "weights": [0.5]}}})
+    got = ep.expert_budget(cfg, skip_fraction=0.25, nonzero_fraction=0.5)
+    stored, macs = (2 + 4 + 1) * per, (2 + (2 - 0.25) + 1) * per  # layers 0 and 2 condensed, layer 1 routed top-2
+    assert got == {"stored_expert_params": stored * 0.5, "expert_macs_per_token": macs,
+                   "nonzero_expert_macs_per_token": macs * 0.5}

@@ -2,11 +2,13 @@
 
 import json
 import os
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
+import distill
 import eval_ppl
 import run_paper
 from conftest import write_checkpoint
@@ -145,3 +147,19 @@ def test_a_failed_run_leaves_the_out_folder_as_it_was(tmp_path, ckpt, text_file,
         run_paper.main(["--model", ckpt, "--calib-data", text_file, "--eval-data", text_file, "--seqlen", "32",
                         "--nsamples", "4", "--eval-windows", "2", "--parts", "table", "--out", str(out)])
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "text.txt"]
+
+
+def test_the_distillation_table_and_facts_read_what_distill_records():
+    """The distill part's rows carry distill.py's report settings (DistillConfig's fields): the
+    table and the documents' numbers are made from exactly those."""
+    settings = asdict(distill.DistillConfig())
+    row = lambda loss, ppl: {"method": "moe-pruner", "sparsity": "50%", "mode": "full", "loss": loss, "dense_ppl": 8.0,
+                             "pruned_ppl": 9.0, "distilled_ppl": ppl, "gap_recovered": (9.0 - ppl) / 1.0,
+                             "seconds": 600.0, "lambda": 6.5 if loss == "eq10" else None, "settings": settings}
+    res = {"distill": [row("eq10", 8.4), row("ce", 8.7)]}
+    table = run_paper.distill_table(res)
+    assert table.startswith(f"Distillation: {settings['nsamples']} windows x {settings['seqlen']} tokens, ")
+    assert "| moe-pruner | 50% | full | eq10 | 8.000 | 9.000 | 8.400 | 60.0% | 600 |" in table
+    facts = run_paper.facts({"total_minutes": 1, "dense_ppl": 8.0, "eval_windows": 128, **res})
+    assert facts["kd:moe-pruner:50%:full:eq10"] == "8.400" and facts["kd-gap:moe-pruner:50%:full:ce"] == "30.0%"
+    assert facts["kd-lambda:moe-pruner:50%:full:eq10"] == "6.50" and facts["kd-gap-range"] == "60%-60%"

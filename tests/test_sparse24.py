@@ -104,3 +104,43 @@ def test_compressed_checkpoint_is_smaller_and_loads_back_bitwise(tmp_path, text_
         checkpoint.load_model(packed)
     line = script_error(capsys, sparse24.main, ["--model", pruned, "--save", packed])  # never replaced silently
     assert "exists" in line
+
+
+def test_compressed_bfloat16_tied_checkpoint_round_trips_with_its_report_and_files(tmp_path, text_file):
+    """save_compressed as a function: a bfloat16 checkpoint with tied embeddings comes back bitwise
+    (the tied head shares the embedding), config.json names the layout, its dtype and every
+    compressed matrix, the report and the input's other files are written beside it, and the
+    output is checked like every output (never the input, replaced only with overwrite)."""
+    ck = write_checkpoint(tmp_path / "ck", intermediate_size=128, dtype=torch.bfloat16, tie_word_embeddings=True)
+    pruned = str(tmp_path / "w24")
+    prune.main(["--model", ck, "--method", "wanda", "--nm", "2:4", "--out", pruned, "--calib-data", text_file,
+                "--nsamples", "2", "--seqlen", "16"])
+    packed = str(tmp_path / "packed")
+    rep = sparse24.save_compressed(pruned, packed)
+    fmt = json.load(open(os.path.join(packed, "config.json")))["sparse_format"]
+    assert fmt == {"format": "2:4-cutlass", "dtype": "bfloat16",
+                   "compressed": sorted(k for k in rep["matrices"] if ".experts." in k)}
+    assert json.load(open(os.path.join(packed, "sparse24_report.json"))) == rep
+    assert os.path.isfile(os.path.join(packed, "tokenizer.json"))
+    a, b = checkpoint.load_model(pruned), sparse24.load_compressed(packed)
+    assert b.lm_head.weight is b.model.embed_tokens.weight
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(Exception, match="exists"):
+        sparse24.save_compressed(pruned, packed)
+    open(os.path.join(packed, "stale.txt"), "w").close()
+    assert sparse24.save_compressed(pruned, packed, overwrite=True) == rep  # replaced when asked, as a whole
+    assert not os.path.exists(os.path.join(packed, "stale.txt"))
+    with pytest.raises(Exception, match="input"):
+        sparse24.save_compressed(pruned, pruned, overwrite=True)
+    assert checkpoint.load_model(pruned) is not None
+
+
+def test_a_checkpoint_not_compressed_or_in_another_layout_is_named(tmp_path, ckpt):
+    with pytest.raises(sparse24.SparsityError) as e:
+        sparse24.load_compressed(ckpt)
+    assert str(e.value) == f"{ckpt} has no sparse_format in config.json: not a compressed checkpoint"
+    config = checkpoint.read_config(ckpt)
+    config.extra["sparse_format"] = {"format": "2:4-cusparselt", "compressed": []}
+    with pytest.raises(sparse24.SparsityError) as e:
+        sparse24.compressed_layout(config)
+    assert str(e.value) == "sparse_format '2:4-cusparselt' is not '2:4-cutlass'"
