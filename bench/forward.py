@@ -9,20 +9,46 @@ alternate (ours, theirs, ours, ...) so that machine noise hits both alike, and t
     python -m bench.forward --hidden-size 1024 --intermediate-size 3584 --num-hidden-layers 2 --batch-size 1 --seqlen 2048
 """
 
+import argparse
 import importlib.util
 import statistics
 import tempfile
 import time
 
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    for flag, former, default, what in (("--hidden-size", "--hidden", 256, "config.json's hidden_size (the embedded model's)"),
+                                         ("--intermediate-size", "--intermediate", 512, "intermediate_size per expert"),
+                                         ("--num-hidden-layers", "--layers", 4, "decoder layers"),
+                                         ("--num-local-experts", "--experts", 8, "experts per layer (top-2 routing)"),
+                                         ("--vocab-size", "--vocab", 4096, "vocabulary"),
+                                         ("--batch-size", "--batch", 8, "windows per forward")):
+        p.add_argument(flag, former, type=cli.positive_int, default=default, help=what + cli.spelled((former,)))
+    p.add_argument("--seqlen", type=cli.seqlen, default=512, help="tokens per window")
+    p.add_argument("--repeats", type=cli.positive_int, default=7, help="timed runs per model (median reported)")
+    p.add_argument("--threads", default="0",
+                   help="comma list of torch thread counts to measure at, 0 for torch's choice (e.g. 2,1)")
+    cli.add_json_args(p)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import torch
 
-import cli
 import data
 import mini_mixtral as mm
 from checkpoint import load_model, save_model
 from outputs import check_output_file
 from progress import machine
-
 
 
 def timed(fn, x):
@@ -88,19 +114,7 @@ def facts(res: dict) -> dict:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    for flag, former, default, what in (("--hidden-size", "--hidden", 256, "config.json's hidden_size (the embedded model's)"),
-                                         ("--intermediate-size", "--intermediate", 512, "intermediate_size per expert"),
-                                         ("--num-hidden-layers", "--layers", 4, "decoder layers"),
-                                         ("--num-local-experts", "--experts", 8, "experts per layer (top-2 routing)"),
-                                         ("--vocab-size", "--vocab", 4096, "vocabulary"),
-                                         ("--batch-size", "--batch", 8, "windows per forward")):
-        p.add_argument(flag, former, type=cli.positive_int, default=default, help=what + cli.spelled((former,)))
-    p.add_argument("--seqlen", type=cli.seqlen, default=512, help="tokens per window")
-    p.add_argument("--repeats", type=cli.positive_int, default=7, help="timed runs per model (median reported)")
-    p.add_argument("--threads", default="0",
-                   help="comma list of torch thread counts to measure at, 0 for torch's choice (e.g. 2,1)")
-    cli.add_json_args(p)
+    p = build_parser()
     args = p.parse_args(argv)
     with cli.errors():
         if importlib.util.find_spec("transformers") is None:

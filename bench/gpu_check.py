@@ -18,6 +18,7 @@ writes nothing.
     python -m bench.gpu_check --out results/gpu.json
 """
 
+import argparse
 import json
 import os
 import re
@@ -26,13 +27,32 @@ import sys
 import tempfile
 import time
 
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", required=True, help="the JSON file every figure goes to (rewritten after each step)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--log", help="also write each step's output to this file")
+    p.add_argument("--seconds", type=cli.positive_int, default=540,
+                   help="time for all steps together (default 540): each step gets what is left, at most its own limit")
+    p.add_argument("--skip", default="", help="comma list of steps not to run: tests, readme, sparse24, scale-bfloat16, scale-float32, suite")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import torch
 
-import cli
 import data
 from outputs import check_output_file, json_text, write_output_file
 from progress import machine
-
 
 
 def step(argv: list, limit: int, log) -> dict:
@@ -55,13 +75,7 @@ def pytest_counts(tail: str) -> dict:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--out", required=True, help="the JSON file every figure goes to (rewritten after each step)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--log", help="also write each step's output to this file")
-    p.add_argument("--seconds", type=cli.positive_int, default=540,
-                   help="time for all steps together (default 540): each step gets what is left, at most its own limit")
-    p.add_argument("--skip", default="", help="comma list of steps not to run: tests, readme, sparse24, scale-bfloat16, scale-float32, suite")
+    p = build_parser()
     a = p.parse_args(argv)
     with cli.errors():
         check_output_file(a.out, a.overwrite)

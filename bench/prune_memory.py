@@ -14,16 +14,38 @@ cheap next to the calibration forward?
     python -m bench.prune_memory --json results/bench/prune-memory.json
 """
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--hidden-size", "--hidden", type=cli.positive_int, default=1024,
+                   help="width of the random models" + cli.spelled(("--hidden",)))
+    p.add_argument("--intermediate-size", "--intermediate", type=cli.positive_int, default=2048,
+                   help="expert width of the random models" + cli.spelled(("--intermediate",)))
+    p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
+    p.add_argument("--seqlen", type=cli.seqlen, default=256, help="tokens per calibration window")
+    cli.add_json_args(p)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import numpy as np
 import torch
 
-import cli
 import data
 import mini_mixtral as mm
 import prune
@@ -123,14 +145,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--hidden-size", "--hidden", type=cli.positive_int, default=1024,
-                   help="width of the random models" + cli.spelled(("--hidden",)))
-    p.add_argument("--intermediate-size", "--intermediate", type=cli.positive_int, default=2048,
-                   help="expert width of the random models" + cli.spelled(("--intermediate",)))
-    p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
-    p.add_argument("--seqlen", type=cli.seqlen, default=256, help="tokens per calibration window")
-    cli.add_json_args(p)
+    p = build_parser()
     args = p.parse_args(argv)
     with cli.errors():
         if args.json:

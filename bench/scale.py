@@ -25,6 +25,7 @@ so in one line when the disk lacks it. Never run in CI: it takes tens of minutes
     python -m bench.scale --rates-only --repeats 5            # this machine's GEMM rates, a minute
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -34,11 +35,41 @@ import tempfile
 import threading
 import time
 
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--num-hidden-layers", "--layers", type=cli.positive_int, default=2,
+                   help="decoder layers of the full-width checkpoint" + cli.spelled(("--layers",)))
+    p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
+    p.add_argument("--seqlen", type=cli.seqlen, default=2048, help="tokens per calibration window (the paper's 2048)")
+    p.add_argument("--methods", default="moe-pruner,sparsegpt", help="comma list of prune.py methods")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
+    p.add_argument("--bf16-tokens", type=cli.positive_int, default=None,
+                   help="calibration tokens for the bfloat16 runs when bfloat16 GEMMs are slower than float32 ones "
+                        "on this machine (default: as many as fit 1/20 of the float32 runs' work)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=4, help="prune.py --batch-size")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed repetitions of each GEMM")
+    p.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    cli.add_json_args(p)
+    cli.add_device_arg(p)
+    p.add_argument("--rates-only", action="store_true", help="only steps 1-2: the GEMM and expert rates (seconds, no disk)")
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cli
 import data
 import prune
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes, load_layer
@@ -305,23 +336,7 @@ def facts(results: dict) -> dict:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--num-hidden-layers", "--layers", type=cli.positive_int, default=2,
-                   help="decoder layers of the full-width checkpoint" + cli.spelled(("--layers",)))
-    p.add_argument("--nsamples", type=cli.positive_int, default=16, help="calibration windows")
-    p.add_argument("--seqlen", type=cli.seqlen, default=2048, help="tokens per calibration window (the paper's 2048)")
-    p.add_argument("--methods", default="moe-pruner,sparsegpt", help="comma list of prune.py methods")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of compute dtypes")
-    p.add_argument("--bf16-tokens", type=cli.positive_int, default=None,
-                   help="calibration tokens for the bfloat16 runs when bfloat16 GEMMs are slower than float32 ones "
-                        "on this machine (default: as many as fit 1/20 of the float32 runs' work)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=4, help="prune.py --batch-size")
-    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed repetitions of each GEMM")
-    p.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temporary folder)")
-    p.add_argument("--keep", action="store_true", help="keep the checkpoint")
-    cli.add_json_args(p)
-    cli.add_device_arg(p)
-    p.add_argument("--rates-only", action="store_true", help="only steps 1-2: the GEMM and expert rates (seconds, no disk)")
+    p = build_parser()
     a = p.parse_args(argv)
     with cli.errors():
         if a.rates_only:

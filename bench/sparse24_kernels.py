@@ -14,13 +14,33 @@ CUDA only (sm80+): on any other machine it says so in one line and exits 0.
     python -m bench.sparse24_kernels --dtype bfloat16 --tokens 1,64,512,4096
 """
 
+import argparse
 import statistics
 import sys
+
+import cli
+
+
+# -----------------------------------------------------------------------------
+# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weight and activation dtype")
+    p.add_argument("--tokens", default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
+    p.add_argument("--iters", type=cli.positive_int, default=20, help="timed repetitions (median reported)")
+    p.add_argument("--moe-tokens", default="1,128,1024,4096", help="token counts for the whole MoE block")
+    cli.add_json_args(p)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
 
 import torch
 import torch.nn.functional as F
 
-import cli
 import mini_mixtral as mm
 import prune
 import sparse24
@@ -113,12 +133,7 @@ def bench(dtype_name: str, tokens: list, iters: int, moe_tokens: list) -> dict:
 
 
 def main(argv=None):
-    p = cli.parser(__doc__)
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weight and activation dtype")
-    p.add_argument("--tokens", default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
-    p.add_argument("--iters", type=cli.positive_int, default=20, help="timed repetitions (median reported)")
-    p.add_argument("--moe-tokens", default="1,128,1024,4096", help="token counts for the whole MoE block")
-    cli.add_json_args(p)
+    p = build_parser()
     args = p.parse_args(argv)
     with cli.errors():
         if args.json:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ import data
 import mini_mixtral as mm
 from conftest import TEXT, random_model, script_error, small_config, write_checkpoint
 from layerwise import Positions
+from outputs import OutputError
 
 
 def layer_inputs(seed=0):
@@ -351,6 +353,8 @@ def test_cd_moe_bounds_stored_dtype_and_report(tmp_path, text_file):
     assert checkpoint.CheckpointReader(str(tmp_path / "all"), allow_variants=True).stored_dtype() == torch.bfloat16
     assert os.path.isfile(tmp_path / "all" / "tokenizer.json")
     assert json.load(open(tmp_path / "all" / "expert_prune_report.json")) == rep
+    with pytest.raises(OutputError, match="exists"):  # never replaced without overwrite
+        ep.cd_moe(ckpt, tokens, 1, 2, str(tmp_path / "all"))
     for n_layers, n_experts in ((3, 2), (1, 5), (0, 2), (1, 0)):
         with pytest.raises(data.DataError) as e:
             ep.cd_moe(ckpt, tokens, n_layers, n_experts, str(tmp_path / "bad"))
@@ -406,3 +410,19 @@ def test_expert_budget_counts_condensed_skipping_and_sparse_layers():
     stored, macs = (2 + 4 + 1) * per, (2 + (2 - 0.25) + 1) * per  # layers 0 and 2 condensed, layer 1 routed top-2
     assert got == {"stored_expert_params": stored * 0.5, "expert_macs_per_token": macs,
                    "nonzero_expert_macs_per_token": macs * 0.5}
+
+
+def test_calibration_tokens_given_as_a_file_are_the_windows_used_and_never_an_output(tmp_path, ckpt, text_file, capsys):
+    tokens = data.calibration_tokens(ckpt, 300, 128, text_file, None, 3, 16, 7)  # [3, 16]
+    npy = tmp_path / "windows.npy"
+    np.save(npy, tokens.numpy())
+    rep = ep.main(["--model", ckpt, "--keep-experts", "2", "--calib-tokens", str(npy), "--out", str(tmp_path / "o")])
+    reader = checkpoint.CheckpointReader(ckpt)
+    ref = ep.drop_experts(reader, tokens, ep.ExpertPruning(2), str(tmp_path / "ref"), log=lambda s: None)
+    assert rep["calibration_tokens"] == 48 and rep["kept_experts"] == ref["kept_experts"]
+    assert rep["layers"] == ref["layers"]
+    for given in (["--calib-tokens", str(npy)], ["--calib-data", text_file, "--nsamples", "2", "--seqlen", "16"]):
+        line = script_error(capsys, ep.main, ["--model", ckpt, "--keep-experts", "2", *given, "--out", given[1],
+                                              "--overwrite"])  # an input is never the output, even with --overwrite
+        assert "input" in line
+    assert np.array_equal(np.load(npy), tokens.numpy()) and open(text_file).read() == TEXT

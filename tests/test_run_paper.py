@@ -163,3 +163,24 @@ def test_the_distillation_table_and_facts_read_what_distill_records():
     facts = run_paper.facts({"total_minutes": 1, "dense_ppl": 8.0, "eval_windows": 128, **res})
     assert facts["kd:moe-pruner:50%:full:eq10"] == "8.400" and facts["kd-gap:moe-pruner:50%:full:ce"] == "30.0%"
     assert facts["kd-lambda:moe-pruner:50%:full:eq10"] == "6.50" and facts["kd-gap-range"] == "60%-60%"
+
+
+def test_a_marker_reads_any_json_file_by_path_and_format():
+    """<!-- value FILE PATH|FORMAT -->: a model's report.json or a benchmark's file, dotted into
+    objects and lists, a list formatted item by item, *F scaling a number first."""
+    obj = {"tokens": {"train": 8412990}, "router": [{"cv": 0.41234, "counts": [3, 14]}], "ppl": 16.0667}
+    assert run_paper.path_value(obj, "tokens.train|*1e-6:.1f") == "8.4"
+    assert run_paper.path_value(obj, "router.0.cv|.2f") == "0.41"
+    assert run_paper.path_value(obj, "router.0.counts|d") == "3, 14"
+    assert run_paper.path_value(obj, "ppl|.2f") == "16.07"
+    with pytest.raises(run_paper.data.DataError, match="no 'router.1.cv' in the file"):
+        run_paper.path_value(obj, "router.1.cv|.2f")
+
+
+def test_a_help_marker_holds_the_scripts_help_whatever_the_terminal(tmp_path, monkeypatch):
+    (tmp_path / "doc.md").write_text("<!-- help eval_ppl.py -->\nstale\n<!-- end help -->\n")
+    monkeypatch.setenv("COLUMNS", "40")
+    text = run_paper.render_document((tmp_path / "doc.md").read_text(), root=str(tmp_path))
+    assert "stale" not in text and text.startswith("<!-- help eval_ppl.py -->\n```text\nusage: eval_ppl.py [-h]")
+    assert "--eval-windows EVAL_WINDOWS, --max-windows EVAL_WINDOWS" in text  # 100 columns, not the terminal's 40
+    assert os.environ["COLUMNS"] == "40"

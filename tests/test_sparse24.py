@@ -132,6 +132,8 @@ def test_compressed_bfloat16_tied_checkpoint_round_trips_with_its_report_and_fil
     assert not os.path.exists(os.path.join(packed, "stale.txt"))
     with pytest.raises(Exception, match="input"):
         sparse24.save_compressed(pruned, pruned, overwrite=True)
+    half = sparse24.save_compressed(pruned, str(tmp_path / "f16"), dtype=torch.float16)  # stored in the dtype asked for
+    assert json.load(open(tmp_path / "f16" / "config.json"))["sparse_format"]["dtype"] == half["model"]["dtype"] == "float16"
     assert checkpoint.load_model(pruned) is not None
 
 

@@ -102,7 +102,10 @@ PROBE = """
 import runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    if sys.argv[0].endswith(".py"):
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:  # a benchmark, run as python -m bench.NAME
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 except SystemExit as e:
     print("exit", e.code, "torch loaded" if "torch" in sys.modules else "no torch")
 """
@@ -110,7 +113,9 @@ except SystemExit as e:
 
 BAD_VALUE = {"prune.py": "--seed", "distill.py": "--seed", "expert_prune.py": "--seed", "run_paper.py": "--seed",
              "pretrain_tiny.py": "--seed", "eval_ppl.py": "--batch-size", "zeroshot.py": "--batch-size",
-             "sparse24.py": "--method"}
+             "sparse24.py": "--method", "bench.scale": "--nsamples", "bench.prune_memory": "--nsamples",
+             "bench.forward": "--repeats", "bench.sparse24_kernels": "--iters", "bench.gpu_check": "--seconds",
+             "bench.distributed": "--bogus-flag"}
 
 
 @pytest.mark.parametrize("script", BAD_VALUE)
