@@ -426,3 +426,20 @@ def test_calibration_tokens_given_as_a_file_are_the_windows_used_and_never_an_ou
                                               "--overwrite"])  # an input is never the output, even with --overwrite
         assert "input" in line
     assert np.array_equal(np.load(npy), tokens.numpy()) and open(text_file).read() == TEXT
+
+
+def test_a_recipe_with_the_former_r_and_a_model_path_relative_to_the_repository_repeats_its_run(
+        tmp_path, text_file, monkeypatch):
+    """Reports written before --keep-experts record `r`; a report's relative model path is read
+    relative to the repository when it does not exist where the recipe is run from."""
+    first = str(tmp_path / "first")
+    ep.main(["--keep-experts", "6", "--calib-data", text_file, "--nsamples", "2", "--seqlen", "16", "--out", first])
+    rep = json.load(open(os.path.join(first, "expert_prune_report.json")))
+    assert rep["args"]["model"] == "models/tiny-mixtral"
+    rep["args"]["r"] = rep["args"].pop("keep_experts")
+    old = tmp_path / "old_report.json"
+    old.write_text(json.dumps(rep))
+    monkeypatch.chdir(tmp_path)  # models/tiny-mixtral does not exist here
+    again = ep.main(["--recipe", str(old), "--out", str(tmp_path / "again")])
+    assert again["args"]["keep_experts"] == 6 and again["kept_experts"] == rep["kept_experts"]
+    assert again["recipe"]["overridden"] == {}

@@ -146,3 +146,48 @@ def test_a_checkpoint_not_compressed_or_in_another_layout_is_named(tmp_path, ckp
     with pytest.raises(sparse24.SparsityError) as e:
         sparse24.compressed_layout(config)
     assert str(e.value) == "sparse_format '2:4-cusparselt' is not '2:4-cutlass'"
+
+
+def test_the_storage_report_and_summary_name_every_matrix_and_every_byte(tmp_path, text_file, capsys):
+    """sparse24.py's report on a 2:4 checkpoint whose w2 and k/v cannot be converted (shapes): each
+    expert and, with --include-attention, attention matrix is listed, converted at 9/16 of its
+    dense bytes or kept dense with the reason; the totals, the --json file and the printed
+    summary agree with them; --save and --json are replaced only with --overwrite."""
+    ck = write_checkpoint(tmp_path / "ck")  # float32; w2 is [64, 96]
+    pruned = str(tmp_path / "p24")
+    prune.main(["--model", ck, "--method", "wanda", "--nm", "2:4", "--prune-attention", "--out", pruned,
+                "--calib-data", text_file, "--nsamples", "2", "--seqlen", "16"])
+    capsys.readouterr()
+    js, packed = str(tmp_path / "r.json"), str(tmp_path / "packed")
+    argv = ["--model", pruned, "--include-attention", "--dtype", "bfloat16", "--json", js, "--save", packed]
+    rep = sparse24.main(argv)
+    out = capsys.readouterr().out.splitlines()
+    reader = checkpoint.CheckpointReader(pruned)
+    size = lambda n: reader.get(n).numel() * 2  # bytes in bfloat16
+    assert set(rep["matrices"]) == {n for n in reader.weight_map if ".experts." in n or ".self_attn." in n}
+    kept = {}
+    for n, m in rep["matrices"].items():
+        why = sparse24.convertible(reader.get(n, torch.bfloat16))  # w2 and k/v: shapes the kernels refuse
+        if why:
+            kept[n] = why
+            assert m == {"dense_bytes": size(n), "kept_dense": why, "ratio": 1.0}
+        else:
+            assert m == {"dense_bytes": size(n), "values_bytes": size(n) // 2, "meta_bytes": size(n) // 16, "ratio": 9 / 16}
+    assert any(".w2." in n for n in kept) and any(".w1." in n for n in rep["matrices"] if n not in kept)
+    dense = sum(size(n) for n in reader.weight_map)
+    semi = dense - sum(size(n) * 7 // 16 for n in rep["matrices"] if n not in kept)
+    assert rep["model"] == {"dtype": "bfloat16", "stored_dtype": "float32", "dense_bytes": dense,
+                            "semi_structured_bytes": semi, "ratio": semi / dense,
+                            "converted_matrices": len(rep["matrices"]) - len(kept), "kept_dense": kept}
+    assert json.load(open(js)) == rep
+    first = next(n for n in rep["matrices"] if n not in kept)
+    assert out == [f"wrote {packed}: {len(rep['matrices']) - len(kept)} matrices stored compressed",
+                   f"{pruned}: every pruned matrix is 2:4; {len(rep['matrices']) - len(kept)} matrices compressed and "
+                   f"round-tripped bitwise in bfloat16 (rounded from the stored float32)",
+                   f"storage: {semi / 2**20:.2f} MiB semi-structured vs {dense / 2**20:.2f} MiB dense "
+                   f"({semi / dense:.2%} of dense)",
+                   f"per converted matrix: values {size(first) // 2} B + metadata {size(first) // 16} B = 56.25% of "
+                   f"{size(first)} B dense"] + [f"kept dense: {k}: {why}" for k, why in kept.items()]
+    assert "exists" in script_error(capsys, sparse24.main, argv)
+    assert sparse24.main([*argv, "--overwrite"]) == rep  # both replaced when asked
+    assert "--prune-from needs --out" in script_error(capsys, sparse24.main, ["--prune-from", ck])

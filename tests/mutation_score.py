@@ -1,0 +1,170 @@
+"""
+The mutation score of the modules that implement the papers, from a finished `mutmut run`
+(setup.cfg names the modules and the tests), written to results/mutation.json for
+docs/testing.md: per module the mutants killed, surviving, not reached by any test and timed
+out, and every survivor with its diff and its kind:
+
+  - help:        the text of a --help (docs/command-line.md shows it; it changes no behaviour)
+  - log:         the text of a progress line
+  - device:      a device argument dropped or None, the same tensor on the CPU the tests run on
+  - cuda:        a line that runs only with a CUDA GPU (the CPU tests check that it refuses)
+  - distributed: a line that runs only under torchrun (tests/test_distributed.py runs it in
+                 subprocesses, which mutmut's in-process run does not see)
+  - equivalent:  judged one by one (EQUIVALENT below): no input can tell it from the original
+  - other:       none is left unjudged; docs/testing.md says so
+
+Development only (requirements-dev.txt): run from the repository root after mutmut,
+
+    OMP_NUM_THREADS=1 mutmut run --max-children 2
+    python tests/mutation_score.py --json results/mutation.json --overwrite
+"""
+
+import configparser
+import json
+import os
+import platform
+import re
+import sys
+from importlib.metadata import version
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mutmut.mutation.diff_apply import get_diff_for_mutant  # noqa: E402 (after the path above)
+from mutmut.stats import status_by_exit_code  # noqa: E402
+
+import cli  # noqa: E402
+from outputs import json_text, write_output_file  # noqa: E402
+
+CUDA_ONLY = ("require_cuda", "backend_class", "to_semi_structured", "sparsify_experts", "compare_logits")
+KINDS = ("help", "log", "device", "cuda", "distributed", "equivalent", "other")
+# (function, text of the mutated line, text of the mutant): why no input can tell them apart
+EQUIVALENT = [
+    ("", "shape[-1]", "shape[+1]", "on the 2-D tensors it is given, shape[1] is shape[-1]"),
+    ("", 'float("-inf")', 'float("-INF")', "Python reads both as minus infinity"),
+    ("owl_sparsities", "(d - d.min())", "(d + d.min())", "a constant shift, cancelled by the centring that follows"),
+    ("", "stable=True", "stable=", "the scores sorted hold no ties on real inputs (floats from a forward pass)"),
+    ("", "stable=True", "descending=True, )", "the scores sorted hold no ties on real inputs (floats from a forward pass)"),
+    ("slice_experts", "bias=False", "bias=None", "None is false: no bias either way"),
+    ("compressed_layout", "cols // ", "cols / ", "a float shape compares equal to the integer one"),
+    ("SkippingMoeBlock", "[1.0, 0.0]", "[1.0, 1.0]", "a skipping token's second weight multiplies an assignment that is not run"),
+    ("train_expert", "grads=True", "grads=", "AdamW is elementwise and the pruned weights are zeroed after the step"),
+    ("train_expert", "grads=True", "masks, )", "AdamW is elementwise and the pruned weights are zeroed after the step"),
+    ("train_expert", "set_to_none=True", "set_to_none=", "every parameter gets a gradient each step: zeros or None step alike"),
+    ("load_compressed", "continue", "break", "lm_head.weight, the only parameter it skips, is the last one"),
+    ("storage_report", '"not a pruned matrix"', '"NOT A PRUNED MATRIX"', "only its being a reason matters: such a matrix "
+                                                                        "is not recorded"),
+    ("storage_report", '"not a pruned matrix"', '"XXnot a pruned matrixXX"', "only its being a reason matters: such a "
+                                                                             "matrix is not recorded"),
+]
+
+
+
+def changed_lines(diff: str) -> tuple:
+    """The removed and the added lines of a unified diff, without their +/- marks."""
+    lines = diff.splitlines()[2:]  # past the ---/+++ header
+    return ([l[1:] for l in lines if l.startswith("-")], [l[1:] for l in lines if l.startswith("+")])
+
+
+def only_on_cuda(name: str, line: str) -> bool:
+    """Whether a line of the module lies inside an `if ... "cuda":` block (or uses a name bound
+    only for one: the modules of load_compressed's CUDA branch)."""
+    with open(name.split(".")[0] + ".py") as f:
+        source = f.read().splitlines()
+    if line not in source:
+        return False
+    i = source.index(line)
+    indent = len(line) - len(line.lstrip())
+    for above in reversed(source[:i]):
+        depth = len(above) - len(above.lstrip())
+        if above.strip() and depth < indent:
+            if above.lstrip().startswith("if ") and '"cuda"' in above:
+                return True
+            if above.lstrip().startswith("def "):
+                return "modules = dict(model.named_modules())" in line
+            indent = depth
+    return False
+
+
+def judged(name: str, removed: list, added: list) -> str:
+    """EQUIVALENT's reason for this mutant, or None."""
+    for function, before, after, why in EQUIVALENT:
+        if function in name and any(before in l for l in removed) and any(after in l for l in added):
+            return why
+    return None
+
+
+def kind(name: str, diff: str) -> str:
+    """Which of KINDS a surviving mutant is, from its function's name and its diff."""
+    removed, added = changed_lines(diff)
+    if judged(name, removed, added):
+        return "equivalent"
+    text = " ".join(removed)
+    without_device = lambda s: re.sub(r",?\s*device=[\w.\[\]\"']+|\.to\(device\)|device\b", "", s)
+    in_parser = "build_parser" in name or "x_main__" in name
+    if "build_parser" in name or "add_argument(" in text or "cli.parser(" in text or (
+            in_parser and all(re.match(r'\s*(help=|\w+_help=)?f?"', l) for l in removed)):
+        return "help"
+    if re.search(r"\blog\(", text):
+        return "log"
+    if any(f"x_{f}__" in name for f in CUDA_ONLY) or '"cuda"' in text or all(only_on_cuda(name, l) for l in removed):
+        return "cuda"
+    if "distributed." in text:
+        return "distributed"
+    if [without_device(l).replace(" ", "") for l in removed] == [without_device(l).replace(" ", "").replace("None", "")
+                                                                  .replace(",)", ")") for l in added]:
+        return "device"
+    return "other"
+
+
+def mutants(root: str) -> list:
+    """[(name, status)] of every mutant of the modules setup.cfg mutates."""
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(root, "setup.cfg"))
+    out = []
+    for path in cfg["mutmut"]["source_paths"].split():
+        with open(os.path.join(root, "mutants", path + ".meta")) as f:
+            codes = json.load(f)["exit_code_by_key"]
+        out += [(name, status_by_exit_code[code].replace(" ", "_")) for name, code in codes.items()]  # no_tests
+    return out
+
+
+def score(root: str) -> dict:
+    rows = mutants(root)
+    modules = {}
+    for name, status in rows:
+        counts = modules.setdefault(name.split(".")[0], {"mutants": 0})  # by module name, e.g. "prune"
+        counts["mutants"] += 1
+        counts[status] = counts.get(status, 0) + 1
+    for counts in modules.values():
+        tested = counts["mutants"] - counts.get("no_tests", 0) - counts.get("not_checked", 0)
+        counts["score"] = (counts.get("killed", 0) + counts.get("timeout", 0)) / tested
+    total = {k: sum(c.get(k, 0) for c in modules.values()) for k in ("mutants", "killed", "survived", "no_tests",
+                                                                      "timeout", "not_checked")}
+    total["score"] = (total["killed"] + total["timeout"]) / (total["mutants"] - total["no_tests"] - total["not_checked"])
+    survivors = []
+    for name, status in rows:
+        if status == "survived":
+            diff = get_diff_for_mutant(name, path=name.split(".")[0] + ".py")
+            removed, added = changed_lines(diff)
+            survivors.append({"mutant": name, "kind": kind(name, diff), "why": judged(name, removed, added),
+                              "diff": "\n".join(diff.splitlines()[2:])})
+    total["survivors_by_kind"] = {k: sum(s["kind"] == k for s in survivors) for k in KINDS}
+    return {"mutmut": version("mutmut"), "python": platform.python_version(), "modules": modules, "total": total,
+            "survivors": survivors}
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--json", required=True, help="where to write the score (docs/testing.md quotes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    args = p.parse_args(argv)
+    with cli.errors():
+        res = score(cli.REPO)
+        write_output_file(args.json, json_text(res), args.overwrite)
+        t = res["total"]
+        print(f"{t['mutants']} mutants: {t['killed']} killed, {t['survived']} survived ({t['survivors_by_kind']}), "
+              f"{t['no_tests']} not reached by a test; score {t['score']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
