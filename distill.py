@@ -216,7 +216,7 @@ class ExpertLoss:
     def hook(self, l):
         def add(block, inputs):
             x_s = inputs[0].reshape(-1, inputs[0].shape[-1])  # [N, hidden] the student's MoE input
-            for c in self.teacher.calls.get(l, []):
+            for c in self.teacher.calls[l]:  # the teacher routed every token of the batch at every layer
                 self.terms.append(expert_term(block.experts[c.expert], x_s, c, self.counts[l, c.expert]))
         return add
 

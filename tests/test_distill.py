@@ -247,3 +247,46 @@ def test_per_expert_mode_runs_a_bfloat16_stored_teacher_in_float32(tmp_path, tex
             reports.append(distill.distill_per_expert(teacher, student, windows, distill.DistillConfig(epochs=1), writer,
                                                       "cpu", lambda s: None))
     assert reports[0] == reports[1]
+
+
+def test_full_mode_steps_follow_the_schedule_over_every_window(tmp_path, pair, monkeypatch):
+    """distill_full: each epoch one seeded permutation of the windows in micro-batches of
+    batch_size, an optimizer step every grad_accum micro-batches and at the epoch's end, the
+    learning rate of step s lr x cosine(s, steps, warmup), AdamW with the configured decay and
+    betas (0.9, 0.95); the report's epochs average its steps."""
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    windows = torch.randint(0, 300, (7, 12), generator=torch.Generator().manual_seed(0))
+    cfg = distill.DistillConfig(batch_size=2, grad_accum=2, epochs=2, lr=1e-3, warmup_steps=1, weight_decay=0.05, seed=3)
+    seen, steps = [], []
+    student.register_forward_pre_hook(lambda m, a: seen.append([next(j for j in range(7) if torch.equal(w, windows[j]))
+                                                                for w in a[0]]))
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
+        steps.append([(g["lr"], g["weight_decay"], g["betas"]) for g in self.param_groups]), step(self, *a, **k))[1])
+    _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
+    g = torch.Generator().manual_seed(3)
+    assert seen == [b.tolist() for _ in range(2) for b in torch.randperm(7, generator=g).split(2)]
+    assert steps == [[(1e-3 * distill.cosine(s, 4, 1), 0.05, (0.9, 0.95))] for s in range(4)]  # 2 steps an epoch
+    assert [h["step"] for h in rep["steps"]] == [1, 2, 3, 4] and rep["optimizer_steps"] == 4
+    for e, epoch in enumerate(rep["epochs"]):
+        assert epoch["ce"] == pytest.approx(sum(h["ce"] for h in rep["steps"][2 * e:2 * e + 2]) / 2)
+        assert epoch["expert_mse"] == pytest.approx(sum(h["expert_mse"] for h in rep["steps"][2 * e:2 * e + 2]) / 2)
+    assert all(torch.equal(p[masks[n]], torch.zeros_like(p[masks[n]])) for n, p in student.named_parameters() if n in masks)
+
+
+def test_full_mode_in_bfloat16_runs_teacher_and_student_under_autocast(pair):
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    dtypes = []
+    for m in (teacher, student):
+        m.lm_head.register_forward_hook(lambda mod, a, out: dtypes.append(out.dtype))
+    windows = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    distill.distill_full(teacher, student, masks, windows, distill.DistillConfig(batch_size=2, epochs=1, dtype="bfloat16"),
+                         torch.device("cpu"), lambda s: None)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # the teacher's forward, then the student's
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # the weights stay float32
