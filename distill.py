@@ -256,7 +256,7 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
             with autocast:
                 logits = student(x)
                 ce = mm.next_token_nll(logits, x)
-                l_exp = torch.stack(s_loss.terms).sum() if s_loss.terms else torch.zeros((), device=device)
+                l_exp = torch.stack(s_loss.terms).sum()  # one term per (layer, expert) the teacher routed to
             ce_all = distributed.all_sum(ce.detach().clone()) / W  # equal windows per rank: the global mean
             exp_all = distributed.all_sum(l_exp.detach().clone())
             starts_step = sums["n"] % cfg.grad_accum == 0

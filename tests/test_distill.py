@@ -217,8 +217,11 @@ def test_per_expert_mode_trains_exactly_the_experts_the_teacher_routes_to(tmp_pa
     out = str(tmp_path / "kd")
     cfg = distill.DistillConfig(epochs=1, lr=1e-2)
     with checkpoint.CheckpointWriter(out, checkpoint.read_config(student), src_dir=student) as writer:
-        rep = distill.distill_per_expert(teacher, student, windows, cfg, writer, "cpu", lambda s: None)
+        lines = []
+        rep = distill.distill_per_expert(teacher, student, windows, cfg, writer, "cpu", lines.append)
     assert [h["layer"] for h in rep["layers"]] == [0, 1]
+    assert lines == [f"layer {h['layer']}: expert MSE {sum(e['mse_before'] for e in h['experts']):.5f} -> "
+                     f"{sum(e['mse_after'] for e in h['experts']):.5f}" for h in rep["layers"]]
     got = {(h["layer"], e["expert"]): e["tokens"] for h in rep["layers"] for e in h["experts"]}
     assert got == counts and len(got) < 8  # some expert had no token
     s, o = checkpoint.load_model(student), checkpoint.load_model(out)
@@ -290,3 +293,57 @@ def test_full_mode_in_bfloat16_runs_teacher_and_student_under_autocast(pair):
                          torch.device("cpu"), lambda s: None)
     assert dtypes == [torch.bfloat16, torch.bfloat16]  # the teacher's forward, then the student's
     assert all(p.dtype == torch.float32 for p in student.parameters())  # the weights stay float32
+
+
+@pytest.mark.parametrize("loss", ["eq10", "ce", "mse"])
+def test_each_loss_steps_on_the_gradient_of_its_terms(pair, monkeypatch, loss):
+    """The first step's gradients are those of the loss written out here (Eq. 10: L_CE + lambda
+    L_expert with lambda = L_CE / L_expert; or one term alone, lambda then 0), zero on every pruned
+    weight; the report records lambda."""
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    reference = copy.deepcopy(student)
+    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    windows = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    grads = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
+        grads.append({n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in student.named_parameters()}),
+        step(self, *a, **k))[1])  # no gradient (e.g. lm_head under L_expert alone): zeros
+    cfg = distill.DistillConfig(batch_size=2, epochs=1, loss=loss)
+    _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
+    calls, inputs = {}, {}
+    for l, layer in enumerate(reference.model.layers):
+        layer.block_sparse_moe.register_forward_pre_hook(
+            lambda mod, a, l=l: inputs.__setitem__(l, a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        teacher(windows, observers={l: (lambda c, l=l: calls.setdefault(l, []).append(c)) for l in range(2)})
+    logits = reference(windows)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, 300), windows[:, 1:].reshape(-1))
+    l_exp = expert_mse(calls, inputs, reference)
+    lam = (ce / l_exp).item() if loss == "eq10" else 0.0
+    assert rep["lambda"] == pytest.approx(lam, rel=1e-5, abs=0)
+    {"eq10": ce + lam * l_exp, "ce": ce, "mse": l_exp}[loss].backward()
+    for n, p in reference.named_parameters():
+        want = torch.zeros_like(p) if p.grad is None else p.grad
+        want = want.masked_fill(masks[n], 0) if n in masks else want
+        assert torch.allclose(grads[0][n], want, rtol=1e-4, atol=1e-7), n
+        if n in masks:
+            assert not grads[0][n][masks[n]].any()
+
+
+@pytest.mark.parametrize("every,balanced_at", [(0, 0), (1, 3), (2, 2), (3, 3)])
+def test_rebalance_every_n_steps_sets_lambda_from_that_steps_batch(pair, every, balanced_at):
+    """--rebalance-every N: lambda = L_CE / L_expert of the batch of every N-th step (0: the first
+    batch only); the report's lambda is the last one set (steps 0..3 here, history holds each
+    step's two losses)."""
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    windows = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(2))
+    cfg = distill.DistillConfig(batch_size=1, epochs=1, rebalance_every=every, lr=1e-3)
+    _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
+    h = rep["steps"][balanced_at]
+    assert len(rep["steps"]) == 4 and rep["lambda"] == pytest.approx(h["ce"] / h["expert_mse"], rel=1e-6)
