@@ -50,6 +50,8 @@ EQUIVALENT = [
     ("train_expert", "grads=True", "grads=", "AdamW is elementwise and the pruned weights are zeroed after the step"),
     ("train_expert", "grads=True", "masks, )", "AdamW is elementwise and the pruned weights are zeroed after the step"),
     ("train_expert", "set_to_none=True", "set_to_none=", "every parameter gets a gradient each step: zeros or None step alike"),
+    ("train_expert", "lr=cfg.lr,", ".parameters(), weight_decay", "the learning rate is set before every step"),
+    ("distill_full", "lr=cfg.lr,", ".parameters(), weight_decay", "the learning rate is set before every step"),
     ("load_compressed", "continue", "break", "lm_head.weight, the only parameter it skips, is the last one"),
     ("storage_report", '"not a pruned matrix"', '"NOT A PRUNED MATRIX"', "only its being a reason matters: such a matrix "
                                                                         "is not recorded"),

@@ -185,18 +185,19 @@ def test_per_expert_training_steps_follow_the_schedule_over_every_token(monkeypa
     x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
     x[:, 0] = torch.arange(50)  # each row says which token it is
     y = torch.randn(50, 64, generator=torch.Generator().manual_seed(1))
-    cfg = distill.DistillConfig(batch_size=2, seqlen=8, epochs=3, lr=1e-3, warmup_steps=2, seed=5)
+    cfg = distill.DistillConfig(batch_size=2, seqlen=8, epochs=3, lr=1e-3, warmup_steps=2, seed=5, weight_decay=0.05)
     seen, lrs = [], []
     expert.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 0].long().tolist()))
     step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step",
-                        lambda self, *a, **k: (lrs.append([g["lr"] for g in self.param_groups]), step(self, *a, **k))[1])
+                        lambda self, *a, **k: (lrs.append([(g["lr"], g["weight_decay"], g["betas"]) for g in self.param_groups]),
+                                               step(self, *a, **k))[1])
     before, after = distill.train_expert(expert, x, y, cfg)
     assert seen[0] == seen[-1] == list(range(50))  # the MSE before and after, on every token
     g = torch.Generator().manual_seed(5)
     batches = [b for _ in range(3) for b in torch.randperm(50, generator=g).split(8)]  # 7 steps an epoch
     assert seen[1:-1] == [b.tolist() for b in batches]
-    assert lrs == [[1e-3 * distill.cosine(s, 21, 2)] for s in range(21)]
+    assert lrs == [[(1e-3 * distill.cosine(s, 21, 2), 0.05, (0.9, 0.95))] for s in range(21)]
     assert all(torch.equal(p == 0, zeros[n]) for n, p in expert.named_parameters())
     with torch.no_grad():
         assert before == pytest.approx(F.mse_loss(untrained(x), y).item())
