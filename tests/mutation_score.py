@@ -47,9 +47,8 @@ EQUIVALENT = [
     ("slice_experts", "bias=False", "bias=None", "None is false: no bias either way"),
     ("compressed_layout", "cols // ", "cols / ", "a float shape compares equal to the integer one"),
     ("SkippingMoeBlock", "[1.0, 0.0]", "[1.0, 1.0]", "a skipping token's second weight multiplies an assignment that is not run"),
-    ("train_expert", "grads=True", "grads=", "AdamW is elementwise and the pruned weights are zeroed after the step"),
-    ("train_expert", "grads=True", "masks, )", "AdamW is elementwise and the pruned weights are zeroed after the step"),
-    ("train_expert", "set_to_none=True", "set_to_none=", "every parameter gets a gradient each step: zeros or None step alike"),
+    ("", "set_to_none=True", "set_to_none=", "a parameter outside the loss never gets a gradient to zero, and the others get "
+                                             "a new one before each step: zeros or None step alike"),
     ("train_expert", "lr=cfg.lr,", ".parameters(), weight_decay", "the learning rate is set before every step"),
     ("distill_full", "lr=cfg.lr,", ".parameters(), weight_decay", "the learning rate is set before every step"),
     ("load_compressed", "continue", "break", "lm_head.weight, the only parameter it skips, is the last one"),

@@ -191,13 +191,16 @@ def test_per_expert_training_steps_follow_the_schedule_over_every_token(monkeypa
     step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step",
                         lambda self, *a, **k: (lrs.append([(g["lr"], g["weight_decay"], g["betas"]) for g in self.param_groups]),
-                                               step(self, *a, **k))[1])
+                                               pruned_grads.append(expert.w1.weight.grad[zeros["w1.weight"]].abs().sum()),
+                                               step(self, *a, **k))[2])
+    pruned_grads = []
     before, after = distill.train_expert(expert, x, y, cfg)
     assert seen[0] == seen[-1] == list(range(50))  # the MSE before and after, on every token
     g = torch.Generator().manual_seed(5)
     batches = [b for _ in range(3) for b in torch.randperm(50, generator=g).split(8)]  # 7 steps an epoch
     assert seen[1:-1] == [b.tolist() for b in batches]
     assert lrs == [[(1e-3 * distill.cosine(s, 21, 2), 0.05, (0.9, 0.95))] for s in range(21)]
+    assert all(g == 0 for g in pruned_grads)  # the pruned weights' gradients are zeroed before each step
     assert all(torch.equal(p == 0, zeros[n]) for n, p in expert.named_parameters())
     with torch.no_grad():
         assert before == pytest.approx(F.mse_loss(untrained(x), y).item())
@@ -348,3 +351,4 @@ def test_rebalance_every_n_steps_sets_lambda_from_that_steps_batch(pair, every, 
     _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
     h = rep["steps"][balanced_at]
     assert len(rep["steps"]) == 4 and rep["lambda"] == pytest.approx(h["ce"] / h["expert_mse"], rel=1e-6)
+
