@@ -352,3 +352,16 @@ def test_rebalance_every_n_steps_sets_lambda_from_that_steps_batch(pair, every, 
     h = rep["steps"][balanced_at]
     assert len(rep["steps"]) == 4 and rep["lambda"] == pytest.approx(h["ce"] / h["expert_mse"], rel=1e-6)
 
+
+
+def test_per_expert_mode_in_bfloat16_runs_the_teacher_and_the_training_under_autocast(pair, monkeypatch, tmp_path):
+    teacher, student = pair
+    seen = []
+    train = distill.train_expert
+    monkeypatch.setattr(distill, "train_expert", lambda expert, x, y, cfg: (
+        seen.append((y.dtype, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))), train(expert, x, y, cfg))[1])
+    windows = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    with checkpoint.CheckpointWriter(str(tmp_path / "kd"), checkpoint.read_config(student), src_dir=student) as writer:
+        distill.distill_per_expert(teacher, student, windows, distill.DistillConfig(epochs=1, dtype="bfloat16"), writer,
+                                   "cpu", lambda s: None)
+    assert seen and all(s == (torch.bfloat16, True, torch.bfloat16) for s in seen)  # teacher outputs, then training
