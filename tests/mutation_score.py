@@ -51,6 +51,13 @@ EQUIVALENT = [
                                              "a new one before each step: zeros or None step alike"),
     ("train_expert", "lr=cfg.lr,", ".parameters(), weight_decay", "the learning rate is set before every step"),
     ("distill_full", "lr=cfg.lr,", ".parameters(), weight_decay", "the learning rate is set before every step"),
+    ("apply_masks", "grads=False", "grads=True", "with its gradient zeroed first, AdamW leaves a pruned weight exactly "
+                                                "zero, so the masking after the step is a safeguard that changes nothing"),
+    ("apply_masks", "if grads else", "or True", "with its gradient zeroed first, AdamW leaves a pruned weight exactly "
+                                                "zero, so the masking after the step is a safeguard that changes nothing"),
+    ("TeacherCalls", "+= len(c.tokens)", "= len(c.tokens)", "each expert is called once per layer and batch"),
+    ("TeacherCalls", "dtype=torch.float32", "dtype=None", "float32 is torch's default dtype"),
+    ("TeacherCalls", "dtype=torch.float32", "n_experts, device", "float32 is torch's default dtype"),
     ("load_compressed", "continue", "break", "lm_head.weight, the only parameter it skips, is the last one"),
     ("storage_report", '"not a pruned matrix"', '"NOT A PRUNED MATRIX"', "only its being a reason matters: such a matrix "
                                                                         "is not recorded"),

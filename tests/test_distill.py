@@ -2,7 +2,9 @@
 
 import copy
 import json
+import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 import data
 import distill
 import checkpoint
+import expert_prune
 import cli
 import prune
 from conftest import expert_mse, random_model, script_error, small_tokenizer, TEXT, write_checkpoint
@@ -365,3 +368,54 @@ def test_per_expert_mode_in_bfloat16_runs_the_teacher_and_the_training_under_aut
         distill.distill_per_expert(teacher, student, windows, distill.DistillConfig(epochs=1, dtype="bfloat16"), writer,
                                    "cpu", lambda s: None)
     assert seen and all(s == (torch.bfloat16, True, torch.bfloat16) for s in seen)  # teacher outputs, then training
+
+
+def test_the_pruned_matrices_are_those_the_report_gives_sparsity_else_every_expert_matrix(tmp_path, pair):
+    teacher, student = pair
+    config = checkpoint.read_config(student)
+    report = json.load(open(os.path.join(student, "prune_report.json")))
+    expected = [n for n, s in report["per_matrix_sparsity"].items() if s > 0]
+    assert distill.pruned_matrices(student, config) == expected and expected
+    report["per_matrix_sparsity"]["model.layers.0.self_attn.q_proj.weight"] = 0.0  # listed, not pruned: no mask
+    edited = tmp_path / "edited"
+    shutil.copytree(student, edited)
+    (edited / "prune_report.json").write_text(json.dumps(report))
+    assert distill.pruned_matrices(str(edited), config) == expected
+    (edited / "prune_report.json").unlink()  # no report: every expert matrix
+    every = sorted(n for n, s in checkpoint.expected_shapes(config).items() if len(s) == 2 and ".experts." in n)
+    assert distill.pruned_matrices(str(edited), config) == every and len(every) == 2 * 4 * 3
+    report["per_matrix_sparsity"]["model.layers.9.block_sparse_moe.experts.0.w1.weight"] = 0.5
+    (edited / "prune_report.json").write_text(json.dumps(report))
+    with pytest.raises(data.DataError) as e:
+        distill.pruned_matrices(str(edited), config)
+    assert "it names a matrix the student does not have" in str(e.value)
+
+
+def test_a_matrix_with_a_single_pruned_weight_keeps_its_mask():
+    model = random_model()
+    name = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    with torch.no_grad():
+        model.get_parameter(name)[2, 3] = 0
+    masks = distill.zero_masks(model, [name, "model.layers.0.block_sparse_moe.experts.1.w1.weight"])
+    assert list(masks) == [name] and masks[name].sum() == 1 and masks[name][2, 3]
+
+
+def test_cosine_schedule_by_hand():
+    """Linear warm-up to the peak over `warmup` steps, then half a cosine from the peak to 0 at
+    step `total`, 0 after it."""
+    assert [distill.cosine(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
+    assert distill.cosine(2, 10, 2) == 1.0 and distill.cosine(6, 10, 2) == pytest.approx(0.5)
+    assert distill.cosine(4, 10, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert distill.cosine(10, 10, 2) == pytest.approx(0.0, abs=1e-12) and distill.cosine(12, 10, 2) == pytest.approx(0.0, abs=1e-12)
+    assert distill.cosine(4, 4, 3) == pytest.approx(0.0, abs=1e-12)  # one step of decay: all the way down
+    assert distill.cosine(3, 3, 3) == 1.0  # warm-up as long as the run: the peak, no division by zero
+
+
+def test_a_variant_teacher_or_student_is_refused_naming_it(tmp_path, pair, text_file, capsys):
+    teacher, student = pair
+    skip = str(tmp_path / "skip")
+    expert_prune.main(["--model", teacher, "--skip", "--calib-data", text_file, "--nsamples", "2", "--seqlen", "16",
+                       "--out", skip])
+    for argv in (["--teacher", skip, "--student", student], ["--teacher", teacher, "--student", skip]):
+        line = script_error(capsys, distill.main, [*argv, "--calib-data", text_file, "--out", str(tmp_path / "kd")])
+        assert f"{skip} is an expert-level variant" in line
