@@ -36,6 +36,8 @@ import cli  # noqa: E402
 from outputs import json_text, write_output_file  # noqa: E402
 
 CUDA_ONLY = ("require_cuda", "backend_class", "to_semi_structured", "sparsify_experts", "compare_logits")
+# mutmut's verdicts, as results/mutation.json names them (mutmut's own words, spaces as _)
+STATUSES = ("mutants", *sorted({v.replace(" ", "_") for v in status_by_exit_code.values()} | {"suspicious"}))
 KINDS = ("help", "log", "device", "cuda", "distributed", "equivalent", "other")
 # (function, text of the mutated line, text of the mutant): why no input can tell them apart
 EQUIVALENT = [
@@ -58,6 +60,15 @@ EQUIVALENT = [
     ("TeacherCalls", "+= len(c.tokens)", "= len(c.tokens)", "each expert is called once per layer and batch"),
     ("TeacherCalls", "dtype=torch.float32", "dtype=None", "float32 is torch's default dtype"),
     ("TeacherCalls", "dtype=torch.float32", "n_experts, device", "float32 is torch's default dtype"),
+    ("CondensedMoeBlock", ".to(x.dtype)", ".to(None)", "out has x's dtype, and an in-place add casts to it"),
+    ("skip_ratios", "), 2)", "), 3)", "g1 / g0 is a ratio of router probabilities, which renormalising over the top 3 "
+                                      "instead of the top 2 does not change"),
+    ("cd_moe", "batch_size: int = 8", "batch_size: int = 9", "the batch size changes only the order of float sums"),
+    ("cd_moe", 'dtype: str = "float32"', 'dtype: str = "', "compute_dtype runs every dtype but bfloat16 in float32"),
+    ("save_compressed", "check_output(out, overwrite, [model_dir])", "check_output(out,", "the CheckpointWriter that "
+                                                                                    "follows checks the output again"),
+    ("save_compressed", "CheckpointWriter(out, reader.config", "CheckpointWriter(out, None", "the config is set before "
+                                                                                           "anything is written"),
     ("load_compressed", "continue", "break", "lm_head.weight, the only parameter it skips, is the last one"),
     ("storage_report", '"not a pruned matrix"', '"NOT A PRUNED MATRIX"', "only its being a reason matters: such a matrix "
                                                                         "is not recorded"),
@@ -107,7 +118,8 @@ def kind(name: str, diff: str) -> str:
     if judged(name, removed, added):
         return "equivalent"
     text = " ".join(removed)
-    without_device = lambda s: re.sub(r",?\s*device=[\w.\[\]\"']+|\.to\(device\)|device\b", "", s)
+    without_device = lambda s: re.sub(r",?\s*device=[\w.\[\]\"']+|\.to\((device|None)\)|device\b", "", s).replace(
+        " ", "").replace(",)", ")")
     in_parser = "build_parser" in name or "x_main__" in name
     if "build_parser" in name or "add_argument(" in text or "cli.parser(" in text or (
             in_parser and all(re.match(r'\s*(help=|\w+_help=)?f?"', l) for l in removed)):
@@ -118,8 +130,7 @@ def kind(name: str, diff: str) -> str:
         return "cuda"
     if "distributed." in text:
         return "distributed"
-    if [without_device(l).replace(" ", "") for l in removed] == [without_device(l).replace(" ", "").replace("None", "")
-                                                                  .replace(",)", ")") for l in added]:
+    if [without_device(l) for l in removed] == [without_device(l) for l in added]:
         return "device"
     return "other"
 
@@ -140,14 +151,13 @@ def score(root: str) -> dict:
     rows = mutants(root)
     modules = {}
     for name, status in rows:
-        counts = modules.setdefault(name.split(".")[0], {"mutants": 0})  # by module name, e.g. "prune"
+        counts = modules.setdefault(name.split(".")[0], dict.fromkeys(STATUSES, 0))  # by module name, e.g. "prune"
         counts["mutants"] += 1
-        counts[status] = counts.get(status, 0) + 1
+        counts[status] += 1
     for counts in modules.values():
-        tested = counts["mutants"] - counts.get("no_tests", 0) - counts.get("not_checked", 0)
-        counts["score"] = (counts.get("killed", 0) + counts.get("timeout", 0)) / tested
-    total = {k: sum(c.get(k, 0) for c in modules.values()) for k in ("mutants", "killed", "survived", "no_tests",
-                                                                      "timeout", "not_checked")}
+        tested = counts["mutants"] - counts["no_tests"] - counts["not_checked"]
+        counts["score"] = (counts["killed"] + counts["timeout"]) / tested if tested else None
+    total = {k: sum(c[k] for c in modules.values()) for k in STATUSES}
     total["score"] = (total["killed"] + total["timeout"]) / (total["mutants"] - total["no_tests"] - total["not_checked"])
     survivors = []
     for name, status in rows:

@@ -419,3 +419,14 @@ def test_a_variant_teacher_or_student_is_refused_naming_it(tmp_path, pair, text_
     for argv in (["--teacher", skip, "--student", student], ["--teacher", teacher, "--student", skip]):
         line = script_error(capsys, distill.main, [*argv, "--calib-data", text_file, "--out", str(tmp_path / "kd")])
         assert f"{skip} is an expert-level variant" in line
+
+
+def test_per_expert_training_on_fewer_tokens_than_a_step_takes_one_step_an_epoch(monkeypatch):
+    expert = random_model().model.layers[0].block_sparse_moe.experts[0]
+    x, y = torch.randn(5, 64), torch.randn(5, 64)
+    lrs = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (lrs.append(self.param_groups[0]["lr"]),
+                                                                         step(self, *a, **k))[1])
+    distill.train_expert(expert, x, y, distill.DistillConfig(batch_size=1, seqlen=16, epochs=3, lr=1e-3, warmup_steps=1))
+    assert lrs == [1e-3 * distill.cosine(s, 3, 1) for s in range(3)]  # 8 tokens a step: 1 step an epoch, 3 in all

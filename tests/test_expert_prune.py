@@ -12,6 +12,7 @@ import torch
 
 import expert_prune as ep
 import checkpoint
+import cli
 import data
 import mini_mixtral as mm
 from conftest import TEXT, random_model, script_error, small_config, write_checkpoint
@@ -174,12 +175,14 @@ def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
 
 
 @pytest.mark.parametrize("argv,msg", [(["--keep-experts", "0"], "must be at least 1"), (["--keep-experts", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),
-                                      (["--keep-experts", "1"], "must lie in"), ([], "nothing to do"),
-                                      (["--keep-experts", "3", "--condense-layers", "1"], "separate runs")])
+                                      (["--keep-experts", "1"], "must lie in"),
+                                      ([], "error: nothing to do: give --keep-experts, --skip or --condense-layers"),
+                                      (["--keep-experts", "3", "--condense-layers", "1"],
+                                       "error: CD-MoE (--condense-layers) and NAEE (--keep-experts, --skip) are separate runs")])
 def test_bad_r_is_a_clear_error(tmp_path, ckpt, text_file, argv, msg, capsys):
     line = script_error(capsys, ep.main, ["--model", ckpt, *argv, "--calib-data", text_file, "--nsamples", "4",
                                           "--seqlen", "32", "--out", str(tmp_path / "o")])
-    assert msg in line
+    assert (line == msg) if msg.startswith("error: ") else (msg in line)
     assert not (tmp_path / "o").exists()
 
 
@@ -355,6 +358,11 @@ def test_cd_moe_bounds_stored_dtype_and_report(tmp_path, text_file):
     assert json.load(open(tmp_path / "all" / "expert_prune_report.json")) == rep
     with pytest.raises(OutputError, match="exists"):  # never replaced without overwrite
         ep.cd_moe(ckpt, tokens, 1, 2, str(tmp_path / "all"))
+    one = ep.cd_moe(ckpt, tokens, 1, 1, str(tmp_path / "all"), overwrite=True)  # one layer, one expert: replaced
+    (layer, c), = one["condensed_layers"].items()
+    assert len(c["experts"]) == 1
+    bf16 = ep.cd_moe(ckpt, tokens, 1, 1, str(tmp_path / "bf16"), dtype="bfloat16")["condensed_layers"]  # under autocast
+    assert bf16 != one["condensed_layers"]  # the gates it measures are bfloat16's
     for n_layers, n_experts in ((3, 2), (1, 5), (0, 2), (1, 0)):
         with pytest.raises(data.DataError) as e:
             ep.cd_moe(ckpt, tokens, n_layers, n_experts, str(tmp_path / "bad"))
@@ -443,3 +451,25 @@ def test_a_recipe_with_the_former_r_and_a_model_path_relative_to_the_repository_
     again = ep.main(["--recipe", str(old), "--out", str(tmp_path / "again")])
     assert again["args"]["keep_experts"] == 6 and again["kept_experts"] == rep["kept_experts"]
     assert again["recipe"]["overridden"] == {}
+
+
+def test_overwrite_replaces_a_finished_output_and_a_recipe_reads_its_inputs_relative_to_the_repository(
+        tmp_path, ckpt, monkeypatch):
+    """--overwrite replaces an existing output; a recipe's relative calibration paths (text or
+    tokens) are read relative to the repository when they do not exist where it is run from."""
+    repo = tmp_path / "repo"
+    (repo / "texts").mkdir(parents=True)
+    (repo / "texts" / "t.txt").write_text(TEXT)
+    tokens = data.calibration_tokens(ckpt, 300, 128, str(repo / "texts" / "t.txt"), None, 3, 16, 0)
+    np.save(repo / "texts" / "w.npy", tokens.numpy())
+    monkeypatch.setattr(cli, "REPO", str(repo))
+    monkeypatch.chdir(repo)
+    out = str(tmp_path / "o")
+    for given in (["--calib-data", "texts/t.txt", "--nsamples", "3", "--seqlen", "16"], ["--calib-tokens", "texts/w.npy"]):
+        first = ep.main(["--model", ckpt, "--keep-experts", "2", *given, "--out", out, "--overwrite"])
+        assert json.load(open(os.path.join(out, "expert_prune_report.json")))["kept_experts"] == first["kept_experts"]
+        monkeypatch.chdir(tmp_path)  # texts/ is not here: the recipe's paths are read in the repository
+        again = ep.main(["--recipe", os.path.join(out, "expert_prune_report.json"), "--out", str(tmp_path / "again"),
+                         "--overwrite"])
+        assert again["kept_experts"] == first["kept_experts"] and again["layers"] == first["layers"]
+        monkeypatch.chdir(repo)

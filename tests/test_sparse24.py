@@ -188,6 +188,11 @@ def test_the_storage_report_and_summary_name_every_matrix_and_every_byte(tmp_pat
                    f"({semi / dense:.2%} of dense)",
                    f"per converted matrix: values {size(first) // 2} B + metadata {size(first) // 16} B = 56.25% of "
                    f"{size(first)} B dense"] + [f"kept dense: {k}: {why}" for k, why in kept.items()]
+    fmt = json.load(open(os.path.join(packed, "config.json")))["sparse_format"]
+    assert fmt["compressed"] == sorted(n for n in rep["matrices"] if n not in kept)  # the kept-dense stay as they were
+    a, b = checkpoint.load_model(pruned).state_dict(), sparse24.load_compressed(packed).state_dict()
+    for n, p in a.items():  # compressed: bfloat16's values, bitwise; everything else as stored
+        assert torch.equal(b[n].float(), p.to(torch.bfloat16).float() if n in fmt["compressed"] else p), n
     assert "exists" in script_error(capsys, sparse24.main, argv)
     assert sparse24.main([*argv, "--overwrite"]) == rep  # both replaced when asked
     assert "--prune-from needs --out" in script_error(capsys, sparse24.main, ["--prune-from", ck])
