@@ -47,6 +47,8 @@ EQUIVALENT = [
     ("", "stable=True", "stable=", "the scores sorted hold no ties on real inputs (floats from a forward pass)"),
     ("", "stable=True", "descending=True, )", "the scores sorted hold no ties on real inputs (floats from a forward pass)"),
     ("slice_experts", "bias=False", "bias=None", "None is false: no bias either way"),
+    ("slice_experts", 'device="meta"', "bias=False, ", "the new router's weight is replaced at once: 'meta' only spares "
+                                                     "allocating it"),
     ("compressed_layout", "cols // ", "cols / ", "a float shape compares equal to the integer one"),
     ("SkippingMoeBlock", "[1.0, 0.0]", "[1.0, 1.0]", "a skipping token's second weight multiplies an assignment that is not run"),
     ("", "set_to_none=True", "set_to_none=", "a parameter outside the loss never gets a gradient to zero, and the others get "

@@ -18,6 +18,7 @@ import mini_mixtral as mm
 from conftest import TEXT, random_model, script_error, small_config, write_checkpoint
 from layerwise import Positions
 from outputs import OutputError
+from test_devices import MetaMeetsReal
 
 
 def layer_inputs(seed=0):
@@ -378,20 +379,19 @@ def test_variant_blocks_show_an_observer_what_each_expert_saw():
     block = random_model().model.layers[0].block_sparse_moe
     h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
     x = h.reshape(10, 64)
-    calls = []
-    with torch.no_grad():
+    calls, plain, skipping, top1 = [], [], [], []
+    with torch.no_grad(), torch.device("meta"), MetaMeetsReal():  # every tensor the blocks make is on x's device
         ep.CondensedMoeBlock(block, [1, 3], [0.3, 0.2])(h, calls.append)
+        block(h, plain.append)
+        ep.SkippingMoeBlock(block, 0.0)(h, skipping.append)
+        ep.SkippingMoeBlock(block, 1.0)(h, top1.append)
+    with torch.no_grad():
         assert [c.expert for c in calls] == [1, 3]
         for c, w in zip(calls, (0.3, 0.2)):
             assert torch.equal(c.tokens, torch.arange(10)) and torch.equal(c.x, x)
             assert torch.equal(c.gate, torch.full((10,), w))
             assert torch.equal(c.h, block.experts[c.expert].hidden(x)) and torch.equal(c.y, block.experts[c.expert](x))
-        plain, skipping = [], []
-        block(h, plain.append)
-        ep.SkippingMoeBlock(block, 0.0)(h, skipping.append)
         assert [(c.expert, c.tokens.tolist()) for c in plain] == [(c.expert, c.tokens.tolist()) for c in skipping]
-        top1 = []
-        ep.SkippingMoeBlock(block, 1.0)(h, top1.append)
         first = mm.route(block.gate(x), 2)[1][:, 0]  # [10] each token's top expert
         assert sorted((c.expert, t) for c in top1 for t in c.tokens.tolist()) == sorted(
             (int(e), t) for t, e in enumerate(first))
