@@ -47,6 +47,9 @@ EQUIVALENT = [
     ("", "stable=True", "stable=", "the scores sorted hold no ties on real inputs (floats from a forward pass)"),
     ("", "stable=True", "descending=True, )", "the scores sorted hold no ties on real inputs (floats from a forward pass)"),
     ("slice_experts", "bias=False", "bias=None", "None is false: no bias either way"),
+    ("build_parser", 'dest="keep_experts"', '"--r", type=', "argparse names the destination after the first long flag"),
+    ("build_parser", 'dest="keep_experts"', "dest=None", "argparse names the destination after the first long flag"),
+    ("build_parser", "default=None,", "type=cli.positive_int, help=", "None is argparse's default"),
     ("slice_experts", 'device="meta"', "bias=False, ", "the new router's weight is replaced at once: 'meta' only spares "
                                                      "allocating it"),
     ("compressed_layout", "cols // ", "cols / ", "a float shape compares equal to the integer one"),
@@ -100,8 +103,8 @@ def only_on_cuda(name: str, line: str) -> bool:
     for above in reversed(source[:i]):
         depth = len(above) - len(above.lstrip())
         if above.strip() and depth < indent:
-            if above.lstrip().startswith("if ") and '"cuda"' in above:
-                return True
+            if above.lstrip().startswith("if ") and ('"cuda"' in above or above.strip() == "if args.run:"):
+                return True  # sparse24.py --run: refused before any work without CUDA
             if above.lstrip().startswith("def "):
                 return "modules = dict(model.named_modules())" in line
             indent = depth

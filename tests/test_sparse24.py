@@ -195,4 +195,24 @@ def test_the_storage_report_and_summary_name_every_matrix_and_every_byte(tmp_pat
         assert torch.equal(b[n].float(), p.to(torch.bfloat16).float() if n in fmt["compressed"] else p), n
     assert "exists" in script_error(capsys, sparse24.main, argv)
     assert sparse24.main([*argv, "--overwrite"]) == rep  # both replaced when asked
-    assert "--prune-from needs --out" in script_error(capsys, sparse24.main, ["--prune-from", ck])
+    assert script_error(capsys, sparse24.main, ["--prune-from", ck]) == "error: --prune-from needs --out"
+
+
+def test_prune_from_prunes_the_method_and_scope_asked_and_a_checkpoint_with_nothing_convertible_is_reported(
+        tmp_path, capsys):
+    ck = write_checkpoint(tmp_path / "ck", intermediate_size=128, dtype=torch.bfloat16)
+    out = str(tmp_path / "w24")
+    rep = sparse24.main(["--prune-from", ck, "--method", "wanda", "--include-attention", "--out", out])
+    pruned = json.load(open(os.path.join(out, "prune_report.json")))
+    assert pruned["args"]["method"] == "wanda" and pruned["args"]["prune_attention"] and pruned["args"]["nm"] == "2:4"
+    assert any(".self_attn.q_proj" in n and "values_bytes" in m for n, m in rep["matrices"].items())
+    capsys.readouterr()
+    again = sparse24.main(["--model", out, "--include-attention"])  # the report alone, no --save
+    assert again == rep and f"{out}: every pruned matrix is 2:4; {rep['model']['converted_matrices']} matrices " \
+        f"compressed and round-tripped bitwise in bfloat16\n" in capsys.readouterr().out  # stored in bfloat16: no rounding
+    none = write_checkpoint(tmp_path / "none", intermediate_size=48)  # w1, w3 [48, 64] and w2 [64, 48]: no kernel takes them
+    pruned48 = str(tmp_path / "p48")
+    prune.main(["--model", none, "--method", "magnitude", "--nm", "2:4", "--out", pruned48])
+    rep48 = sparse24.main(["--model", pruned48])
+    assert rep48["model"]["converted_matrices"] == 0 and len(rep48["model"]["kept_dense"]) == 2 * 4 * 3
+    assert "per converted matrix" not in capsys.readouterr().out

@@ -143,3 +143,8 @@ def test_readmes_table_of_flags_is_true():
                 assert set(flags) <= have, (script, flags)
                 rows += 1
     assert rows > 30
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_opens_with_the_scripts_docstring(name):
+    assert PARSERS[name].description == SCRIPTS[name].__doc__ and SCRIPTS[name].__doc__.strip()
