@@ -64,11 +64,11 @@ def memory_plan(config: mm.MixtralConfig) -> dict:
              ("AdamW's two moments (float32)", params, 8), ("teacher weights (float32; bfloat16 would halve it)", params, 4),
              ("masks of the pruned expert weights (bool)", expert, 1)]
     layer = sum(torch.Size(s).numel() for n, s in shapes.items() if n.startswith("model.layers.0."))
+    sharded = sum(n * b for _, n, b in parts)
     return {"params": params, "expert_params": expert, "layer_params": layer,
             "parts": [{"what": w, "count": n, "bytes_per": b, "bytes": n * b} for w, n, b in parts],
-            "sharded_bytes": sum(n * b for _, n, b in parts),
-            "per_gpu_bytes": {g: sum(n * b for _, n, b in parts) / g for g in (8, 16)},
-            "left_per_gpu_bytes": {g: GPU_BYTES - sum(n * b for _, n, b in parts) / g for g in (8, 16)}}
+            "sharded_bytes": sharded, "per_gpu_bytes": {g: sharded / g for g in (8, 16)},
+            "left_per_gpu_bytes": {g: GPU_BYTES - sharded / g for g in (8, 16)}}
 
 
 def timed(cmd: list) -> float:
