@@ -242,12 +242,11 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
         autocast = compute_dtype(device.type, cfg.dtype)
     W = distributed.world()
     g = torch.Generator().manual_seed(cfg.seed)
-    lam, history, step, t0 = None, [], 0, time.time()
+    lam, history, epochs, step, t0 = None, [], [], 0, time.time()
     student.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(windows), generator=g, device="cpu")  # the windows live on the CPU
-        sums = {"ce": 0.0, "expert": 0.0, "n": 0}
-        for i in range(0, len(windows), cfg.batch_size):
+        for n, i in enumerate(range(0, len(windows), cfg.batch_size), 1):  # n: this epoch's micro-batches so far
             x = distributed.share(windows[order[i:i + cfg.batch_size]]).to(device)  # [b, T] this rank's windows
             with torch.no_grad(), autocast:
                 t_calls.calls = {}
@@ -259,7 +258,7 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
                 l_exp = torch.stack(s_loss.terms).sum()  # one term per (layer, expert) the teacher routed to
             ce_all = distributed.all_sum(ce.detach().clone()) / W  # equal windows per rank: the global mean
             exp_all = distributed.all_sum(l_exp.detach().clone())
-            starts_step = sums["n"] % cfg.grad_accum == 0
+            starts_step = (n - 1) % cfg.grad_accum == 0
             if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):
                 lam = kd_lambda(ce_all, exp_all) if cfg.loss == "eq10" else 0.0  # on the first batch
             loss = {"eq10": ce + lam * W * l_exp, "ce": ce, "mse": W * l_exp}[cfg.loss] / cfg.grad_accum
@@ -267,10 +266,7 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
                 raise data.DataError(f"non-finite loss at step {step} (CE {ce_all.item():.4g}, expert MSE "
                                      f"{exp_all.item():.4g}, lambda {lam:.4g}); nothing was written")
             loss.backward()
-            sums["ce"] += ce_all.item()
-            sums["expert"] += exp_all.item()
-            sums["n"] += 1
-            if sums["n"] % cfg.grad_accum == 0 or i + cfg.batch_size >= len(windows):
+            if n % cfg.grad_accum == 0 or i + cfg.batch_size >= len(windows):
                 for grp in opt.param_groups:
                     grp["lr"] = cfg.lr * cosine(step, total, cfg.warmup_steps)
                 apply_masks(student, masks, grads=True)  # pruned weights receive no update ...
@@ -282,13 +278,11 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
                 if step % 10 == 0 or step == total:
                     log(f"epoch {epoch + 1} step {step}/{total}: CE {ce_all.item():.4f}, expert MSE "
                         f"{exp_all.item():.5f}, lambda {lam:.3g}, {time.time() - t0:.0f}s")
-        log(f"epoch {epoch + 1}: mean CE {sums['ce'] / sums['n']:.4f}, mean expert MSE "
-            f"{sums['expert'] / sums['n']:.5f}")
+        done = history[-steps_per_epoch:]  # this epoch's optimizer steps
+        epochs.append({"epoch": epoch + 1, "ce": sum(h["ce"] for h in done) / steps_per_epoch,
+                       "expert_mse": sum(h["expert_mse"] for h in done) / steps_per_epoch})
+        log(f"epoch {epoch + 1}: mean CE {epochs[-1]['ce']:.4f}, mean expert MSE {epochs[-1]['expert_mse']:.5f}")
     s_loss.remove()
-    epochs = [{"epoch": e + 1, "ce": sum(h["ce"] for h in history[e * steps_per_epoch:(e + 1) * steps_per_epoch])
-               / steps_per_epoch, "expert_mse": sum(h["expert_mse"] for h in history[e * steps_per_epoch:
-                                                                                     (e + 1) * steps_per_epoch])
-               / steps_per_epoch} for e in range(cfg.epochs)]
     return student.eval(), {"lambda": lam, "epochs": epochs, "steps": history, "optimizer_steps": step}
 
 
