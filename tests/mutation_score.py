@@ -79,7 +79,16 @@ EQUIVALENT = [
                                                                         "is not recorded"),
     ("storage_report", '"not a pruned matrix"', '"XXnot a pruned matrixXX"', "only its being a reason matters: such a "
                                                                              "matrix is not recorded"),
-]
+    ("dense_copy", "torch.equal(half.to(w.dtype), w)", "torch.equal(half.to(None), w)", "torch.equal compares values, "
+                                                                                       "promoting bfloat16 as the cast does"),
+    ("pruned_forward", "halves, act_dtype)", "halves, None)", "the attention halves are kept only with float32 activations "
+                                                              "(only_experts_change), and the MoE half's output is float32 "
+                                                              "already: its residual stream is"),
+] + [("drop_experts", 'None if protocol == "layerwise"', after, "under the layerwise protocol x is x_dense: the target "
+                                                               "taken from x_dense is the same one, computed once more")
+     for after in ('(protocol == "layerwise") and False', '"XXlayerwiseXX"', '"LAYERWISE"')]
+# (function, text of the mutated line, text of the mutant): a change that only a run under torchrun sees
+DISTRIBUTED = [("distill_full", "lam * W * l_exp", "lam / W * l_exp")]  # W, the world size, is 1 in one process
 
 
 
@@ -109,6 +118,21 @@ def only_on_cuda(name: str, line: str) -> bool:
     return False
 
 
+def in_log_call(diff: str) -> bool:
+    """Whether the first changed line continues a statement that a log( call opens (the call's
+    parentheses still open on the lines above it, within the diff's context)."""
+    lines = diff.splitlines()[2:]
+    i = next(j for j, l in enumerate(lines) if l.startswith("-"))
+    above = [l[1:] for l in lines[:i] if not l.startswith("+")]
+    for j in range(len(above) - 1, -1, -1):
+        if re.match(r"\s*log\(", above[j]):
+            opened = "".join(above[j:])
+            return opened.count("(") > opened.count(")")
+        if not re.match(r"\s*(\+|f?\")", above[j]):  # not a continuation of string pieces
+            return False
+    return False
+
+
 def judged(name: str, removed: list, added: list) -> str:
     """EQUIVALENT's reason for this mutant, or None."""
     for function, before, after, why in EQUIVALENT:
@@ -129,11 +153,12 @@ def kind(name: str, diff: str) -> str:
     if "build_parser" in name or "add_argument(" in text or "cli.parser(" in text or (
             in_parser and all(re.match(r'\s*(help=|\w+_help=)?f?"', l) for l in removed)):
         return "help"
-    if re.search(r"\blog\(", text):
+    if re.search(r"\blog\(", text) or in_log_call(diff):
         return "log"
     if any(f"x_{f}__" in name for f in CUDA_ONLY) or '"cuda"' in text or all(only_on_cuda(name, l) for l in removed):
         return "cuda"
-    if "distributed." in text:
+    if "distributed." in text or any(f in name and any(b in l for l in removed) and any(a in l for l in added)
+                                     for f, b, a in DISTRIBUTED):
         return "distributed"
     if [without_device(l) for l in removed] == [without_device(l) for l in added]:
         return "device"

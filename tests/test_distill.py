@@ -1,6 +1,7 @@
 """distill.py: Eq. 10's loss, lambda, the kept sparsity mask, and both modes."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import distill
 import checkpoint
 import expert_prune
 import cli
+import outputs
 import prune
 from conftest import expert_mse, random_model, script_error, small_tokenizer, TEXT, write_checkpoint
 
@@ -259,7 +261,8 @@ def test_per_expert_mode_runs_a_bfloat16_stored_teacher_in_float32(tmp_path, tex
     assert reports[0] == reports[1]
 
 
-def test_full_mode_steps_follow_the_schedule_over_every_window(tmp_path, pair, monkeypatch):
+@pytest.mark.parametrize("n", [7, 6])  # 4 micro-batches an epoch, or 3: the epoch's end steps on the odd one
+def test_full_mode_steps_follow_the_schedule_over_every_window(tmp_path, pair, monkeypatch, n):
     """distill_full: each epoch one seeded permutation of the windows in micro-batches of
     batch_size, an optimizer step every grad_accum micro-batches and at the epoch's end, the
     learning rate of step s lr x cosine(s, steps, warmup), AdamW with the configured decay and
@@ -268,17 +271,17 @@ def test_full_mode_steps_follow_the_schedule_over_every_window(tmp_path, pair, m
     teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
     student = checkpoint.load_model(student_dir)
     masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
-    windows = torch.randint(0, 300, (7, 12), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, 300, (n, 12), generator=torch.Generator().manual_seed(0))
     cfg = distill.DistillConfig(batch_size=2, grad_accum=2, epochs=2, lr=1e-3, warmup_steps=1, weight_decay=0.05, seed=3)
     seen, steps = [], []
-    student.register_forward_pre_hook(lambda m, a: seen.append([next(j for j in range(7) if torch.equal(w, windows[j]))
+    student.register_forward_pre_hook(lambda m, a: seen.append([next(j for j in range(n) if torch.equal(w, windows[j]))
                                                                 for w in a[0]]))
     step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
         steps.append([(g["lr"], g["weight_decay"], g["betas"]) for g in self.param_groups]), step(self, *a, **k))[1])
     _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
     g = torch.Generator().manual_seed(3)
-    assert seen == [b.tolist() for _ in range(2) for b in torch.randperm(7, generator=g).split(2)]
+    assert seen == [b.tolist() for _ in range(2) for b in torch.randperm(n, generator=g).split(2)]
     assert steps == [[(1e-3 * distill.cosine(s, 4, 1), 0.05, (0.9, 0.95))] for s in range(4)]  # 2 steps an epoch
     assert [h["step"] for h in rep["steps"]] == [1, 2, 3, 4] and rep["optimizer_steps"] == 4
     for e, epoch in enumerate(rep["epochs"]):
@@ -430,3 +433,192 @@ def test_per_expert_training_on_fewer_tokens_than_a_step_takes_one_step_an_epoch
                                                                          step(self, *a, **k))[1])
     distill.train_expert(expert, x, y, distill.DistillConfig(batch_size=1, seqlen=16, epochs=3, lr=1e-3, warmup_steps=1))
     assert lrs == [1e-3 * distill.cosine(s, 3, 1) for s in range(3)]  # 8 tokens a step: 1 step an epoch, 3 in all
+
+
+def test_full_mode_logs_every_tenth_step_the_last_and_each_epochs_means(pair):
+    """The progress log: a line at every 10th optimizer step and at the last, then one per epoch
+    with the means the report records for it."""
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    windows = torch.randint(0, 300, (6, 8), generator=torch.Generator().manual_seed(4))
+    lines = []
+    cfg = distill.DistillConfig(batch_size=1, epochs=2, lr=1e-3)  # 6 steps an epoch, 12 in all
+    _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lines.append)
+    steps = [l for l in lines if " step " in l]
+    assert [l.split(":")[0] for l in steps] == ["epoch 2 step 10/12", "epoch 2 step 12/12"]
+    h = rep["steps"][9]
+    assert f"CE {h['ce']:.4f}, expert MSE {h['expert_mse']:.5f}, lambda {rep['lambda']:.3g}, " in steps[0]
+    assert [e["epoch"] for e in rep["epochs"]] == [1, 2]
+    assert [l for l in lines if " step " not in l] == [
+        f"epoch {e['epoch']}: mean CE {e['ce']:.4f}, mean expert MSE {e['expert_mse']:.5f}" for e in rep["epochs"]]
+    assert rep["epochs"][0]["ce"] == pytest.approx(sum(h["ce"] for h in rep["steps"][:6]) / 6)
+
+
+def test_gradient_accumulation_steps_on_the_mean_of_its_micro_batches_gradients(pair, monkeypatch):
+    """--grad-accum 2 with one window a micro-batch: the first step's gradients are the mean of the
+    two windows' Eq. 10 gradients, lambda set on the first window (as one batch of both would have
+    it for the cross-entropy; the expert term is each micro-batch's own)."""
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    reference = copy.deepcopy(student)
+    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    windows = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    grads = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()}), step(self, *a, **k))[1])
+    cfg = distill.DistillConfig(batch_size=1, grad_accum=2, epochs=1)
+    _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
+    order = torch.randperm(2, generator=torch.Generator().manual_seed(cfg.seed))
+    terms = []
+    for j in order.tolist():
+        x = windows[j:j + 1]
+        calls, inputs = {}, {}
+        hooks = [layer.block_sparse_moe.register_forward_pre_hook(
+            lambda mod, a, l=l: inputs.__setitem__(l, a[0].reshape(-1, a[0].shape[-1])))
+            for l, layer in enumerate(reference.model.layers)]
+        with torch.no_grad():
+            teacher(x, observers={l: (lambda c, l=l: calls.setdefault(l, []).append(c)) for l in range(2)})
+        logits = reference(x)
+        terms.append((F.cross_entropy(logits[:, :-1].reshape(-1, 300), x[:, 1:].reshape(-1)),
+                      expert_mse(calls, inputs, reference)))
+        for h in hooks:
+            h.remove()
+    lam = (terms[0][0] / terms[0][1]).item()
+    assert len(grads) == 1 and rep["lambda"] == pytest.approx(lam, rel=1e-5)
+    (sum(ce + lam * l_exp for ce, l_exp in terms) / 2).backward()
+    for n, p in reference.named_parameters():
+        want = p.grad.masked_fill(masks[n], 0) if n in masks else p.grad
+        assert torch.allclose(grads[0][n], want, rtol=1e-4, atol=1e-7), n
+
+
+def bf16_pair(tmp_path, text_file):
+    """A teacher stored in bfloat16 (as Mixtral is) and its Wanda-pruned student, stored alike; one
+    embedding weight is exactly zero (an ordinary weight, not a pruned one)."""
+    m = random_model()
+    for p in m.parameters():
+        p.data = p.data.to(torch.bfloat16).float()  # values that bfloat16 holds exactly
+    m.model.embed_tokens.weight.data[3, 5] = 0
+    teacher = write_checkpoint(tmp_path / "t16", model=m, dtype=torch.bfloat16)
+    student = str(tmp_path / "s16")
+    prune.main(["--model", teacher, "--method", "wanda", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "16",
+                "--out", student])
+    return teacher, student
+
+
+def test_distill_checkpoint_trains_float32_copies_on_the_train_split_and_writes_the_students_layout(
+        tmp_path, text_file, monkeypatch):
+    """What distill_checkpoint hands full mode's training (distill_full, replaced here by a stand-in
+    that doubles every weight) and what it writes: both models loaded in float32 on
+    the CPU by default, the teacher frozen, the masks of the pruned matrices, the windows of the
+    corpus's train split (its defaults are the command line's: --mode full, --calib-data stdlib);
+    the student's dtypes and a report naming the run; a lost mask is never written; an existing
+    output is replaced only with overwrite."""
+    teacher_dir, student_dir = bf16_pair(tmp_path, text_file)
+    seen = {}
+
+    def train(teacher, student, masks, windows, cfg, device, log, lose_a_mask=False):
+        seen.update(teacher=teacher, student=student, masks=masks, windows=windows, device=device)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(2)  # exact in bfloat16, and zeros stay zero
+            if lose_a_mask:
+                p = dict(student.named_parameters())[next(iter(masks))]
+                p.masked_fill_(masks[next(iter(masks))], 1.0)
+        return student, {"lambda": 2.0}
+
+    monkeypatch.setattr(distill, "distill_full", train)
+    sources = []
+    monkeypatch.setattr(data, "text_source", lambda spec, split: (sources.append((spec, split)), TEXT)[1])
+    cfg = distill.DistillConfig(nsamples=4, seqlen=16, seed=7)
+    out = str(tmp_path / "kd")
+    rep = distill.distill_checkpoint(teacher_dir, student_dir, out, cfg)
+    p = distill.build_parser()
+    assert p.get_default("mode") == "full" and p.get_default("calib_data") == "stdlib"
+    t, s = seen["teacher"], seen["student"]
+    assert all(q.dtype == torch.float32 and not q.requires_grad for q in t.parameters())
+    assert all(q.dtype == torch.float32 and q.requires_grad for q in s.parameters())
+    assert seen["device"] == torch.device("cpu")
+    config = checkpoint.read_config(student_dir)
+    assert sorted(seen["masks"]) == sorted(distill.pruned_matrices(student_dir, config))
+    assert sources == [("stdlib", "train")]  # the corpus's train split (stood in for by TEXT here)
+    ids = data.encode(data.load_tokenizer(teacher_dir), TEXT)
+    assert torch.equal(seen["windows"], data.calibration_windows(ids, 4, 16, 7))
+    written, before = checkpoint.CheckpointReader(out), checkpoint.CheckpointReader(student_dir)
+    for name in before.weight_map:
+        w = written.get(name)
+        assert w.dtype == torch.bfloat16 == before.get(name).dtype, name
+        assert torch.equal(w, dict(s.named_parameters())[name].detach().to(torch.bfloat16)), name
+    assert {k: rep[k] for k in ("mode", "teacher", "student", "data", "tokens", "lambda")} == {
+        "mode": "full", "teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
+        "data": "stdlib", "tokens": 64, "lambda": 2.0}
+    assert rep["settings"] == dataclasses.asdict(cfg)
+    assert {k: rep["args"][k] for k in ("mode", "calib_data", "device", "teacher", "student")} == {
+        "mode": "full", "calib_data": "stdlib", "device": "cpu", "teacher": data.shown_path(teacher_dir),
+        "student": data.shown_path(student_dir)}
+    assert json.load(open(os.path.join(out, "distill_report.json"))) == json.loads(json.dumps(rep))
+
+    with pytest.raises(outputs.OutputError, match="exists"):
+        distill.distill_checkpoint(teacher_dir, student_dir, out, cfg)
+    rep2 = distill.distill_checkpoint(teacher_dir, student_dir, out, dataclasses.replace(cfg, seed=8), overwrite=True)
+    assert rep2["settings"]["seed"] == 8 and json.load(open(os.path.join(out, "distill_report.json")))["settings"]["seed"] == 8
+    monkeypatch.setattr(distill, "distill_full", lambda *a: train(*a, lose_a_mask=True))
+    with pytest.raises(AssertionError):
+        distill.distill_checkpoint(teacher_dir, student_dir, str(tmp_path / "lost"), cfg)
+    assert not os.path.exists(tmp_path / "lost")
+
+
+@pytest.mark.parametrize("seqlen,loss,error", [(2, "eq10", None), (128, "ce", None), (16, "mse", None),
+                                               (1, "eq10", "--seqlen 1 outside [2, max_position_embeddings 128]"),
+                                               (129, "eq10", "--seqlen 129 outside"),
+                                               (16, "kl", "--loss 'kl': eq10, ce or mse")])
+def test_distill_checkpoint_takes_every_window_length_the_model_holds_and_each_loss(tmp_path, pair, monkeypatch,
+                                                                                   seqlen, loss, error):
+    teacher_dir, student_dir = pair
+    monkeypatch.setattr(distill, "distill_full", lambda teacher, student, *a: (student, {}))
+    monkeypatch.setattr(data, "text_source", lambda spec, split: TEXT)  # the corpus's encoding takes too long here
+    cfg = distill.DistillConfig(nsamples=2, seqlen=seqlen, loss=loss)
+    if error:
+        with pytest.raises(data.DataError) as e:
+            distill.distill_checkpoint(teacher_dir, student_dir, str(tmp_path / "kd"), cfg)
+        assert str(e.value).startswith(error)
+    else:
+        assert distill.distill_checkpoint(teacher_dir, student_dir, str(tmp_path / "kd"), cfg)["tokens"] == 2 * seqlen
+
+
+def test_a_recipe_of_former_names_and_repository_paths_drives_distill_main(tmp_path, monkeypatch):
+    """distill.py --recipe: a report's former names (samples, data) are read as today's, and its
+    teacher, student and calibration paths, relative to the repository, are found from anywhere."""
+    report = tmp_path / "distill_report.json"
+    report.write_text(json.dumps({"args": {"samples": 12, "data": "README.md", "epochs": 2, "mode": "per-expert",
+                                           "teacher": "models/tiny-mixtral", "student": "models/tiny-mixtral"}}))
+    calls = []
+    monkeypatch.setattr(distill, "distill_checkpoint", lambda *a, **k: calls.append((a, k)) or {})
+    monkeypatch.chdir(tmp_path)  # where none of the recorded paths exists
+    distill.main(["--recipe", str(report), "--epochs", "1", "--out", str(tmp_path / "kd")])
+    (teacher, student, out, cfg, mode, text, device, overwrite), kw = calls[0]
+    model = os.path.join(cli.REPO, "models/tiny-mixtral")
+    assert (teacher, student, text, mode) == (model, model, os.path.join(cli.REPO, "README.md"), "per-expert")
+    assert (cfg.nsamples, cfg.epochs, overwrite) == (12, 1, False)
+    assert kw["recipe"]["overridden"] == {"epochs": 1}
+
+
+@pytest.mark.parametrize("every,at", [(0, [1]), (1, [1, 4, 7]), (2, [1, 7])])
+def test_with_gradient_accumulation_lambda_is_rebalanced_on_a_steps_first_micro_batch(pair, monkeypatch, every, at):
+    """--rebalance-every N with --grad-accum 3: lambda is set from the first micro-batch of every
+    N-th optimizer step (steps 0, 1, 2 start at micro-batches 1, 4, 7 of 9)."""
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    windows = torch.randint(0, 300, (9, 8), generator=torch.Generator().manual_seed(6))
+    forwards, balanced = [], []
+    student.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    kd_lambda = distill.kd_lambda
+    monkeypatch.setattr(distill, "kd_lambda", lambda ce, l_exp: (balanced.append(len(forwards)), kd_lambda(ce, l_exp))[1])
+    cfg = distill.DistillConfig(batch_size=1, grad_accum=3, epochs=1, rebalance_every=every, lr=1e-3)
+    _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
+    assert balanced == at and rep["optimizer_steps"] == 3

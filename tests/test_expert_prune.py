@@ -173,6 +173,9 @@ def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
     assert isinstance(ep.load_model(out).model.layers[int(layer)].block_sparse_moe, ep.CondensedMoeBlock)
     with pytest.raises(checkpoint.CheckpointError, match="expert-level variant"):  # never run as a plain Mixtral
         checkpoint.load_model(out)
+    again = ep.main(["--model", ckpt, "--condense-layers", "2", "--condense-experts", "1", "--calib-data", text_file,
+                     "--nsamples", "4", "--seqlen", "32", "--out", out, "--overwrite"])  # replaced only when asked
+    assert len(again["condensed_layers"]) == 2 and ep.condensed_layers(ep.load_model(out).config) == again["condensed_layers"]
 
 
 @pytest.mark.parametrize("argv,msg", [(["--keep-experts", "0"], "must be at least 1"), (["--keep-experts", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),

@@ -2,6 +2,7 @@
 scope, per-matrix errors, re-runnable runs, SparseGPT's knobs and per-layer sparsity (OWL)."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import mini_mixtral as mm
 import prune
-from conftest import random_model, script_error
+from conftest import random_model, script_error, small_config
 from layerwise import Positions, rerun_moe_half, run_layer
 
 CALIB = ["--nsamples", "4", "--seqlen", "32"]
@@ -251,3 +253,66 @@ def test_layer_one_is_pruned_on_the_pruned_layer_zeros_outputs(tmp_path, ckpt, t
     expected = layer1.get_parameter(name) == 0
     assert torch.equal(pruned.model.layers[1].get_parameter(name) == 0, expected)
     assert not torch.equal(other.model.layers[1].get_parameter(name) == 0, expected)
+
+
+def test_the_error_measurement_helpers_by_hand():
+    """sample_rows keeps every row of a call too short for one sample (up to stride // 2 rows),
+    norm_ratio is sqrt(err2 / ref2) and 0 for a zero reference, and dense_copy keeps a weight that
+    bfloat16 holds exactly in bfloat16 (half the memory) and any other as a float32 copy."""
+    rows = torch.arange(40)[:, None].expand(40, 3)
+    assert prune.sample_rows(rows[:8], 16).shape[0] == 8 and prune.sample_rows(rows[:9], 16)[:, 0].tolist() == [8]
+    assert prune.norm_ratio(0.25, 0.5) == math.sqrt(0.5) and prune.norm_ratio(0.3, 0.0) == 0.0
+    exact = torch.randn(4, 8).to(torch.bfloat16).float()
+    half = prune.dense_copy(exact)
+    assert half.dtype == torch.bfloat16 and torch.equal(half.float(), exact)
+    other = exact + 1e-4
+    copy = prune.dense_copy(other)
+    assert copy.dtype == torch.float32 and torch.equal(copy, other) and copy.data_ptr() != other.data_ptr()
+
+
+def test_the_second_pass_starts_from_the_kept_halves_only_when_attention_and_router_stay_dense_in_float32():
+    """The shortcut of the second pass (next_forward from the first pass's attention halves) holds
+    only while the attention half is the dense one and the kept activations are exact."""
+    assert prune.only_experts_change(prune.PruneArgs())
+    for changed in ({"prune_attention": True}, {"prune_router": True}, {"act_dtype": "bfloat16"}):
+        assert not prune.only_experts_change(prune.PruneArgs(**changed)), changed
+
+
+def test_measured_errors_are_norm_ratios_of_float64_sums():
+    """measured_errors: each matrix's ratio from its own pair of sums and the layer's from its
+    outputs, every sum in float64 (float32 sums would move the digits the report records)."""
+    dense_out = torch.tensor([[3.0, 4.0]])
+    pruned_out = torch.tensor([[3.0, 3.0]])
+    got = prune.measured_errors({"a": [0.1, 0.3], "b": [2.0, 8.0]}, dense_out, pruned_out)
+    assert got == {"layer_error": math.sqrt(1 / 25), "matrix_error": {"a": math.sqrt(0.1 / 0.3), "b": 0.5}}
+
+
+@pytest.mark.parametrize("changed,nm,config,message", [
+    ({"method": "obs"}, None, {}, "unknown method 'obs'; choose from moe-pruner, wanda, sparsegpt, magnitude"),
+    ({"sparsity": 1.0}, None, {}, "--sparsity 1.0 outside [0, 1)"),
+    ({}, (2, 3), {}, "--nm 2:3: M=3 does not divide the 64 inputs of expert w1/w3"),
+    ({}, (1, 4), {"intermediate_size": 90}, "--nm 1:4: M=4 does not divide the 90 inputs of expert w2"),
+    ({"prune_attention": True}, (2, 32), {"head_dim": 6}, "--nm 2:32: M=32 does not divide the 48 inputs of o_proj"),
+    ({"method": "sparsegpt", "blocksize": 6}, (2, 4), {}, "--nm with sparsegpt needs M dividing the block size 6"),
+    ({"layer_sparsity": "owl"}, (2, 4), {}, "--layer-sparsity applies to unstructured sparsity; N:M fixes every layer's"),
+    ({"stats_tokens": "some"}, None, {}, "--stats-tokens 'some': choose routed or all"),
+    ({"stats_tokens": "all"}, None, {}, "--stats-tokens all: MoE-Pruner's gate is 0 for the tokens not routed to an "
+                                        "expert, so its statistics are the routed ones; the router-blind reading is "
+                                        "--method wanda"),
+    ({"group": "column"}, None, {}, "--group 'column': row or matrix (sparsegpt chooses its mask per block of columns)"),
+    ({"group": "matrix", "method": "sparsegpt"}, None, {}, "--group 'matrix': row or matrix (sparsegpt chooses its "
+                                                          "mask per block of columns)"),
+    ({"percdamp": float("nan")}, None, {}, "--blocksize 128 must be >= 1 and --percdamp nan finite and > 0"),
+    ({"layer_sparsity": "0.5,x"}, None, {}, "--layer-sparsity '0.5,x': a comma list of numbers, or owl"),
+    ({"layer_sparsity": "0.5"}, None, {}, "--layer-sparsity: need 2 values in [0, 1), got '0.5'"),
+    ({"layer_sparsity": "owl", "owl_lambda": 0.3}, None, {}, "--owl-lambda 0.3 must keep every layer in [0, 1): OWL's "
+                                                             "layers lie within --sparsity 0.5 +- 2 x lambda; and "
+                                                             "--owl-m 5.0 must be > 0"),
+    ({"dtype": "float16"}, None, {}, "--dtype 'float16': float32 or bfloat16"),
+])
+def test_every_refused_setting_gets_its_own_line(changed, nm, config, message):
+    """check_args: each setting refused before any work, with the one line that names it."""
+    with pytest.raises(data.DataError) as e:
+        prune.check_args(prune.PruneArgs(**changed), small_config(**config), nm)
+    assert str(e.value) == message
+    prune.check_args(prune.PruneArgs(), small_config(**config), None)  # the defaults pass on the same model
