@@ -79,6 +79,12 @@ EQUIVALENT = [
                                                                         "is not recorded"),
     ("storage_report", '"not a pruned matrix"', '"XXnot a pruned matrixXX"', "only its being a reason matters: such a "
                                                                              "matrix is not recorded"),
+    ("distill_checkpoint", "inputs=[teacher_dir])", "src_dir=student_dir, )", "check_output has refused an output that "
+                                                                             "is or lies in the teacher before any work"),
+    ("zero_masks", "dtype=torch.float64,", "dtype=None,", "only whether a count of zeros is positive matters, and "
+                                                         "float32 keeps that"),
+    ("zero_masks", "dtype=torch.float64,", 'masks.values()], device="cpu"))', "only whether a count of zeros is positive "
+                                                                            "matters, and float32 keeps that"),
     ("dense_copy", "torch.equal(half.to(w.dtype), w)", "torch.equal(half.to(None), w)", "torch.equal compares values, "
                                                                                        "promoting bfloat16 as the cast does"),
     ("pruned_forward", "halves, act_dtype)", "halves, None)", "the attention halves are kept only with float32 activations "

@@ -555,7 +555,7 @@ def test_distill_checkpoint_trains_float32_copies_on_the_train_split_and_writes_
     assert {k: rep[k] for k in ("mode", "teacher", "student", "data", "tokens", "lambda")} == {
         "mode": "full", "teacher": data.shown_path(teacher_dir), "student": data.shown_path(student_dir),
         "data": "stdlib", "tokens": 64, "lambda": 2.0}
-    assert rep["settings"] == dataclasses.asdict(cfg)
+    assert rep["settings"] == dataclasses.asdict(cfg) and rep["world_size"] == 1 and 0 <= rep["seconds"] < 600
     assert {k: rep["args"][k] for k in ("mode", "calib_data", "device", "teacher", "student")} == {
         "mode": "full", "calib_data": "stdlib", "device": "cpu", "teacher": data.shown_path(teacher_dir),
         "student": data.shown_path(student_dir)}

@@ -303,11 +303,19 @@ def test_measured_errors_are_norm_ratios_of_float64_sums():
     ({"group": "matrix", "method": "sparsegpt"}, None, {}, "--group 'matrix': row or matrix (sparsegpt chooses its "
                                                           "mask per block of columns)"),
     ({"percdamp": float("nan")}, None, {}, "--blocksize 128 must be >= 1 and --percdamp nan finite and > 0"),
+    ({"percdamp": float("inf")}, None, {}, "--blocksize 128 must be >= 1 and --percdamp inf finite and > 0"),
+    ({"percdamp": 0.0}, None, {}, "--blocksize 128 must be >= 1 and --percdamp 0.0 finite and > 0"),
+    ({"blocksize": 0}, None, {}, "--blocksize 0 must be >= 1 and --percdamp 0.01 finite and > 0"),
     ({"layer_sparsity": "0.5,x"}, None, {}, "--layer-sparsity '0.5,x': a comma list of numbers, or owl"),
     ({"layer_sparsity": "0.5"}, None, {}, "--layer-sparsity: need 2 values in [0, 1), got '0.5'"),
     ({"layer_sparsity": "owl", "owl_lambda": 0.3}, None, {}, "--owl-lambda 0.3 must keep every layer in [0, 1): OWL's "
                                                              "layers lie within --sparsity 0.5 +- 2 x lambda; and "
                                                              "--owl-m 5.0 must be > 0"),
+    ({"layer_sparsity": "0.5,1.0"}, None, {}, "--layer-sparsity: need 2 values in [0, 1), got '0.5,1.0'"),
+    *[({"layer_sparsity": "owl", "sparsity": s, "owl_lambda": lam, "owl_m": m}, None, {},
+       f"--owl-lambda {lam} must keep every layer in [0, 1): OWL's layers lie within --sparsity {s} +- 2 x lambda; "
+       f"and --owl-m {m} must be > 0")
+      for s, lam, m in [(0.6, 0.25, 5.0), (0.5, 0.25, 5.0), (0.5, -0.1, 5.0), (0.5, 0.08, 0.0)]],
     ({"dtype": "float16"}, None, {}, "--dtype 'float16': float32 or bfloat16"),
 ])
 def test_every_refused_setting_gets_its_own_line(changed, nm, config, message):
@@ -316,3 +324,14 @@ def test_every_refused_setting_gets_its_own_line(changed, nm, config, message):
         prune.check_args(prune.PruneArgs(**changed), small_config(**config), nm)
     assert str(e.value) == message
     prune.check_args(prune.PruneArgs(), small_config(**config), None)  # the defaults pass on the same model
+
+
+@pytest.mark.parametrize("changed,nm", [({"group": "matrix", "method": "wanda"}, None), ({"blocksize": 1}, None),
+                                        ({"percdamp": 1e-9, "method": "sparsegpt"}, None), ({"sparsity": 0.0}, None),
+                                        ({"method": "sparsegpt", "blocksize": 4}, (2, 4)),
+                                        ({"layer_sparsity": "0,0.99"}, None), ({"dtype": "bfloat16"}, None),
+                                        ({"layer_sparsity": "owl", "owl_lambda": 0.0}, None),
+                                        ({"layer_sparsity": "owl", "sparsity": 0.4, "owl_lambda": 0.2}, None),
+                                        ({"layer_sparsity": "owl", "owl_m": 0.5}, None)])
+def test_the_edges_of_every_accepted_setting_pass(changed, nm):
+    prune.check_args(prune.PruneArgs(**changed), small_config(), nm)
