@@ -8,14 +8,16 @@ out, and every survivor with its diff and its kind:
   - log:         the text of a progress line
   - device:      a device argument dropped or None, the same tensor on the CPU the tests run on
   - cuda:        a line that runs only with a CUDA GPU (the CPU tests check that it refuses)
-  - distributed: a line that runs only under torchrun (tests/test_distributed.py runs it in
-                 subprocesses, which mutmut's in-process run does not see)
+  - distributed: a line that runs only under torchrun, or a change that only a run under
+                 torchrun sees (tests/test_distributed.py runs those in subprocesses, which
+                 mutmut's in-process run does not map to the functions they call)
   - equivalent:  judged one by one (EQUIVALENT below): no input can tell it from the original
   - other:       none is left unjudged; docs/testing.md says so
 
 Development only (requirements-dev.txt): run from the repository root after mutmut,
 
-    OMP_NUM_THREADS=1 mutmut run --max-children 2
+    OMP_NUM_THREADS=1 PYTEST_ADDOPTS="-p tests.mutation_order -o tmp_path_retention_policy=none" \
+        mutmut run --max-children 2
     python tests/mutation_score.py --json results/mutation.json --overwrite
 """
 
@@ -139,6 +141,23 @@ def in_log_call(diff: str) -> bool:
     return False
 
 
+def only_under_torchrun(name: str, line: str) -> bool:
+    """Whether a line of the module follows, in its function, an `if not distributed.active():
+    return` (InputStats.reduce: a single process returns before it)."""
+    with open(name.split(".")[0] + ".py") as f:
+        source = f.read().splitlines()
+    stripped = [l.strip() for l in source]  # a method's diff comes dedented
+    if line.strip() not in stripped:
+        return False
+    i = stripped.index(line.strip())
+    for j in range(i - 1, -1, -1):
+        if source[j].lstrip().startswith("def "):
+            return False
+        if source[j].strip() == "if not distributed.active():" and source[j + 1].strip() == "return":
+            return True
+    return False
+
+
 def judged(name: str, removed: list, added: list) -> str:
     """EQUIVALENT's reason for this mutant, or None."""
     for function, before, after, why in EQUIVALENT:
@@ -163,7 +182,7 @@ def kind(name: str, diff: str) -> str:
         return "log"
     if any(f"x_{f}__" in name for f in CUDA_ONLY) or '"cuda"' in text or all(only_on_cuda(name, l) for l in removed):
         return "cuda"
-    if "distributed." in text or any(f in name and any(b in l for l in removed) and any(a in l for l in added)
+    if "distributed." in text or all(only_under_torchrun(name, l) for l in removed) or any(f in name and any(b in l for l in removed) and any(a in l for l in added)
                                      for f, b, a in DISTRIBUTED):
         return "distributed"
     if [without_device(l) for l in removed] == [without_device(l) for l in added]:
