@@ -1,6 +1,7 @@
 """prune.py's options beyond the paper's defaults: the router-blind statistics and the baselines'
 scope, per-matrix errors, re-runnable runs, SparseGPT's knobs and per-layer sparsity (OWL)."""
 
+import inspect
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import cli
 import data
 import mini_mixtral as mm
 import prune
@@ -64,6 +66,7 @@ def test_scope_experts_attention_router(tmp_path, ckpt, text_file):
     names = rep["per_matrix_sparsity"]
     assert "model.layers.0.block_sparse_moe.gate.weight" in names and "model.layers.1.self_attn.o_proj.weight" in names
     assert all(v == 0.5 for v in names.values())
+    assert not [n for n in rep["magnitude_fallback"] if ".experts." not in n]  # attention and router see every token
     rep = run(ckpt, text_file, tmp_path / "experts", "--method", "wanda")
     assert all(".experts." in k for k in rep["per_matrix_sparsity"])
     name = "model.layers.1.block_sparse_moe.gate.weight"
@@ -335,3 +338,16 @@ def test_every_refused_setting_gets_its_own_line(changed, nm, config, message):
                                         ({"layer_sparsity": "owl", "owl_m": 0.5}, None)])
 def test_the_edges_of_every_accepted_setting_pass(changed, nm):
     prune.check_args(prune.PruneArgs(**changed), small_config(), nm)
+
+
+def test_a_matrix_whose_target_is_zero_is_left_as_it_is_and_prune_matrix_defaults_as_the_command_line():
+    """Sparsity 0 without N:M returns w untouched and no fallback, even for a matrix no calibration
+    token reached; prune_matrix's defaults are PruneArgs's (the command line's)."""
+    w = torch.randn(4, 8)
+    for method in cli.METHODS:
+        out, fell_back = prune.prune_matrix(w, method, prune.InputStats(method, 8), 0.0)
+        assert torch.equal(out, w) and not fell_back, method
+    defaults = {k: v.default for k, v in inspect.signature(prune.prune_matrix).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    a = prune.PruneArgs()
+    assert defaults == {"nm": None, "group": a.group, "blocksize": a.blocksize, "percdamp": a.percdamp}
