@@ -96,7 +96,11 @@ EQUIVALENT = [
                                                                "taken from x_dense is the same one, computed once more")
      for after in ('(protocol == "layerwise") and False', '"XXlayerwiseXX"', '"LAYERWISE"')]
 # (function, text of the mutated line, text of the mutant): a change that only a run under torchrun sees
-DISTRIBUTED = [("distill_full", "lam * W * l_exp", "lam / W * l_exp")]  # W, the world size, is 1 in one process
+DISTRIBUTED = [("distill_full", "lam * W * l_exp", "lam / W * l_exp"),  # W, the world size, is 1 in one process
+               # main (rank 0) is True in one process: what the other ranks do is seen only under torchrun
+               ("prune_checkpoint", "log = log if main else", "log = log if (main) or True else"),
+               ("prune_checkpoint", "else (lambda m: None)", "else (lambda m: 0)"),
+               ("prune_checkpoint", "src_dir=model_dir) if main else None", "src_dir=model_dir) if (main) or True else")]
 
 
 

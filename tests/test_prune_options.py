@@ -14,6 +14,7 @@ import checkpoint
 import cli
 import data
 import mini_mixtral as mm
+import outputs
 import prune
 from conftest import random_model, script_error, small_config
 from layerwise import Positions, rerun_moe_half, run_layer
@@ -351,3 +352,43 @@ def test_a_matrix_whose_target_is_zero_is_left_as_it_is_and_prune_matrix_default
                 if v.default is not inspect.Parameter.empty}
     a = prune.PruneArgs()
     assert defaults == {"nm": None, "group": a.group, "blocksize": a.blocksize, "percdamp": a.percdamp}
+
+
+def test_nm_fixes_the_reported_target_and_prune_checkpoint_logs_each_layer(tmp_path, ckpt, text_file):
+    """--nm 1:4 prunes 3 of every 4 weights: the report's target and every layer's are 0.75 whatever
+    --sparsity says. prune_checkpoint logs the run, each layer and the summary; it replaces an
+    existing output only when asked."""
+    lines = []
+    args = prune.PruneArgs(method="wanda", nm="1:4", calib_data=text_file, nsamples=4, seqlen=32)
+    out = str(tmp_path / "o")
+    rep = prune.prune_checkpoint(ckpt, out, args, log=lines.append)
+    assert rep["sparsity_target"] == 0.75 and rep["layer_sparsity"] == [0.75, 0.75]
+    assert all(v == 0.75 for v in rep["per_matrix_sparsity"].values())
+    assert lines[0].endswith(": wanda, sparsity 0.750 (1:4), 4 x 32 calibration tokens")
+    assert [l.split(":")[0] for l in lines[1:3]] == ["layer 0", "layer 1"] and len(lines) == 4
+    assert lines[3].startswith(f"expert sparsity {rep['expert_sparsity']:.4f}, ")
+    with pytest.raises(outputs.OutputError, match="exists"):
+        prune.prune_checkpoint(ckpt, out, args)
+
+
+@pytest.mark.parametrize("spec,want", [("1:4", (1, 4)), ("3:4", (3, 4)), (None, None), ("0:4", "--nm 0:4: need 0 < N < M"),
+                                       ("4:4", "--nm 4:4: need 0 < N < M"), ("2-4", "--nm '2-4': expected N:M, e.g. 2:4")])
+def test_parse_nm_reads_n_of_m_and_refuses_every_other_spelling(spec, want):
+    if isinstance(want, str):
+        with pytest.raises(data.DataError) as e:
+            prune.parse_nm(spec)
+        assert str(e.value) == want
+    else:
+        assert prune.parse_nm(spec) == want
+
+
+def test_prune_matrix_keeps_the_dtype_and_magnitude_never_falls_back():
+    """prune_matrix returns w's dtype (SparseGPT's solver runs in float32), and magnitude, which
+    needs no calibration token, is never reported as a fallback."""
+    w = torch.randn(4, 8).to(torch.bfloat16)
+    stats = prune.InputStats("sparsegpt", 8)
+    stats.add(torch.randn(32, 8))
+    out, fell_back = prune.prune_matrix(w, "sparsegpt", stats, 0.5)
+    assert out.dtype == torch.bfloat16 and not fell_back and (out == 0).sum() == 16
+    out, fell_back = prune.prune_matrix(w, "magnitude", None, 0.5)
+    assert out.dtype == torch.bfloat16 and not fell_back
