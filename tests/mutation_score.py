@@ -186,8 +186,9 @@ def kind(name: str, diff: str) -> str:
         return "log"
     if any(f"x_{f}__" in name for f in CUDA_ONLY) or '"cuda"' in text or all(only_on_cuda(name, l) for l in removed):
         return "cuda"
-    if "distributed." in text or all(only_under_torchrun(name, l) for l in removed) or any(f in name and any(b in l for l in removed) and any(a in l for l in added)
-                                     for f, b, a in DISTRIBUTED):
+    if "distributed." in text or all(only_under_torchrun(name, l) for l in removed) or any(
+            function in name and any(before in l for l in removed) and any(after in l for l in added)
+            for function, before, after in DISTRIBUTED):
         return "distributed"
     if [without_device(l) for l in removed] == [without_device(l) for l in added]:
         return "device"
@@ -213,10 +214,14 @@ def score(root: str) -> dict:
         counts = modules.setdefault(name.split(".")[0], dict.fromkeys(STATUSES, 0))  # by module name, e.g. "prune"
         counts["mutants"] += 1
         counts[status] += 1
+        if status == "not_checked":  # by function, e.g. {"build_parser": 302}
+            function = name.partition("__mutmut_")[0].split(".", 1)[1][2:].replace("\u01c1", ".").strip(".")
+            by_function = counts.setdefault("not_checked_by_function", {})
+            by_function[function] = by_function.get(function, 0) + 1
     for counts in modules.values():
         tested = counts["mutants"] - counts["no_tests"] - counts["not_checked"]
         counts["score"] = (counts["killed"] + counts["timeout"]) / tested if tested else None
-    total = {k: sum(c[k] for c in modules.values()) for k in STATUSES}
+    total = {k: sum(c[k] for c in modules.values()) for k in STATUSES}  # (not_checked_by_function stays per module)
     total["score"] = (total["killed"] + total["timeout"]) / (total["mutants"] - total["no_tests"] - total["not_checked"])
     survivors = []
     for name, status in rows:
