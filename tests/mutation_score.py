@@ -176,7 +176,7 @@ def kind(name: str, diff: str) -> str:
     if judged(name, removed, added):
         return "equivalent"
     text = " ".join(removed)
-    without_device = lambda s: re.sub(r",?\s*device=[\w.\[\]\"']+|\.to\((device|None)\)|(\w+\.)?device\b", "", s).replace(
+    without_device = lambda s: re.sub(r",?\s*device=[\w.\[\]\"']+|\.to\((device|None)\)|(\w+\.)?(device|dev)\b", "", s).replace(
         " ", "").replace(",,", ",").replace(",)", ")")
     in_parser = "build_parser" in name or "x_main__" in name
     if "build_parser" in name or "add_argument(" in text or "cli.parser(" in text or (

@@ -363,7 +363,10 @@ def test_nm_fixes_the_reported_target_and_prune_checkpoint_logs_each_layer(tmp_p
     out = str(tmp_path / "o")
     rep = prune.prune_checkpoint(ckpt, out, args, log=lines.append)
     assert rep["sparsity_target"] == 0.75 and rep["layer_sparsity"] == [0.75, 0.75]
-    assert all(v == 0.75 for v in rep["per_matrix_sparsity"].values())
+    assert all(v == 0.75 for v in rep["per_matrix_sparsity"].values()) and rep["owl_outlier_ratios"] is None
+    for l, layer in enumerate(rep["layers"]):  # each layer's mean of its matrices' errors
+        errors = [v for k, v in rep["per_matrix_error"].items() if k.startswith(f"model.layers.{l}.")]
+        assert layer["mean_matrix_error"] == pytest.approx(sum(errors) / len(errors), rel=1e-12) and len(errors) == 4 * 3
     assert lines[0].endswith(": wanda, sparsity 0.750 (1:4), 4 x 32 calibration tokens")
     assert [l.split(":")[0] for l in lines[1:3]] == ["layer 0", "layer 1"] and len(lines) == 4
     assert lines[3].startswith(f"expert sparsity {rep['expert_sparsity']:.4f}, ")
