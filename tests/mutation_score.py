@@ -95,6 +95,8 @@ EQUIVALENT = [
 ] + [("drop_experts", 'None if protocol == "layerwise"', after, "under the layerwise protocol x is x_dense: the target "
                                                                "taken from x_dense is the same one, computed once more")
      for after in ('(protocol == "layerwise") and False', '"XXlayerwiseXX"', '"LAYERWISE"')]
+# (function, text of the mutated line): a value that only a progress line shows
+LOG_ONLY = [("prune_checkpoint", "left = (time.time() - t_start)")]  # the estimate of the time left
 # (function, text of the mutated line, text of the mutant): a change that only a run under torchrun sees
 DISTRIBUTED = [("distill_full", "lam * W * l_exp", "lam / W * l_exp"),  # W, the world size, is 1 in one process
                # main (rank 0) is True in one process: what the other ranks do is seen only under torchrun
@@ -130,17 +132,26 @@ def only_on_cuda(name: str, line: str) -> bool:
     return False
 
 
-def in_log_call(diff: str) -> bool:
-    """Whether the first changed line continues a statement that a log( call opens (the call's
-    parentheses still open on the lines above it, within the diff's context)."""
-    lines = diff.splitlines()[2:]
-    i = next(j for j, l in enumerate(lines) if l.startswith("-"))
-    above = [l[1:] for l in lines[:i] if not l.startswith("+")]
-    for j in range(len(above) - 1, -1, -1):
-        if re.match(r"\s*log\(", above[j]):
-            opened = "".join(above[j:])
+def source_lines(name: str) -> list:
+    """The lines of the module a mutant belongs to, stripped (a method's diff comes dedented)."""
+    with open(name.split(".")[0] + ".py") as f:
+        return [l.strip() for l in f.read().splitlines()]
+
+
+def in_log_call(name: str, line: str) -> bool:
+    """Whether a line of the module continues a statement that a log( call opens (the call's
+    parentheses still open on the lines above it), or computes a value only a progress line shows."""
+    if any(function in name and text in line for function, text in LOG_ONLY):
+        return True
+    source = source_lines(name)
+    if line.strip() not in source:
+        return False
+    i = source.index(line.strip())
+    for j in range(i - 1, -1, -1):
+        if re.match(r"log\(", source[j]):
+            opened = "".join(source[j:i])
             return opened.count("(") > opened.count(")")
-        if not re.match(r"\s*(\+|f?\")", above[j]):  # not a continuation of string pieces
+        if not re.match(r"(\+|f?\")", source[j]):  # not a continuation of string pieces
             return False
     return False
 
@@ -148,16 +159,13 @@ def in_log_call(diff: str) -> bool:
 def only_under_torchrun(name: str, line: str) -> bool:
     """Whether a line of the module follows, in its function, an `if not distributed.active():
     return` (InputStats.reduce: a single process returns before it)."""
-    with open(name.split(".")[0] + ".py") as f:
-        source = f.read().splitlines()
-    stripped = [l.strip() for l in source]  # a method's diff comes dedented
-    if line.strip() not in stripped:
+    source = source_lines(name)
+    if line.strip() not in source:
         return False
-    i = stripped.index(line.strip())
-    for j in range(i - 1, -1, -1):
-        if source[j].lstrip().startswith("def "):
+    for j in range(source.index(line.strip()) - 1, -1, -1):
+        if source[j].startswith("def "):
             return False
-        if source[j].strip() == "if not distributed.active():" and source[j + 1].strip() == "return":
+        if source[j] == "if not distributed.active():" and source[j + 1] == "return":
             return True
     return False
 
@@ -182,7 +190,7 @@ def kind(name: str, diff: str) -> str:
     if "build_parser" in name or "add_argument(" in text or "cli.parser(" in text or (
             in_parser and all(re.match(r'\s*(help=|\w+_help=)?f?"', l) for l in removed)):
         return "help"
-    if re.search(r"\blog\(", text) or in_log_call(diff):
+    if re.search(r"\blog\(", text) or all(in_log_call(name, l) for l in removed):
         return "log"
     if any(f"x_{f}__" in name for f in CUDA_ONLY) or '"cuda"' in text or all(only_on_cuda(name, l) for l in removed):
         return "cuda"
