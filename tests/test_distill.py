@@ -32,6 +32,24 @@ def pair(tmp_path, ckpt, text_file):
 ARGS = ["--nsamples", "16", "--seqlen", "32", "--epochs", "2", "--lr", "1e-3", "--batch-size", "4"]
 
 
+def full_mode_models(pair):
+    """The pair loaded as distill_full takes it: the frozen teacher, the student, the student's masks."""
+    teacher_dir, student_dir = pair
+    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
+    student = checkpoint.load_model(student_dir)
+    return teacher, student, distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+
+
+def step_gradients(monkeypatch, student) -> list:
+    """Filled with every parameter's gradient at each AdamW step (zeros where it has none, e.g.
+    lm_head under L_expert alone)."""
+    grads, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
+        grads.append({n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in student.named_parameters()}),
+        step(self, *a, **k))[1])
+    return grads
+
+
 def test_full_mode_keeps_the_mask_bitwise_and_learns(tmp_path, pair, text_file):
     teacher, student = pair
     out = str(tmp_path / "kd")
@@ -267,10 +285,7 @@ def test_full_mode_steps_follow_the_schedule_over_every_window(tmp_path, pair, m
     batch_size, an optimizer step every grad_accum micro-batches and at the epoch's end, the
     learning rate of step s lr x cosine(s, steps, warmup), AdamW with the configured decay and
     betas (0.9, 0.95); the report's epochs average its steps."""
-    teacher_dir, student_dir = pair
-    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
-    student = checkpoint.load_model(student_dir)
-    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    teacher, student, masks = full_mode_models(pair)
     windows = torch.randint(0, 300, (n, 12), generator=torch.Generator().manual_seed(0))
     cfg = distill.DistillConfig(batch_size=2, grad_accum=2, epochs=2, lr=1e-3, warmup_steps=1, weight_decay=0.05, seed=3)
     seen, steps = [], []
@@ -291,10 +306,7 @@ def test_full_mode_steps_follow_the_schedule_over_every_window(tmp_path, pair, m
 
 
 def test_full_mode_in_bfloat16_runs_teacher_and_student_under_autocast(pair):
-    teacher_dir, student_dir = pair
-    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
-    student = checkpoint.load_model(student_dir)
-    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    teacher, student, masks = full_mode_models(pair)
     dtypes = []
     for m in (teacher, student):
         m.lm_head.register_forward_hook(lambda mod, a, out: dtypes.append(out.dtype))
@@ -310,17 +322,10 @@ def test_each_loss_steps_on_the_gradient_of_its_terms(pair, monkeypatch, loss):
     """The first step's gradients are those of the loss written out here (Eq. 10: L_CE + lambda
     L_expert with lambda = L_CE / L_expert; or one term alone, lambda then 0), zero on every pruned
     weight; the report records lambda."""
-    teacher_dir, student_dir = pair
-    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
-    student = checkpoint.load_model(student_dir)
+    teacher, student, masks = full_mode_models(pair)
     reference = copy.deepcopy(student)
-    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
     windows = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
-    grads = []
-    step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
-        grads.append({n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in student.named_parameters()}),
-        step(self, *a, **k))[1])  # no gradient (e.g. lm_head under L_expert alone): zeros
+    grads = step_gradients(monkeypatch, student)
     cfg = distill.DistillConfig(batch_size=2, epochs=1, loss=loss)
     _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
     calls, inputs = {}, {}
@@ -348,10 +353,7 @@ def test_rebalance_every_n_steps_sets_lambda_from_that_steps_batch(pair, every, 
     """--rebalance-every N: lambda = L_CE / L_expert of the batch of every N-th step (0: the first
     batch only); the report's lambda is the last one set (steps 0..3 here, history holds each
     step's two losses)."""
-    teacher_dir, student_dir = pair
-    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
-    student = checkpoint.load_model(student_dir)
-    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    teacher, student, masks = full_mode_models(pair)
     windows = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(2))
     cfg = distill.DistillConfig(batch_size=1, epochs=1, rebalance_every=every, lr=1e-3)
     _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
@@ -438,10 +440,7 @@ def test_per_expert_training_on_fewer_tokens_than_a_step_takes_one_step_an_epoch
 def test_full_mode_logs_every_tenth_step_the_last_and_each_epochs_means(pair):
     """The progress log: a line at every 10th optimizer step and at the last, then one per epoch
     with the means the report records for it."""
-    teacher_dir, student_dir = pair
-    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
-    student = checkpoint.load_model(student_dir)
-    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    teacher, student, masks = full_mode_models(pair)
     windows = torch.randint(0, 300, (6, 8), generator=torch.Generator().manual_seed(4))
     lines = []
     cfg = distill.DistillConfig(batch_size=1, epochs=2, lr=1e-3)  # 6 steps an epoch, 12 in all
@@ -460,16 +459,10 @@ def test_gradient_accumulation_steps_on_the_mean_of_its_micro_batches_gradients(
     """--grad-accum 2 with one window a micro-batch: the first step's gradients are the mean of the
     two windows' Eq. 10 gradients, lambda set on the first window (as one batch of both would have
     it for the cross-entropy; the expert term is each micro-batch's own)."""
-    teacher_dir, student_dir = pair
-    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
-    student = checkpoint.load_model(student_dir)
+    teacher, student, masks = full_mode_models(pair)
     reference = copy.deepcopy(student)
-    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
     windows = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(5))
-    grads = []
-    step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
-        grads.append({n: p.grad.clone() for n, p in student.named_parameters()}), step(self, *a, **k))[1])
+    grads = step_gradients(monkeypatch, student)
     cfg = distill.DistillConfig(batch_size=1, grad_accum=2, epochs=1)
     _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
     order = torch.randperm(2, generator=torch.Generator().manual_seed(cfg.seed))
@@ -610,10 +603,7 @@ def test_a_recipe_of_former_names_and_repository_paths_drives_distill_main(tmp_p
 def test_with_gradient_accumulation_lambda_is_rebalanced_on_a_steps_first_micro_batch(pair, monkeypatch, every, at):
     """--rebalance-every N with --grad-accum 3: lambda is set from the first micro-batch of every
     N-th optimizer step (steps 0, 1, 2 start at micro-batches 1, 4, 7 of 9)."""
-    teacher_dir, student_dir = pair
-    teacher = checkpoint.load_model(teacher_dir).requires_grad_(False)
-    student = checkpoint.load_model(student_dir)
-    masks = distill.zero_masks(student, distill.pruned_matrices(student_dir, student.config))
+    teacher, student, masks = full_mode_models(pair)
     windows = torch.randint(0, 300, (9, 8), generator=torch.Generator().manual_seed(6))
     forwards, balanced = [], []
     student.register_forward_pre_hook(lambda m, a: forwards.append(1))

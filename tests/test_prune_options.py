@@ -365,6 +365,11 @@ def test_nm_fixes_the_reported_target_and_prune_checkpoint_logs_each_layer(tmp_p
     assert rep["sparsity_target"] == 0.75 and rep["layer_sparsity"] == [0.75, 0.75]
     assert all(v == 0.75 for v in rep["per_matrix_sparsity"].values()) and rep["owl_outlier_ratios"] is None
     assert [layer["layer"] for layer in rep["layers"]] == [0, 1]
+    assert (rep["model"], rep["method"], rep["nm"]) == (data.shown_path(ckpt), "wanda", "1:4")
+    assert (rep["args"]["model"], rep["args"]["out"], rep["args"]["overwrite"]) == (data.shown_path(ckpt),
+                                                                                   data.shown_path(out), False)
+    errors = rep["per_matrix_error"]
+    assert rep["mean_matrix_error"] == pytest.approx(sum(errors.values()) / len(errors), rel=1e-12) and len(errors) == 24
     for l, layer in enumerate(rep["layers"]):  # each layer's mean of its matrices' errors
         errors = [v for k, v in rep["per_matrix_error"].items() if k.startswith(f"model.layers.{l}.")]
         assert layer["mean_matrix_error"] == pytest.approx(sum(errors) / len(errors), rel=1e-12) and len(errors) == 4 * 3
