@@ -87,6 +87,10 @@ EQUIVALENT = [
                                                          "float32 keeps that"),
     ("zero_masks", "dtype=torch.float64,", 'masks.values()], device="cpu"))', "only whether a count of zeros is positive "
                                                                             "matters, and float32 keeps that"),
+    ("prune_matrix", 'group: str = "row"', 'group: str = "XXrowXX"', "the group is compared with \"matrix\" alone"),
+    ("prune_matrix", 'group: str = "row"', 'group: str = "ROW"', "the group is compared with \"matrix\" alone"),
+    ("prune_checkpoint", "/ max(1, len(", "/ max(2, len(", "every layer prunes at least an expert's three matrices, so "
+                                                          "the count is never 1"),
     ("dense_copy", "torch.equal(half.to(w.dtype), w)", "torch.equal(half.to(None), w)", "torch.equal compares values, "
                                                                                        "promoting bfloat16 as the cast does"),
     ("pruned_forward", "halves, act_dtype)", "halves, None)", "the attention halves are kept only with float32 activations "

@@ -401,3 +401,27 @@ def test_prune_matrix_keeps_the_dtype_and_magnitude_never_falls_back():
     assert out.dtype == torch.bfloat16 and not fell_back and (out == 0).sum() == 16
     out, fell_back = prune.prune_matrix(w, "magnitude", None, 0.5)
     assert out.dtype == torch.bfloat16 and not fell_back
+
+
+def test_prune_matrix_defaults_are_the_solvers_reference_settings():
+    """Called without blocksize and percdamp, SparseGPT runs with 128 and 0.01 (256 columns: two
+    blocks)."""
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    stats = prune.InputStats("sparsegpt", 256)
+    stats.add(torch.randn(512, 256, generator=torch.Generator().manual_seed(1)))
+    default, _ = prune.prune_matrix(w, "sparsegpt", stats, 0.5)
+    assert torch.equal(default, prune.prune_matrix(w, "sparsegpt", stats, 0.5, None, "row", 128, 0.01)[0])
+    assert not torch.equal(default, prune.prune_matrix(w, "sparsegpt", stats, 0.5, None, "row", 64, 0.01)[0])
+
+
+def test_a_recipe_of_repository_paths_drives_prune_main_from_anywhere(tmp_path, monkeypatch):
+    report = tmp_path / "prune_report.json"
+    report.write_text(json.dumps({"args": {"model": "models/tiny-mixtral", "calib_data": "README.md",
+                                           "method": "wanda", "sparsity": 0.25}}))
+    calls = []
+    monkeypatch.setattr(prune, "prune_checkpoint", lambda *a, **k: calls.append((a, k)) or {})
+    monkeypatch.chdir(tmp_path)  # where none of the recorded paths exists
+    prune.main(["--recipe", str(report), "--out", str(tmp_path / "o")])
+    (model, out, args), _ = calls[0][0][:3], calls[0][1]
+    assert model == os.path.join(cli.REPO, "models/tiny-mixtral")
+    assert (args.calib_data, args.method, args.sparsity) == (os.path.join(cli.REPO, "README.md"), "wanda", 0.25)
