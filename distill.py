@@ -246,7 +246,7 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
     student.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(windows), generator=g, device="cpu")  # the windows live on the CPU
-        for n, i in enumerate(range(0, len(windows), cfg.batch_size), 1):  # n: this epoch's micro-batches so far
+        for n, i in enumerate(range(0, len(windows), cfg.batch_size), 1):  # n: the micro-batch's place in the epoch, from 1
             x = distributed.share(windows[order[i:i + cfg.batch_size]]).to(device)  # [b, T] this rank's windows
             with torch.no_grad(), autocast:
                 t_calls.calls = {}
