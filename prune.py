@@ -731,10 +731,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     with cli.errors():
         recipe = cli.apply_recipe(p, a, argv, paths=("model", "calib_tokens", "calib_data"))
-        saved = os.path.join(os.path.dirname(a.recipe or ""), CALIBRATION_FILE)
-        if recipe and os.path.isfile(saved) and not cli.given_flags(p, argv) & {"calib_data", "calib_tokens", "nsamples",
-                                                                                 "seqlen", "seed"}:
-            a.calib_tokens, a.calib_data = saved, "stdlib"  # the exact windows of the recorded run
+        if recipe and not cli.given_flags(p, argv) & {"calib_data", "calib_tokens", "nsamples", "seqlen", "seed"}:
+            saved = os.path.join(os.path.dirname(a.recipe), CALIBRATION_FILE)
+            if os.path.isfile(saved):  # the exact windows of the recorded run
+                a.calib_tokens, a.calib_data = saved, "stdlib"
         cli.check_calibration_args(p, a, argv)
         if a.method is None:
             p.error("--method is required (or --recipe)")
