@@ -72,6 +72,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
             text += " (default: %(default)s)"
         return text
 
+    def _format_action_invocation(self, action):
+        # a flag and its former spellings, then its value once ("--nsamples, --samples NSAMPLES"), as
+        # Python 3.13's argparse writes them and 3.10-3.12's do not: --help reads the same everywhere
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        value = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return ", ".join(action.option_strings) + " " + value
+
 
 def parser(doc: str) -> argparse.ArgumentParser:
     """An argparse parser showing doc and every default in --help, whose usage errors are one
