@@ -174,6 +174,18 @@ def only_under_torchrun(name: str, line: str) -> bool:
     return False
 
 
+def only_help_text(name: str, removed: list, added: list) -> bool:
+    """Whether a mutant of a parser changes only what --help shows: each changed line first differs
+    inside a help= string, a string piece continuing one, or the parser's description (cli.parser)."""
+    if "build_parser" not in name or len(removed) != len(added):
+        return False
+    for old, new in zip(removed, added):
+        i = next((k for k, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        if not (re.match(r'\s*f?"', old) or re.search(r'\bhelp=f?"|_help = f?"|cli\.parser\(', old[:i])):
+            return False
+    return True
+
+
 def judged(name: str, removed: list, added: list) -> str:
     """EQUIVALENT's reason for this mutant, or None."""
     for function, before, after, why in EQUIVALENT:
@@ -190,9 +202,7 @@ def kind(name: str, diff: str) -> str:
     text = " ".join(removed)
     without_device = lambda s: re.sub(r",?\s*device=[\w.\[\]\"']+|\.to\((device|None)\)|(\w+\.)?(device|dev)\b", "", s).replace(
         " ", "").replace(",,", ",").replace(",)", ")")
-    in_parser = "build_parser" in name or "x_main__" in name
-    if "build_parser" in name or "add_argument(" in text or "cli.parser(" in text or (
-            in_parser and all(re.match(r'\s*(help=|\w+_help=)?f?"', l) for l in removed)):
+    if only_help_text(name, removed, added):
         return "help"
     if re.search(r"\blog\(", text) or all(in_log_call(name, l) for l in removed):
         return "log"

@@ -425,3 +425,56 @@ def test_a_recipe_of_repository_paths_drives_prune_main_from_anywhere(tmp_path, 
     (model, out, args), _ = calls[0][0][:3], calls[0][1]
     assert model == os.path.join(cli.REPO, "models/tiny-mixtral")
     assert (args.calib_data, args.method, args.sparsity) == (os.path.join(cli.REPO, "README.md"), "wanda", 0.25)
+
+
+
+def test_the_command_line_defaults_are_the_library_defaults():
+    """prune.py without flags runs what PruneArgs() runs (OWL's lambda 0.08 and M 5, SparseGPT's block 128 and
+    damping 0.01, ...); only --method has no default there, and --device resolves 'auto' by the machine."""
+    parsed = vars(prune.build_parser().parse_args(["--out", "o"]))
+    library = {k: v for k, v in vars(prune.PruneArgs()).items() if k not in ("method", "device")}
+    assert {k: parsed[k] for k in library} == library
+    assert parsed["method"] is None
+
+
+def test_method_is_required_without_a_recipe(capsys):
+    assert script_error(capsys, prune.main, ["--out", "o"]) == "error: --method is required (or --recipe)"
+
+
+def recipe_run_args(tmp_path, monkeypatch, recorded: dict, flags: list, saved: bool) -> prune.PruneArgs:
+    """prune.main's PruneArgs for --recipe run/prune_report.json (recording `recorded`, with the run's
+    calibration windows beside it when `saved`) and `flags`, run from a folder holding neither."""
+    (tmp_path / "run").mkdir()
+    report = tmp_path / "run" / "prune_report.json"
+    report.write_text(json.dumps({"args": recorded}))
+    if saved:
+        np.save(tmp_path / "run" / prune.CALIBRATION_FILE, np.zeros((2, 8), dtype=np.int64))
+    calls = []
+    monkeypatch.setattr(prune, "prune_checkpoint", lambda *a, **k: calls.append(a) or {})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    prune.main(["--recipe", os.path.join("..", "run", "prune_report.json"), "--out", str(tmp_path / "o"), *flags])
+    return calls[0][2]
+
+
+@pytest.mark.parametrize("flags", [[], ["--sparsity", "0.6"], ["--nsamples", "4"], ["--seqlen", "32"], ["--seed", "3"],
+                                   ["--calib-data", "TEXT"], ["--calib-tokens", "TOKENS"]])
+def test_a_recipe_repeats_its_calibration_windows_unless_a_calibration_flag_is_given(tmp_path, monkeypatch, flags):
+    """The calibration_tokens.npy beside a recipe, found from any cwd, replaces the recorded text and draw;
+    any of --calib-data, --calib-tokens, --nsamples, --seqlen or --seed given with it means a new draw."""
+    (tmp_path / "t.txt").write_text("text")
+    np.save(tmp_path / "t.npy", np.ones((2, 8), dtype=np.int64))
+    flags = [{"TEXT": str(tmp_path / "t.txt"), "TOKENS": str(tmp_path / "t.npy")}.get(f, f) for f in flags]
+    args = recipe_run_args(tmp_path, monkeypatch, {"model": "models/tiny-mixtral", "calib_data": "README.md",
+                                                   "method": "wanda", "sparsity": 0.25}, flags, saved=True)
+    saved = os.path.join("..", "run", prune.CALIBRATION_FILE)
+    expected = {(): (saved, "stdlib"), ("--sparsity",): (saved, "stdlib"),
+                ("--calib-data",): (None, str(tmp_path / "t.txt")), ("--calib-tokens",): (str(tmp_path / "t.npy"), "stdlib")}
+    assert (args.calib_tokens, args.calib_data) == expected.get(tuple(flags[:1]), (None, os.path.join(cli.REPO, "README.md")))
+    assert args.sparsity == (0.6 if flags[:1] == ["--sparsity"] else 0.25)
+
+
+def test_a_recipe_without_saved_windows_reads_its_recorded_token_file_from_the_repository(tmp_path, monkeypatch):
+    args = recipe_run_args(tmp_path, monkeypatch, {"method": "moe-pruner", "calib_data": "stdlib",
+                                                   "calib_tokens": "results/calibration_tokens.npy"}, [], saved=False)
+    assert (args.calib_tokens, args.calib_data) == (os.path.join(cli.REPO, "results/calibration_tokens.npy"), "stdlib")
