@@ -2,10 +2,12 @@
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
 import shutil
+import types
 
 import pytest
 import torch
@@ -437,9 +439,12 @@ def test_per_expert_training_on_fewer_tokens_than_a_step_takes_one_step_an_epoch
     assert lrs == [1e-3 * distill.cosine(s, 3, 1) for s in range(3)]  # 8 tokens a step: 1 step an epoch, 3 in all
 
 
-def test_full_mode_logs_every_tenth_step_the_last_and_each_epochs_means(pair):
-    """The progress log: a line at every 10th optimizer step and at the last, then one per epoch
-    with the means the report records for it."""
+def test_full_mode_logs_every_tenth_step_the_last_and_each_epochs_means(pair, monkeypatch):
+    """The progress log: a line at every 10th optimizer step and at the last, with the seconds since
+    training began (the clock reads 100 s then, 1100 s after), then one per epoch with the means the
+    report records for it."""
+    clock = itertools.chain([100.0], itertools.repeat(1100.0))
+    monkeypatch.setattr(distill, "time", types.SimpleNamespace(time=lambda: next(clock)))
     teacher, student, masks = full_mode_models(pair)
     windows = torch.randint(0, 300, (6, 8), generator=torch.Generator().manual_seed(4))
     lines = []
@@ -448,7 +453,7 @@ def test_full_mode_logs_every_tenth_step_the_last_and_each_epochs_means(pair):
     steps = [l for l in lines if " step " in l]
     assert [l.split(":")[0] for l in steps] == ["epoch 2 step 10/12", "epoch 2 step 12/12"]
     h = rep["steps"][9]
-    assert f"CE {h['ce']:.4f}, expert MSE {h['expert_mse']:.5f}, lambda {rep['lambda']:.3g}, " in steps[0]
+    assert steps[0].endswith(f"CE {h['ce']:.4f}, expert MSE {h['expert_mse']:.5f}, lambda {rep['lambda']:.3g}, 1000s")
     assert [e["epoch"] for e in rep["epochs"]] == [1, 2]
     assert [l for l in lines if " step " not in l] == [
         f"epoch {e['epoch']}: mean CE {e['ce']:.4f}, mean expert MSE {e['expert_mse']:.5f}" for e in rep["epochs"]]
@@ -528,7 +533,11 @@ def test_distill_checkpoint_trains_float32_copies_on_the_train_split_and_writes_
     monkeypatch.setattr(data, "text_source", lambda spec, split: (sources.append((spec, split)), TEXT)[1])
     cfg = distill.DistillConfig(nsamples=4, seqlen=16, seed=7)
     out = str(tmp_path / "kd")
-    rep = distill.distill_checkpoint(teacher_dir, student_dir, out, cfg)
+    lines = []
+    rep = distill.distill_checkpoint(teacher_dir, student_dir, out, cfg, log=lines.append)
+    assert lines == [f"{data.shown_path(student_dir)} distilled from {data.shown_path(teacher_dir)} -> "
+                     f"{data.shown_path(out)}: full mode, loss eq10, 4 x 16 tokens of stdlib, {cfg.epochs} epochs",
+                     f"wrote {out} ({rep['seconds']:.0f}s)"]
     p = distill.build_parser()
     assert p.get_default("mode") == "full" and p.get_default("calib_data") == "stdlib"
     t, s = seen["teacher"], seen["student"]

@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import data
 import mini_mixtral as mm
 import outputs
 import prune
-from conftest import random_model, script_error, small_config
+from conftest import random_model, script_error, small_config, write_checkpoint
 from layerwise import Positions, rerun_moe_half, run_layer
 
 CALIB = ["--nsamples", "4", "--seqlen", "32"]
@@ -378,6 +379,35 @@ def test_nm_fixes_the_reported_target_and_prune_checkpoint_logs_each_layer(tmp_p
     assert lines[3].startswith(f"expert sparsity {rep['expert_sparsity']:.4f}, ")
     with pytest.raises(outputs.OutputError, match="exists"):
         prune.prune_checkpoint(ckpt, out, args)
+
+
+def test_prune_checkpoint_logs_the_run_each_layer_with_the_time_left_and_the_summary(tmp_path, text_file, monkeypatch):
+    """Every progress line, word for word where it is not a measured figure. The clock reads 100 s
+    when the run starts and 1100 s from then on, so a layer's time left is (1100 - 100) / (l + 1) x
+    the layers after it."""
+    now = [100.0]
+    monkeypatch.setattr(prune, "time", types.SimpleNamespace(time=lambda: now[0]))
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        now[0] = 1100.0
+
+    model = write_checkpoint(tmp_path / "three", num_hidden_layers=3)
+    out = str(tmp_path / "o")
+    args = prune.PruneArgs(method="wanda", layer_sparsity="0.4,0.5,0.6", calib_data=text_file, nsamples=4, seqlen=32)
+    rep = prune.prune_checkpoint(model, out, args, log=log)
+    assert lines[0] == f"{data.shown_path(model)} -> {data.shown_path(out)}: wanda, sparsity 0.500, 4 x 32 calibration tokens"
+    assert lines[1] == "layer sparsities 0.4000, 0.5000, 0.6000"
+    for l, left in ((0, "; ~2000s for the 2 layer(s) left"), (1, "; ~500s for the 1 layer(s) left"), (2, "")):
+        layer = rep["layers"][l]
+        assert lines[2 + l].startswith(f"layer {l}: stats ") and lines[2 + l].endswith(
+            f", expert sparsity {layer['expert_sparsity']:.4f}, matrix error {layer['mean_matrix_error']:.4f} (mean), "
+            f"layer output error {layer['output_error']:.4f}{left}")
+    assert rep["seconds"] == 1000.0 and lines[5] == (
+        f"expert sparsity {rep['expert_sparsity']:.4f}, all decoder linear layers {rep['decoder_linear_sparsity']:.4f}, "
+        f"whole model {rep['overall_sparsity']:.4f}, mean matrix error {rep['mean_matrix_error']:.4f} (1000.0s)")
+    assert len(lines) == 6
 
 
 @pytest.mark.parametrize("spec,want", [("1:4", (1, 4)), ("3:4", (3, 4)), (None, None), ("0:4", "--nm 0:4: need 0 < N < M"),

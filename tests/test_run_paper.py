@@ -182,5 +182,5 @@ def test_a_help_marker_holds_the_scripts_help_whatever_the_terminal(tmp_path, mo
     monkeypatch.setenv("COLUMNS", "40")
     text = run_paper.render_document((tmp_path / "doc.md").read_text(), root=str(tmp_path))
     assert "stale" not in text and text.startswith("<!-- help eval_ppl.py -->\n```text\nusage: eval_ppl.py [-h]")
-    assert "--eval-windows EVAL_WINDOWS, --max-windows EVAL_WINDOWS" in text  # 100 columns, not the terminal's 40
+    assert "  --eval-windows, --max-windows EVAL_WINDOWS\n" in text  # 100 columns, not the terminal's 40
     assert os.environ["COLUMNS"] == "40"
