@@ -217,7 +217,7 @@ class CheckpointReader:
         return module
 
 
-def load_layer(reader: CheckpointReader, l: int, dtype=torch.float32, device="cpu") -> DecoderLayer:
+def load_layer(reader: CheckpointReader, l: int, dtype: torch.dtype, device) -> DecoderLayer:
     """Materialise decoder layer l alone (the rest of the checkpoint is not read)."""
     with torch.device("meta"):
         layer = DecoderLayer(reader.config)

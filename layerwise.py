@@ -10,8 +10,8 @@ activations [n, T, hidden] are ever in memory. This is the layer-wise protocol o
 and Wanda's reference code, and the shape of MoE-Pruner's Algorithm 1.
 
     with CheckpointWriter(out, reader.config, src_dir=reader.path) as writer:
-        x, pos = embed_windows(reader, tokens)
-        for l, layer in layers(reader, writer):
+        x, pos = embed_windows(reader, tokens, device)
+        for l, layer in layers(reader, writer, device):
             ...                                   # change layer's weights in place
             x = run_layer(layer, x, pos, batch_size)
 """
@@ -34,7 +34,7 @@ class Positions(NamedTuple):
 
 
 @torch.no_grad()
-def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device="cpu", act_dtype=torch.float32):
+def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device, act_dtype=torch.float32):
     """Calibration windows [n, T] -> (activations [n, T, hidden] in act_dtype, Positions)."""
     emb = load_embedding(reader, torch.float32, device)
     x = emb(tokens.to(device)).to(act_dtype)
@@ -90,7 +90,7 @@ def copy_outside_layers(reader: CheckpointReader, writer: CheckpointWriter):
             writer.add(name, reader.get(name))
 
 
-def layers(reader: CheckpointReader, writer: Optional[CheckpointWriter], device="cpu") -> Iterator[tuple]:
+def layers(reader: CheckpointReader, writer: Optional[CheckpointWriter], device) -> Iterator[tuple]:
     """Yield (l, decoder layer l) for every layer in turn, each read alone in float32 on device.
 
     The embedding, final norm and lm_head are copied to writer first. When the caller moves on

@@ -236,9 +236,9 @@ def gate_anatomy(model_dir: str, tokens: torch.Tensor, batch_size: int = 8) -> l
     the mask, would be Wanda's. Reported: the coefficient of variation of r_j over j, averaged
     over the layer's experts, for the input of w1/w3 (x) and of w2 (h)."""
     reader = CheckpointReader(model_dir)
-    x, pos = embed_windows(reader, tokens)
+    x, pos = embed_windows(reader, tokens, "cpu")
     out = []
-    for l, layer in layers(reader, None):
+    for l, layer in layers(reader, None, "cpu"):
         E = len(layer.block_sparse_moe.experts)
         sums = {(e, k): [0.0, 0.0] for e in range(E) for k in "xh"}  # sum x_j^2, sum g^2 x_j^2 (vectors)
         gates, mass = [], []

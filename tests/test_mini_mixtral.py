@@ -85,7 +85,7 @@ def test_load_layer_reads_only_that_layer(ckpt, monkeypatch):
     read = []
     orig = reader.get
     monkeypatch.setattr(reader, "get", lambda name, *a, **k: read.append(name) or orig(name, *a, **k))
-    layer = checkpoint.load_layer(reader, 1)
+    layer = checkpoint.load_layer(reader, 1, torch.float32, "cpu")
     assert read and all(n.startswith("model.layers.1.") for n in read)
     full = checkpoint.load_model(ckpt)
     for name, p in layer.state_dict().items():
@@ -99,7 +99,7 @@ def test_layer_runs_alone_like_inside_the_model(ckpt):
     cos, sin = mm.rope_cos_sin(reader.config, 16)
     x = checkpoint.load_embedding(reader)(idx)
     for l in range(reader.config.num_hidden_layers):
-        x, _ = checkpoint.load_layer(reader, l)(x, cos, sin)
+        x, _ = checkpoint.load_layer(reader, l, torch.float32, "cpu")(x, cos, sin)
     with torch.no_grad():
         ref = full.lm_head(full.model.norm(x))
         assert torch.equal(ref, full(idx))
