@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import checkpoint
 import prune
-from conftest import write_checkpoint
+from conftest import random_model, write_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process; the reference uses it too
@@ -61,6 +62,34 @@ def test_prune_on_two_ranks_makes_the_single_process_masks(tmp_path, setup):
         rep = json.load(open(tmp_path / f"two-{method}" / "prune_report.json"))
         assert rep["world_size"] == 2 and rep["routed_tokens_per_expert"] == json.load(
             open(tmp_path / f"one-{method}" / "prune_report.json"))["routed_tokens_per_expert"]
+
+
+def test_a_rank_whose_windows_reach_no_token_of_an_expert_still_joins_its_sums(tmp_path):
+    """Layer 0's router sends token 7, and only token 7, to expert 3, and only rank 1's windows hold it: rank 0 adds zeros of the statistic's shape and dtype to every cross-rank sum (or the
+    collective fails), and the masks are the single process's."""
+    model = random_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = -1.0  # every token's first coordinate negative ...
+        model.model.embed_tokens.weight[7, 0] = 1.0  # ... but token 7's
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()  # the router sees the normed embedding itself
+        layer.block_sparse_moe.gate.weight.zero_()
+        layer.block_sparse_moe.gate.weight[:, 0] = torch.tensor([-1.0, -2.0, -3.0, 50.0])  # top-2: {2, 1} or {3, 0}
+    ck = write_checkpoint(tmp_path / "ck", model=model)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(8, 300, (4, 16), generator=g)  # [windows, T]: rank 0 gets windows 0-1, rank 1 2-3
+    tokens[2:, ::5] = 7
+    np.save(tmp_path / "tokens.npy", tokens.numpy())
+    argv = ["--model", ck, "--calib-tokens", str(tmp_path / "tokens.npy"), "--batch-size", "2"]
+    for method in ("moe-pruner", "sparsegpt"):
+        single("prune.py", [*argv, "--method", method, "--out", str(tmp_path / f"one-{method}")])
+        r, _ = torchrun("prune.py", [*argv, "--method", method, "--out", str(tmp_path / f"two-{method}")], tmp_path)
+        assert r.returncode == 0, r.stderr
+        one, two = params(str(tmp_path / f"one-{method}")), params(str(tmp_path / f"two-{method}"))
+        assert all(torch.equal(one[k] == 0, two[k] == 0) for k in one)
+        routed = json.load(open(tmp_path / f"two-{method}" / "prune_report.json"))["routed_tokens_per_expert"]
+        assert routed[0][3] == int((tokens == 7).sum()) > 0  # the premise: rank 1's tokens alone
+        assert routed == json.load(open(tmp_path / f"one-{method}" / "prune_report.json"))["routed_tokens_per_expert"]
 
 
 def test_full_kd_on_two_ranks_matches_one_process(tmp_path, setup):
