@@ -99,14 +99,25 @@ EQUIVALENT = [
 ] + [("drop_experts", 'None if protocol == "layerwise"', after, "under the layerwise protocol x is x_dense: the target "
                                                                "taken from x_dense is the same one, computed once more")
      for after in ('(protocol == "layerwise") and False', '"XXlayerwiseXX"', '"LAYERWISE"')]
-# (function, text of the mutated line): a value that only a progress line shows
-LOG_ONLY = [("prune_checkpoint", "left = (time.time() - t_start)")]  # the estimate of the time left
 # (function, text of the mutated line, text of the mutant): a change that only a run under torchrun sees
 DISTRIBUTED = [("distill_full", "lam * W * l_exp", "lam / W * l_exp"),  # W, the world size, is 1 in one process
+               ("distill_full", "all_sum(ce.detach().clone()) / W", "all_sum(ce.detach().clone()) * W"),
+               # in one process a cross-rank sum returns its input: summing or returning first is the same
+               ("InputStatsǁreduce", "if not distributed.active():", "if distributed.active():"),
+               # full KD's batch split over the ranks: every batch size divides over one process
+               *[("distill_checkpoint", 'if mode == "full" and cfg.batch_size % distributed.world():', after)
+                 for after in ('if mode != "full"', '"XXfullXX"', '"FULL"')],
+               ("distill_checkpoint", 'raise data.DataError(f"--batch-size {cfg.batch_size} must be a multiple',
+                "raise data.DataError(None)"),
                # main (rank 0) is True in one process: what the other ranks do is seen only under torchrun
                ("prune_checkpoint", "log = log if main else", "log = log if (main) or True else"),
                ("prune_checkpoint", "else (lambda m: None)", "else (lambda m: 0)"),
-               ("prune_checkpoint", "src_dir=model_dir) if main else None", "src_dir=model_dir) if (main) or True else")]
+               ("prune_checkpoint", "src_dir=model_dir) if main else None", "src_dir=model_dir) if (main) or True else"),
+               ("distill_checkpoint", "if distributed.is_main() else contextlib.nullcontext()",
+                "if (distributed.is_main()) or True else"),
+               ("distill_checkpoint", "if writer is not None and distributed.is_main():",
+                "if writer is not None or distributed.is_main():"),
+               ("distill_checkpoint", "writer if distributed.is_main()", "writer if (distributed.is_main()) or True")]
 
 
 
@@ -144,9 +155,7 @@ def source_lines(name: str) -> list:
 
 def in_log_call(name: str, line: str) -> bool:
     """Whether a line of the module continues a statement that a log( call opens (the call's
-    parentheses still open on the lines above it), or computes a value only a progress line shows."""
-    if any(function in name and text in line for function, text in LOG_ONLY):
-        return True
+    parentheses still open on the lines above it)."""
     source = source_lines(name)
     if line.strip() not in source:
         return False
@@ -186,6 +195,14 @@ def only_help_text(name: str, removed: list, added: list) -> bool:
     return True
 
 
+def inside_distributed_call(removed: list, added: list) -> bool:
+    """Whether a mutant changes only the arguments of distributed.* calls (a broadcast's source
+    rank, an all_sum's tensor), which in one process return their input or do nothing."""
+    call = r"distributed\.\w+\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)"  # two levels of parentheses inside
+    calls = lambda l: re.sub(call, "distributed.CALL", l)
+    return len(removed) == len(added) and [calls(l) for l in removed] == [calls(l) for l in added]
+
+
 def judged(name: str, removed: list, added: list) -> str:
     """EQUIVALENT's reason for this mutant, or None."""
     for function, before, after, why in EQUIVALENT:
@@ -208,7 +225,7 @@ def kind(name: str, diff: str) -> str:
         return "log"
     if any(f"x_{f}__" in name for f in CUDA_ONLY) or '"cuda"' in text or all(only_on_cuda(name, l) for l in removed):
         return "cuda"
-    if "distributed." in text or all(only_under_torchrun(name, l) for l in removed) or any(
+    if inside_distributed_call(removed, added) or all(only_under_torchrun(name, l) for l in removed) or any(
             function in name and any(before in l for l in removed) and any(after in l for l in added)
             for function, before, after in DISTRIBUTED):
         return "distributed"

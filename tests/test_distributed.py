@@ -132,3 +132,7 @@ def test_a_bad_input_fails_every_rank_with_one_line_and_writes_nothing(tmp_path,
         lines = err.strip().split("\n")
         assert len(lines) == 1 and lines[0].startswith("error: ") and "no such checkpoint directory" in lines[0]
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    r, ranks = torchrun("distill.py", ["--teacher", teacher, "--student", student, "--calib-data", text, "--batch-size", "3",
+                                       "--out", str(out)], tmp_path)  # full KD splits each batch over the ranks
+    assert r.returncode != 0 and [err.strip() for err in ranks] == ["error: --batch-size 3 must be a multiple of the 2 "
+                                                                    "processes"] * 2 and not out.exists()

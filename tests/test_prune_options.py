@@ -283,6 +283,14 @@ def test_the_second_pass_starts_from_the_kept_halves_only_when_attention_and_rou
         assert not prune.only_experts_change(prune.PruneArgs(**changed)), changed
 
 
+def test_the_activations_are_kept_in_act_dtype_from_the_embedding_on(tmp_path, ckpt, text_file, monkeypatch):
+    seen, prune_layers = [], prune.prune_layers
+    monkeypatch.setattr(prune, "prune_layers", lambda layers, x, *a: (seen.append(x.dtype), prune_layers(layers, x, *a))[1])
+    args = prune.PruneArgs(method="wanda", act_dtype="bfloat16", calib_data=text_file, nsamples=2, seqlen=16)
+    prune.prune_checkpoint(ckpt, str(tmp_path / "o"), args, log=lambda line: None)
+    assert seen == [torch.bfloat16]
+
+
 def test_measured_errors_are_norm_ratios_of_float64_sums():
     """measured_errors: each matrix's ratio from its own pair of sums and the layer's from its
     outputs, every sum in float64 (float32 sums would move the digits the report records)."""
@@ -404,7 +412,7 @@ def test_prune_checkpoint_logs_the_run_each_layer_with_the_time_left_and_the_sum
         assert lines[2 + l].startswith(f"layer {l}: stats ") and lines[2 + l].endswith(
             f", expert sparsity {layer['expert_sparsity']:.4f}, matrix error {layer['mean_matrix_error']:.4f} (mean), "
             f"layer output error {layer['output_error']:.4f}{left}")
-    assert rep["seconds"] == 1000.0 and lines[5] == (
+    assert rep["seconds"] == 1000.0 and rep["world_size"] == 1 and lines[5] == (
         f"expert sparsity {rep['expert_sparsity']:.4f}, all decoder linear layers {rep['decoder_linear_sparsity']:.4f}, "
         f"whole model {rep['overall_sparsity']:.4f}, mean matrix error {rep['mean_matrix_error']:.4f} (1000.0s)")
     assert len(lines) == 6
