@@ -1,7 +1,9 @@
 """Shared test helpers: small random checkpoints written in the exact official layout."""
 
+import itertools
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -72,6 +74,13 @@ def script_error(capsys, main, argv, alone=True) -> str:
     if alone:
         assert len(lines) == 1, lines
     return lines[-1]
+
+
+def stand_in_clock(monkeypatch, module):
+    """module's time.time() reads 100 s at its first call (a run's start) and 1100 s at every later
+    one, so each elapsed time a run logs or reports is 1000 s."""
+    readings = itertools.chain([100.0], itertools.repeat(1100.0))
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(time=lambda: next(readings)))
 
 
 def expert_mse(teacher_calls: dict, student_inputs: dict, student) -> torch.Tensor:

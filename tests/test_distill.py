@@ -2,12 +2,10 @@
 
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import os
 import shutil
-import types
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ import expert_prune
 import cli
 import outputs
 import prune
-from conftest import expert_mse, random_model, script_error, small_tokenizer, TEXT, write_checkpoint
+from conftest import expert_mse, random_model, script_error, small_tokenizer, stand_in_clock, TEXT, write_checkpoint
 
 
 @pytest.fixture
@@ -443,8 +441,7 @@ def test_full_mode_logs_every_tenth_step_the_last_and_each_epochs_means(pair, mo
     """The progress log: a line at every 10th optimizer step and at the last, with the seconds since
     training began (the clock reads 100 s then, 1100 s after), then one per epoch with the means the
     report records for it."""
-    clock = itertools.chain([100.0], itertools.repeat(1100.0))
-    monkeypatch.setattr(distill, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    stand_in_clock(monkeypatch, distill)
     teacher, student, masks = full_mode_models(pair)
     windows = torch.randint(0, 300, (6, 8), generator=torch.Generator().manual_seed(4))
     lines = []

@@ -65,7 +65,8 @@ def test_prune_on_two_ranks_makes_the_single_process_masks(tmp_path, setup):
 
 
 def test_a_rank_whose_windows_reach_no_token_of_an_expert_still_joins_its_sums(tmp_path):
-    """Layer 0's router sends token 7, and only token 7, to expert 3, and only rank 1's windows hold it: rank 0 adds zeros of the statistic's shape and dtype to every cross-rank sum (or the
+    """Layer 0's router sends token 7, and only token 7, to expert 3, and only rank 1's windows hold
+    it: rank 0 adds zeros of the statistic's shape and dtype to every cross-rank sum (or the
     collective fails), and the masks are the single process's."""
     model = random_model()
     with torch.no_grad():

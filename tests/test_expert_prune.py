@@ -498,7 +498,6 @@ def test_the_report_records_the_run_and_nothing_of_the_output(tmp_path, ckpt, te
     assert cd["float32"]["condensed_layers"] != cd["bfloat16"]["condensed_layers"]
 
 
-
 def test_help_opens_with_the_modules_docstring():
     """expert_prune.py --help shows the module's docstring (NAEE, REAP, CD-MoE and their references)."""
     p = ep.build_parser()

@@ -5,7 +5,6 @@ import inspect
 import json
 import math
 import os
-import types
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import data
 import mini_mixtral as mm
 import outputs
 import prune
-from conftest import random_model, script_error, small_config, write_checkpoint
+from conftest import random_model, script_error, small_config, stand_in_clock, write_checkpoint
 from layerwise import Positions, rerun_moe_half, run_layer
 
 CALIB = ["--nsamples", "4", "--seqlen", "32"]
@@ -393,18 +392,12 @@ def test_prune_checkpoint_logs_the_run_each_layer_with_the_time_left_and_the_sum
     """Every progress line, word for word where it is not a measured figure. The clock reads 100 s
     when the run starts and 1100 s from then on, so a layer's time left is (1100 - 100) / (l + 1) x
     the layers after it."""
-    now = [100.0]
-    monkeypatch.setattr(prune, "time", types.SimpleNamespace(time=lambda: now[0]))
+    stand_in_clock(monkeypatch, prune)
     lines = []
-
-    def log(line):
-        lines.append(line)
-        now[0] = 1100.0
-
     model = write_checkpoint(tmp_path / "three", num_hidden_layers=3)
     out = str(tmp_path / "o")
     args = prune.PruneArgs(method="wanda", layer_sparsity="0.4,0.5,0.6", calib_data=text_file, nsamples=4, seqlen=32)
-    rep = prune.prune_checkpoint(model, out, args, log=log)
+    rep = prune.prune_checkpoint(model, out, args, log=lines.append)
     assert lines[0] == f"{data.shown_path(model)} -> {data.shown_path(out)}: wanda, sparsity 0.500, 4 x 32 calibration tokens"
     assert lines[1] == "layer sparsities 0.4000, 0.5000, 0.6000"
     for l, left in ((0, "; ~2000s for the 2 layer(s) left"), (1, "; ~500s for the 1 layer(s) left"), (2, "")):
