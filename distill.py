@@ -155,12 +155,15 @@ def pruned_matrices(student_dir: str, config: mm.MixtralConfig) -> list:
 def zero_masks(model: torch.nn.Module, names=None) -> dict:
     """{parameter name: bool mask of its exact zeros} for the named matrices (default: every
     matrix of the module) that have any: the pruned weights, which must stay zero. Under FSDP2
-    each rank holds the mask of its shard."""
+    each rank holds the mask of its shard, and the zero counts are summed over ranks (a collective
+    every rank joins); a module that is not sharded (per-expert mode's expert, on the one rank that
+    trains it) is counted where it is, with no collective."""
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.dim() == 2] if names is None else names
     masks = {n: distributed.local(params[n]) == 0 for n in names}
-    zeros = distributed.all_sum(torch.tensor([float(m.sum()) for m in masks.values()], dtype=torch.float64,
-                                              device="cpu"))  # through gloo under torchrun
+    zeros = torch.tensor([float(m.sum()) for m in masks.values()], dtype=torch.float64, device="cpu")
+    if any(distributed.sharded(params[n]) for n in names):
+        zeros = distributed.all_sum(zeros)  # through gloo under torchrun
     return {n: m for (n, m), z in zip(masks.items(), zeros.tolist()) if z > 0}
 
 
@@ -192,12 +195,13 @@ class TeacherCalls:
         self.calls = {}
         self.observers = {l: (lambda c, l=l: self.calls.setdefault(l, []).append(c)) for l in range(n_layers)}
 
-    def counts(self, n_layers: int, n_experts: int, device) -> torch.Tensor:
-        """[layers, experts] routed tokens of this batch, summed over ranks: the MSE's denominators."""
+    def counts(self, n_layers: int, n_experts: int, device, idle: bool = False) -> torch.Tensor:
+        """[layers, experts] routed tokens of this batch, summed over ranks: the MSE's denominators.
+        An idle rank (no window of this micro-batch; see distill_full) counts none of its stand-in's."""
         n = torch.zeros(n_layers, n_experts, dtype=torch.float32, device=device)  # exact counts below 2^24
         for l, calls in self.calls.items():
             for c in calls:
-                n[l, c.expert] += len(c.tokens)
+                n[l, c.expert] += 0 if idle else len(c.tokens)
         return distributed.all_sum(n)
 
 
@@ -217,8 +221,40 @@ class ExpertLoss:
         def add(block, inputs):
             x_s = inputs[0].reshape(-1, inputs[0].shape[-1])  # [N, hidden] the student's MoE input
             for c in self.teacher.calls[l]:  # the teacher routed every token of the batch at every layer
-                self.terms.append(expert_term(block.experts[c.expert], x_s, c, self.counts[l, c.expert]))
+                count = self.counts[l, c.expert].clamp(min=1)  # >= 1 but on an idle rank, whose terms weigh 0
+                self.terms.append(expert_term(block.experts[c.expert], x_s, c, count))
         return add
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+class SameExperts:
+    """Under torchrun, FSDP2 reduce-scatters the gradient of every parameter that has one, and every
+    rank must reduce the same parameters. An expert gets a gradient on a rank only where its loss
+    reaches it there: through the student's routing (the cross-entropy) or the teacher's (the
+    expert term). A forward hook on every MoE block sums the layer's [experts] usage over ranks
+    (one small all-reduce, every rank in the same order), and each expert used on some rank but
+    not on this one adds a term 0 x its weights: a gradient of zeros, the one it contributes to the
+    average in any case."""
+
+    def __init__(self, student: mm.Mixtral, teacher: TeacherCalls, loss: str):
+        self.teacher, self.loss, self.terms = teacher, loss, []
+        self.hooks = [layer.block_sparse_moe.register_forward_hook(self.hook(l))
+                      for l, layer in enumerate(student.model.layers)]
+
+    def hook(self, l):
+        def join(block, inputs, output):
+            used = torch.zeros(len(block.experts), dtype=torch.float32, device=output[0].device)  # [experts]
+            if self.loss != "mse":  # the cross-entropy reaches the experts the student routes to
+                used[mm.route(output[1], block.top_k)[1].flatten()] = 1
+            if self.loss != "ce":  # the expert term reaches those the teacher routes to
+                used[[c.expert for c in self.teacher.calls[l]]] = 1
+            anywhere = distributed.all_sum(used.clone())
+            for e in ((anywhere > 0) & (used == 0)).nonzero().flatten().tolist():
+                self.terms.append(sum(p.sum() for p in block.experts[e].parameters()) * 0)
+        return join
 
     def remove(self):
         for h in self.hooks:
@@ -227,15 +263,19 @@ class ExpertLoss:
 
 def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, device, log):
     """Eq. 10 on the whole model, the mask kept. Under torchrun the models are FSDP2-sharded and
-    each rank takes its share of every batch: the logged losses, lambda and the update are those
-    of the global batch (the gradients are averaged over ranks, so the expert term, a sum over
-    ranks, is scaled by the world size)."""
+    each rank takes its share of every micro-batch: the logged losses, lambda and the update are
+    those of the global micro-batch. FSDP2 averages the gradients over the W ranks, so each rank's
+    cross-entropy, a mean over its own windows, is weighted by W x its share of the windows, and
+    the expert term, already a share of the global mean, by W. A micro-batch with fewer windows than
+    ranks (an epoch's last) leaves some ranks idle: each runs its forward and backward on a stand-in
+    window with weight 0, so that every rank joins every collective, and adds nothing."""
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
     total = steps_per_epoch * cfg.epochs
     L, E = student.config.num_hidden_layers, student.config.num_local_experts
     t_calls = TeacherCalls(L)
     s_loss = ExpertLoss(student, t_calls)
+    joins = SameExperts(student, t_calls, cfg.loss) if distributed.active() else None
     if device.type == "cuda":  # bf16: autocast in one process; under torchrun FSDP2's mixed-precision policy
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not distributed.active())
     else:
@@ -247,21 +287,31 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(windows), generator=g, device="cpu")  # the windows live on the CPU
         for n, i in enumerate(range(0, len(windows), cfg.batch_size), 1):  # n: the micro-batch's place in the epoch, from 1
-            x = distributed.share(windows[order[i:i + cfg.batch_size]]).to(device)  # [b, T] this rank's windows
+            batch = windows[order[i:i + cfg.batch_size]]  # [b, T] the micro-batch
+            mine = distributed.share(batch)  # [b_r, T] this rank's windows: none on an idle rank
+            share = len(mine) / len(batch)  # this rank's fraction of the global mean (1.0 in one process)
+            x = (mine if len(mine) else batch[:1]).to(device)  # an idle rank's stand-in window weighs 0
             with torch.no_grad(), autocast:
                 t_calls.calls = {}
                 teacher(x, observers=t_calls.observers)
-            s_loss.terms, s_loss.counts = [], t_calls.counts(L, E, device)
+            s_loss.terms, s_loss.counts = [], t_calls.counts(L, E, device, idle=not len(mine))
+            if joins:
+                joins.terms = []
             with autocast:
                 logits = student(x)
                 ce = mm.next_token_nll(logits, x)
                 l_exp = torch.stack(s_loss.terms).sum()  # one term per (layer, expert) the teacher routed to
-            ce_all = distributed.all_sum(ce.detach().clone()) / W  # equal windows per rank: the global mean
+                if not len(mine):
+                    l_exp = l_exp * 0  # an idle rank's stand-in adds nothing
+            ce_all = distributed.all_sum(ce.detach() * share)  # the global micro-batch's mean, weighted by windows
             exp_all = distributed.all_sum(l_exp.detach().clone())
             starts_step = (n - 1) % cfg.grad_accum == 0
             if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):
                 lam = kd_lambda(ce_all, exp_all) if cfg.loss == "eq10" else 0.0  # on the first batch
+            ce = ce * (W * share)  # exactly ce where every rank has an equal share
             loss = {"eq10": ce + lam * W * l_exp, "ce": ce, "mse": W * l_exp}[cfg.loss] / cfg.grad_accum
+            if joins and joins.terms:
+                loss = loss + sum(joins.terms)  # zeros: the same experts get a gradient on every rank
             if not torch.isfinite(loss):
                 raise data.DataError(f"non-finite loss at step {step} (CE {ce_all.item():.4g}, expert MSE "
                                      f"{exp_all.item():.4g}, lambda {lam:.4g}); nothing was written")
@@ -283,6 +333,8 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
                        "expert_mse": sum(h["expert_mse"] for h in done) / steps_per_epoch})
         log(f"epoch {epoch + 1}: mean CE {epochs[-1]['ce']:.4f}, mean expert MSE {epochs[-1]['expert_mse']:.5f}")
     s_loss.remove()
+    if joins:
+        joins.remove()
     return student.eval(), {"lambda": lam, "epochs": epochs, "steps": history, "optimizer_steps": step}
 
 
@@ -369,7 +421,7 @@ def check_pair(teacher_dir, student_dir):
     return s
 
 
-def load_sharded(path: str, device, cuda: bool) -> mm.Mixtral:
+def load_sharded(path: str, device: torch.device) -> mm.Mixtral:
     """Under torchrun: the model built on the meta device, sharded with FSDP2, and each rank's
     shards filled from the checkpoint one tensor at a time (no rank holds the whole model)."""
     reader = CheckpointReader(path)
@@ -377,7 +429,7 @@ def load_sharded(path: str, device, cuda: bool) -> mm.Mixtral:
         raise data.DataError(f"{path}: tied embeddings are not supported under torchrun")
     with torch.device("meta"):
         model = mm.Mixtral(reader.config)
-    distributed.shard_model(model, cuda)
+    distributed.shard_model(model, device)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -422,7 +474,7 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
         torch.manual_seed(cfg.seed)
         t0 = time.time()
         if mode == "full":
-            load = (lambda p: load_sharded(p, device, device.type == "cuda")) if distributed.active() else \
+            load = (lambda p: load_sharded(p, device)) if distributed.active() else \
                 (lambda p: load_model(p, torch.float32, device))
             teacher, student = load(teacher_dir).requires_grad_(False), load(student_dir)
             masks = zero_masks(student, pruned)

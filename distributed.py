@@ -21,8 +21,11 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+import cli
 
 
 def active() -> bool:
@@ -46,7 +49,10 @@ def init(device: str) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
         return device
     if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= visible:
+            raise cli.UserError(f"LOCAL_RANK {local}, but torch sees {visible} CUDA device(s) on this node: start at "
+                               f"most {visible} processes per node (torchrun --nproc_per_node) or use --device cpu")
         torch.cuda.set_device(local)
         # nccl reduces only CUDA tensors: the small CPU sums (token counts, error totals) go through gloo
         dist.init_process_group("cpu:gloo,cuda:nccl")
@@ -88,13 +94,22 @@ def share(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor_split(x, world())[rank()] if active() else x
 
 
-def shard_model(model: torch.nn.Module, cuda: bool) -> torch.nn.Module:
-    """FSDP2: every decoder layer, then the root; bf16 compute with float32 gradient reduction on CUDA."""
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over every rank on `device`'s type (the mesh follows --device, not the accelerator
+    torch happens to see): every decoder layer, then the root; bf16 compute with float32 gradient
+    reduction on CUDA."""
+    cuda = device.type == "cuda"
+    mesh = init_device_mesh(device.type, (world(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def sharded(t: torch.Tensor) -> bool:
+    """Whether t is an FSDP2 shard (each rank holds a part of it)."""
+    return isinstance(t, DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,20 @@ def write_output_file(path: str, text, overwrite: bool = False):
             os.remove(tmp)
 
 
+class GrowingFile:
+    """A results file saved again after each step of a long run, so that a run stopped by a time
+    limit keeps every figure measured before it. The first save follows the rule of every output
+    (checked before any work, as check_output_file); later ones replace only this run's own file."""
+
+    def __init__(self, path: str, overwrite: bool = False, inputs=()):
+        check_output_file(path, overwrite, inputs)
+        self.path, self.overwrite = path, overwrite
+
+    def save(self, obj):
+        write_output_file(self.path, json_text(obj), self.overwrite)
+        self.overwrite = True  # from now on the file is this run's own
+
+
 def umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -13,10 +13,11 @@ script makes that concrete for a checkpoint pruned with `prune.py --nm 2:4`:
   3. report storage: compressed against dense bytes per matrix and for the model. In fp16/bf16
      a matrix keeps half its values plus 4 bits of metadata per group of 4, i.e. 16-bit values
      x 1/2 + 4 bits / 4 = 9 bits per weight: 9/16 = 56.25% of dense;
-  4. on CUDA (sm80+), run the model with semi-structured expert weights through
-     torch.sparse.to_sparse_semi_structured's backends, chosen explicitly (CUTLASS or
-     cuSPARSELt: torch's default between them changed across versions), and compare its logits
-     with the masked dense model.
+  4. on CUDA, run the model with semi-structured expert weights through one of torch.sparse's two
+     backends and compare its logits with the masked dense model. The backend follows the GPU
+     (`choose_backend`): torch builds its CUTLASS semi-structured kernels for compute capability
+     8.x only, cuSPARSELt runs on 8.x, 9.0 (H100/H200) and newer; --backend auto takes
+     cuSPARSELt where torch has it, CUTLASS on 8.x without it.
 
 Which matrices: the expert matrices (and attention with --include-attention, for checkpoints
 pruned with --prune-attention). A matrix is converted only if it is fp16/bf16 (fp32 does not
@@ -37,6 +38,8 @@ import argparse
 
 import cli
 
+BACKENDS = ("auto", "cutlass", "cusparselt")
+
 
 # -----------------------------------------------------------------------------
 # The command line, first: --help and usage errors are answered before torch loads (cli.py)
@@ -54,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check and convert q/k/v/o (for checkpoints pruned with --prune-attention)")
     p.add_argument("--run", action="store_true", help="run the model with semi-structured weights on CUDA and "
                                                       "compare its logits with the dense masked model")
-    p.add_argument("--backend", default="cutlass", choices=["cutlass", "cusparselt"],
-                   help="torch's semi-structured backend for --run (explicit: torch's default changed across versions)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="torch's semi-structured kernels for --run: auto (default) takes cuSPARSELt where this "
+                        "torch has it, else CUTLASS, which torch builds for compute capability 8.x only")
     p.add_argument("--save", help="also write the checkpoint with its 2:4 matrices stored compressed (kept values + "
                                   "metadata, ~56%% of their dense bytes) to this folder; load it with "
                                   "sparse24.load_compressed")
@@ -209,15 +213,20 @@ def compressed_layout(config: MixtralConfig) -> dict:
     return layout
 
 
-def load_compressed(path: str, device="cpu") -> mm.Mixtral:
-    """A compressed checkpoint as a model. On CPU every compressed matrix is decompressed, bitwise
-    the dense 2:4 matrix it was made from; on CUDA it becomes a SparseSemiStructuredTensorCUTLASS
-    straight from the stored values and metadata, with no dense copy."""
+def load_compressed(path: str, device="cpu", backend: str = "auto") -> mm.Mixtral:
+    """A compressed checkpoint as a model, every weight in the compressed matrices' dtype (one
+    compute dtype, whatever the other tensors are stored in). On CPU every compressed matrix is
+    decompressed, bitwise the dense 2:4 matrix it was made from. On CUDA it becomes a semi-
+    structured tensor of the backend gpu_backend chooses: CUTLASS's straight from the stored values
+    and metadata (its own layout, no dense copy), cuSPARSELt's from the matrix decompressed on the
+    GPU (cuSPARSELt keeps another layout)."""
+    backend = gpu_backend(backend, device) if torch.device(device).type == "cuda" else None
     config = read_config(path)
     if not config.extra.get("sparse_format"):
         raise SparsityError(f"{path} has no sparse_format in config.json: not a compressed checkpoint")
     reader = CheckpointReader(path, layout=compressed_layout(config))
     compressed = set(config.extra["sparse_format"]["compressed"])
+    dtype = DTYPES[config.extra["sparse_format"]["dtype"]]
     with torch.device("meta"):
         model = mm.Mixtral(config)
     model = model.to_empty(device=device)
@@ -227,15 +236,18 @@ def load_compressed(path: str, device="cpu") -> mm.Mixtral:
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue
             if name not in compressed:
-                p.data = reader.get(name, device=device)
+                p.data = reader.get(name, dtype, device)
                 continue
             packed, meta = reader.get(name + PACKED, device=device), reader.get(name + META, device=device)
-            if torch.device(device).type == "cuda":
+            if backend == "cutlass":
                 w = SparseSemiStructuredTensorCUTLASS(p.shape, packed=packed, meta=meta, packed_t=None, meta_t=None,
                                                       compressed_swizzled_bitmask=None)
-                modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(w, requires_grad=False)
+            elif backend == "cusparselt":
+                w = SparseSemiStructuredTensorCUSPARSELT.from_dense(decompress(packed, meta))
             else:
                 p.data = decompress(packed, meta)
+                continue
+            modules[name.rsplit(".", 1)[0]].weight = torch.nn.Parameter(w, requires_grad=False)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
@@ -247,35 +259,54 @@ def load_compressed(path: str, device="cpu") -> mm.Mixtral:
 
 def require_cuda():
     if not torch.cuda.is_available():
-        raise SparsityError("semi-structured sparse kernels need a CUDA GPU (sm80 or newer); none is available")
-    major, minor = torch.cuda.get_device_capability()
+        raise SparsityError("semi-structured sparse kernels need a CUDA GPU (compute capability 8.0 or newer); "
+                            "none is available")
+
+
+def choose_backend(requested: str, capability: tuple, has_cusparselt: bool) -> str:
+    """The semi-structured backend for a GPU of compute capability (major, minor): 'cutlass' or
+    'cusparselt'. torch builds its CUTLASS 2:4 kernels for 8.x only (A100, A10, L4, ...);
+    cuSPARSELt, where this torch build has it, runs on 8.x, 9.0 (H100/H200) and newer. 'auto'
+    takes cuSPARSELt when it is there, else CUTLASS on 8.x; anything that cannot run is refused."""
+    major, minor = capability
     if major < 8:
-        raise SparsityError(f"semi-structured sparse kernels need sm80 or newer; this GPU is sm{major}{minor}")
+        raise SparsityError(f"semi-structured sparse kernels need compute capability 8.0 or newer; this GPU is "
+                            f"{major}.{minor}")
+    if requested == "cusparselt" or (requested == "auto" and has_cusparselt):
+        if not has_cusparselt:
+            raise SparsityError("cuSPARSELt is not available in this torch build; use --backend auto or cutlass")
+        return "cusparselt"
+    if requested not in ("auto", "cutlass"):
+        raise SparsityError(f"unknown backend {requested!r}; choose {', '.join(BACKENDS)}")
+    if major != 8:
+        raise SparsityError(f"{'--backend cutlass' if requested == 'cutlass' else 'no 2:4 backend'}: torch's CUTLASS "
+                            f"semi-structured kernels run on compute capability 8.x only and this GPU is "
+                            f"{major}.{minor}" + ("" if has_cusparselt else "; this torch build has no cuSPARSELt"))
+    return "cutlass"
 
 
-def backend_class(backend: str):
-    """The SparseSemiStructuredTensor subclass of a backend, chosen explicitly."""
-    if backend == "cusparselt":
-        if not torch.backends.cusparselt.is_available():
-            raise SparsityError("cuSPARSELt is not available in this torch build; use --backend cutlass")
-        return SparseSemiStructuredTensorCUSPARSELT
-    if backend == "cutlass":
-        return SparseSemiStructuredTensorCUTLASS
-    raise SparsityError(f"unknown backend {backend!r}; choose cutlass or cusparselt")
+def gpu_backend(requested: str, device="cuda") -> str:
+    """choose_backend for the GPU `device` names and this torch build."""
+    require_cuda()
+    return choose_backend(requested, torch.cuda.get_device_capability(device),
+                          torch.backends.cusparselt.is_available())
+
+
+BACKEND_CLASSES = {"cutlass": SparseSemiStructuredTensorCUTLASS, "cusparselt": SparseSemiStructuredTensorCUSPARSELT}
 
 
 def to_semi_structured(w: torch.Tensor, backend: str):
-    require_cuda()
+    """w (2:4, on a GPU) as a semi-structured tensor of the backend gpu_backend chose."""
     reason = convertible(w)
     if reason:
         raise SparsityError(f"cannot convert a matrix of {reason}")
-    return backend_class(backend).from_dense(w)
+    return BACKEND_CLASSES[backend].from_dense(w)
 
 
 def sparsify_experts(model: mm.Mixtral, backend: str, include_attention=False):
-    """Swap every convertible pruned matrix's weight for a semi-structured tensor (in place);
-    F.linear then dispatches to the sparse kernel. Returns the names left dense and why."""
-    require_cuda()
+    """Swap every convertible pruned matrix's weight for a semi-structured tensor of `backend`
+    ('cutlass' or 'cusparselt', as gpu_backend chose) in place; F.linear then dispatches to the
+    sparse kernel. Returns the names left dense and why."""
     kept = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (".experts." in name or (include_attention and "self_attn." in name)):
@@ -292,7 +323,6 @@ def sparsify_experts(model: mm.Mixtral, backend: str, include_attention=False):
 @torch.no_grad()
 def compare_logits(model_dir, backend, dtype, windows, include_attention=False):
     """Max |logits difference| between the masked dense model and the semi-structured one."""
-    require_cuda()
     dense = load_model(model_dir, dtype, "cuda")
     ref = dense(windows.cuda()).float()
     kept = sparsify_experts(dense, backend, include_attention)
@@ -305,8 +335,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     with cli.errors(SparsityError):
-        if args.run:
-            require_cuda()  # before any work
+        backend = gpu_backend(args.backend) if args.run else None  # before any work
         inputs = [args.model or data.default_model_dir(), args.prune_from]
         if args.json:
             check_output_file(args.json, args.overwrite, inputs)
@@ -343,9 +372,9 @@ def main(argv=None):
             cfg = read_config(model_dir)
             ids = data.encode(data.load_tokenizer(model_dir), data.stdlib_text("eval"))
             windows = data.sample_windows(data.eval_windows(ids, min(512, cfg.max_position_embeddings)), 4)[0]
-            run = compare_logits(model_dir, args.backend, dtype or torch.float16, windows, args.include_attention)
-            report["run"] = {"backend": args.backend, "gpu": torch.cuda.get_device_name(), **run}
-            print(f"{args.backend} on {report['run']['gpu']}: max |logit difference| {run['max_abs_diff']:.4g} "
+            run = compare_logits(model_dir, backend, DTYPES[m["dtype"]], windows, args.include_attention)
+            report["run"] = {"backend": backend, "gpu": torch.cuda.get_device_name(), **run}
+            print(f"{backend} on {report['run']['gpu']}: max |logit difference| {run['max_abs_diff']:.4g} "
                   f"(max |logit| {run['max_abs_logit']:.3g})")
         if args.json:
             write_output_file(args.json, json_text(report), args.overwrite)

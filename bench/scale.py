@@ -16,7 +16,8 @@ One run, side by side:
      with its arithmetic printed: per-layer forward time scales with the calibration tokens,
      scoring does not; memory is one layer plus the activations.
 
-The checkpoint is deleted at the end (--keep keeps it). Needs ~3.3 GB of disk a layer and says
+--json is saved after the rates and after each run, so a run stopped by a time limit keeps what it
+measured. The checkpoint is deleted at the end (--keep keeps it). Needs ~3.3 GB of disk a layer and says
 so in one line when the disk lacks it. Never run in CI: it takes tens of minutes and up to
 ~20 GB of memory at the default calibration size.
 
@@ -73,7 +74,7 @@ import torch.nn.functional as F
 import data
 import prune
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes, load_layer
-from outputs import check_output_file, json_text, write_output_file
+from outputs import GrowingFile
 from layerwise import embed_windows, run_layer
 from mini_mixtral import MixtralConfig
 from progress import Laps, machine, process_memory
@@ -106,7 +107,7 @@ def write_checkpoint(path: str, config: MixtralConfig, max_shard_bytes: int = 5 
 def timed(fns: list, repeats: int, device: str = "cpu") -> list:
     """The fastest of repeats runs of each of fns, after one warm-up, the functions taking turns
     so that a load that comes and goes on the machine falls on all of them alike."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)  # the GPU measured
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
@@ -221,8 +222,7 @@ def machine_rates(config: MixtralConfig, nsamples: int, seqlen: int, repeats: in
 def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, bf16_tokens: int = None,
           batch_size: int = 4, repeats: int = 3, folder: str = None, keep: bool = False, json_path: str = None,
           device: str = "cpu", overwrite: bool = False) -> dict:
-    if json_path:
-        check_output_file(json_path, overwrite)  # before any work
+    out = GrowingFile(json_path, overwrite) if json_path else None  # checked before any work, saved after each run
     config = full_width_config(layers)
     need = checkpoint_bytes(config) * 1.1
     work = folder or tempfile.mkdtemp(prefix="bench-scale-")
@@ -246,6 +246,8 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
 
     results = {"rates": rates, "runs": {}, "device": device, "machine": machine(), "layers": layers,
                "checkpoint_gib": size / GiB, "threads": threads}
+    save = out.save if out else (lambda results: None)
+    save(results)
     rng = np.random.default_rng(0)
     try:
         for dtype in dtypes:
@@ -264,14 +266,13 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
                 run["projection"] = projection(run, config, run["tokens"])
                 run["dtype"] = dtype
                 results["runs"][f"{method}/{dtype}"] = run
+                save(results)
                 report(method, dtype, run, config)
     finally:
         if not keep:
             shutil.rmtree(model, ignore_errors=True)
             if not folder:
                 shutil.rmtree(work, ignore_errors=True)
-    if json_path:
-        write_output_file(json_path, json_text(results), overwrite)
     return results
 
 

@@ -1,14 +1,15 @@
 """
 When does 2:4 sparsity pay off? Dense vs semi-structured matmul at Mixtral-8x7B's expert shapes.
 
-For each backend torch offers (CUTLASS, and cuSPARSELt when built in), times F.linear with a
+For each backend that runs on this GPU (sparse24.choose_backend: cuSPARSELt where torch has it,
+CUTLASS on compute capability 8.x only), times F.linear with a
 dense fp16 weight against the same weight as a semi-structured sparse tensor, at the two expert
 shapes of Mixtral-8x7B (w1/w3: [14336, 4096]; w2: [4096, 14336]) for token counts 1..4096, then
 one whole MoE block (8 experts, top-2) with dense vs semi-structured experts. Prints markdown
 tables of times and speed-ups, measured side by side in one run (CUDA events, median of
 --iters after warm-up).
 
-CUDA only (sm80+): on any other machine it says so in one line and exits 0.
+CUDA only (compute capability 8.0+): on any other machine it says so in one line and exits 0.
 
     python -m bench.sparse24_kernels
     python -m bench.sparse24_kernels --dtype bfloat16 --tokens 1,64,512,4096
@@ -82,11 +83,22 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def usable_backends() -> list:
+    """Every semi-structured backend sparse24's chooser accepts on this GPU."""
+    usable = []
+    for b in ("cutlass", "cusparselt"):
+        try:
+            usable.append(sparse24.gpu_backend(b))
+        except sparse24.SparsityError:
+            pass
+    return usable
+
+
 def bench(dtype_name: str, tokens: list, iters: int, moe_tokens: list) -> dict:
     """Every measurement, as markdown() prints it."""
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
-    backends = ["cutlass"] + (["cusparselt"] if torch.backends.cusparselt.is_available() else [])
+    backends = usable_backends()
     results = {"machine": machine(), "dtype": dtype_name, "iters": iters, "backends": backends, "matrices": [],
                "moe": []}
     shapes = {"w1/w3 [14336, 4096]": (14336, 4096), "w2 [4096, 14336]": (4096, 14336)}
@@ -139,7 +151,7 @@ def main(argv=None):
         if args.json:
             check_output_file(args.json, args.overwrite)
         try:
-            sparse24.require_cuda()
+            sparse24.gpu_backend("auto")  # some backend runs here, or the reason none does
         except sparse24.SparsityError as e:
             print(f"bench.sparse24_kernels: {e}; nothing measured")
             return 0

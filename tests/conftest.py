@@ -1,4 +1,5 @@
-"""Shared test helpers: small random checkpoints written in the exact official layout."""
+"""Shared test helpers: small random checkpoints written in the exact official layout, the
+tolerance of float32 sums, and the CPU for every test but tests/test_devices.py."""
 
 import itertools
 import os
@@ -20,6 +21,30 @@ SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_la
              rope_theta=10000.0, torch_dtype="float32")
 
 TEXT = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # line {i}" for i in range(400))
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(request, monkeypatch):
+    """Every test outside tests/test_devices.py runs on the CPU, on any host: torch.cuda.is_available()
+    reads False for it, so every --device left at its default ('auto') means cpu, as in CI. The
+    scripts a test starts in another process name --device themselves (test_vocabulary checks)."""
+    if os.path.basename(str(request.path)) != "test_devices.py":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+U32 = 2.0 ** -24  # float32's unit roundoff
+
+
+def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, terms: int, what: str = ""):
+    """actual and expected: one float32 computation whose sums ran in other orders (another torch
+    build, thread count or split over ranks). A float32 sum of n terms is off by at most n x u
+    (u = 2^-24) times the sum of its terms' magnitudes, in any order (Higham's gamma_n); an element
+    near zero is a cancellation of larger terms, so the bound is taken relative to the tensor's
+    largest |value|, with n the widest sum along the computation. Elementwise relative tolerances
+    hold for one build's bits only."""
+    bound = terms * U32 * expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    assert diff <= bound, f"{what}: max |difference| {diff:.3g} > {terms} x 2^-24 x max |expected| = {bound:.3g}"
 
 
 def small_config(**overrides) -> mm.MixtralConfig:

@@ -1,6 +1,7 @@
 """bench/scale.py's checkpoint writer and arithmetic, without writing 6 GB: the same code at a scaled config."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -69,3 +70,18 @@ def test_a_run_reports_its_layer_against_a_forward_that_measures_nothing(tmp_pat
                "rates": {"float32": {"gemm_gflops": 50.0}}}
     table = bench_scale.markdown(results)
     assert "| moe-pruner | float32 | 256 |" in table and f"| {run['layer0_ratio']:.3f} |" in table
+
+
+def test_the_json_is_saved_after_each_run(tmp_path, monkeypatch):
+    """bench() at a small width: --json holds the rates before the first run and each run as soon as
+    it ends, so a run stopped by a time limit (bench.gpu_check's) keeps what it measured."""
+    monkeypatch.setattr(bench_scale, "full_width_config", lambda layers: dataclasses.replace(
+        small_config(num_hidden_layers=layers), torch_dtype="bfloat16"))
+    out = tmp_path / "scale.json"
+    saved, save = [], bench_scale.GrowingFile.save
+    monkeypatch.setattr(bench_scale.GrowingFile, "save", lambda self, obj: (saved.append(
+        json.loads(json.dumps(obj))), save(self, obj)))
+    res = bench_scale.bench(1, 2, 16, ["moe-pruner", "magnitude"], ["float32"], repeats=1, folder=str(tmp_path / "w"),
+                            json_path=str(out))
+    assert [list(s["runs"]) for s in saved] == [[], ["moe-pruner/float32"], ["moe-pruner/float32", "magnitude/float32"]]
+    assert json.load(open(out)) == json.loads(json.dumps(res)) and "float32" in saved[0]["rates"]

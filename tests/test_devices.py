@@ -91,7 +91,7 @@ def test_expert_prune_creates_no_tensor_off_its_data(tmp_path, files, case):
     ckpt, text = files
     with torch.device("meta"), MetaMeetsReal():
         expert_prune.main(["--model", ckpt, *EXPERT_CASES[case], "--calib-data", text, "--nsamples", "4",
-                           "--seqlen", "32", "--out", str(tmp_path / "out")])
+                           "--seqlen", "32", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert os.path.isfile(tmp_path / "out" / "config.json")
 
 
@@ -102,8 +102,10 @@ def test_distill_and_eval_create_no_tensor_off_their_data(tmp_path, files, mode)
     prune.main(prune_argv(ckpt, text, student, "--method", "moe-pruner"))
     with torch.device("meta"), MetaMeetsReal():
         distill.main(["--teacher", ckpt, "--student", student, "--calib-data", text, "--out", str(tmp_path / "kd"),
-                      "--mode", mode, "--nsamples", "8", "--seqlen", "32", "--epochs", "1", "--batch-size", "4"])
-        res = eval_ppl.main(["--model", str(tmp_path / "kd"), "--eval-data", text, "--seqlen", "32", "--router-stats"])
+                      "--mode", mode, "--nsamples", "8", "--seqlen", "32", "--epochs", "1", "--batch-size", "4",
+                      "--device", "cpu"])
+        res = eval_ppl.main(["--model", str(tmp_path / "kd"), "--eval-data", text, "--seqlen", "32", "--router-stats",
+                             "--device", "cpu"])
     assert 1 < res[0]["ppl"] < 1e4
 
 
@@ -142,6 +144,18 @@ def test_prune_on_cuda_matches_the_cpu(tmp_path, files, case):
         assert json.load(open(tmp_path / d / "prune_report.json"))["args"]["device"] == d
 
 
+def same_numbers(a, b, rel=1e-4) -> bool:
+    """a == b, but floats (NAEE's skipping betas, CD-MoE's weights: sums in another order on a GPU)
+    within rel of each other."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == pytest.approx(b, rel=rel, abs=1e-6)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_numbers(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_numbers(x, y, rel) for x, y in zip(a, b))
+    return a == b
+
+
 @needs_cuda
 @pytest.mark.parametrize("case", EXPERT_CASES)
 def test_expert_prune_on_cuda_matches_the_cpu(tmp_path, files, case):
@@ -149,8 +163,11 @@ def test_expert_prune_on_cuda_matches_the_cpu(tmp_path, files, case):
     reps = {d: expert_prune.main(["--model", ckpt, *EXPERT_CASES[case], "--calib-data", text, "--nsamples", "4",
                                   "--seqlen", "32", "--device", d, "--out", str(tmp_path / d)]) for d in ("cpu", "cuda")}
     cpu, gpu = weights(tmp_path / "cpu"), weights(tmp_path / "cuda")
-    assert cpu.keys() == gpu.keys() and all(torch.equal(cpu[k], gpu[k]) for k in cpu)  # the same experts kept
-    assert json.load(open(tmp_path / "cpu" / "config.json")) == json.load(open(tmp_path / "cuda" / "config.json"))
+    assert cpu.keys() == gpu.keys()
+    for k in cpu:  # the same experts kept; CD-MoE's condensed experts are trained, so GPU float order shows
+        assert torch.equal(cpu[k], gpu[k]) if case != "cd-moe" else \
+            (cpu[k] - gpu[k]).abs().max() <= 1e-3 * cpu[k].abs().max(), k
+    assert same_numbers(json.load(open(tmp_path / "cpu" / "config.json")), json.load(open(tmp_path / "cuda" / "config.json")))
     assert reps["cpu"].keys() == reps["cuda"].keys()
 
 
@@ -172,21 +189,26 @@ def test_distill_and_eval_on_cuda_match_the_cpu(tmp_path, files):
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
-def test_sparse24_runs_its_kernels_and_agrees_with_the_dense_model(tmp_path, files, backend):
-    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
-        pytest.skip("this torch build has no cuSPARSELt")
+@pytest.mark.parametrize("backend", ["auto", "cutlass", "cusparselt"])
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_sparse24_runs_its_kernels_and_agrees_with_the_dense_model(tmp_path, files, backend, stored):
+    try:
+        chosen = sparse24.gpu_backend(backend)
+    except sparse24.SparsityError as e:
+        pytest.skip(f"--backend {backend} does not run here: {e}")
     ckpt = write_checkpoint(tmp_path / "wide", hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                            num_key_value_heads=2)
+                            num_key_value_heads=2, dtype=stored)  # half precision, as the kernels take it
     text = files[1]
     pruned = str(tmp_path / "24")
     prune.main(prune_argv(ckpt, text, pruned, "--method", "moe-pruner", "--nm", "2:4", device="cuda"))
     report = sparse24.main(["--model", pruned, "--run", "--backend", backend, "--save", str(tmp_path / "packed")])
-    assert report["model"]["converted_matrices"] > 0
-    assert report["run"]["max_abs_diff"] <= 2e-2 * max(1.0, report["run"]["max_abs_logit"])
-    dense = checkpoint.load_model(pruned, torch.float16, "cuda")
-    packed = sparse24.load_compressed(str(tmp_path / "packed"), "cuda")
+    assert report["model"]["converted_matrices"] > 0 and report["model"]["dtype"] == str(stored).replace("torch.", "")
+    assert report["run"]["backend"] == chosen
+    tol = 16 * torch.finfo(stored).eps  # the two kernels round their half-precision sums apart, layer after layer
+    assert report["run"]["max_abs_diff"] <= tol * max(1.0, report["run"]["max_abs_logit"])
+    dense = checkpoint.load_model(pruned, stored, "cuda")
+    packed = sparse24.load_compressed(str(tmp_path / "packed"), "cuda", backend)
     tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
-        ref, out = dense(tokens).float(), packed(tokens).float()  # the stored values and metadata straight to CUTLASS
-    assert (out - ref).abs().max().item() <= 2e-2 * max(1.0, ref.abs().max().item())
+        ref, out = dense(tokens).float(), packed(tokens).float()  # the stored values and metadata, on the kernels
+    assert (out - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())

@@ -70,12 +70,13 @@ def unchanged(w):
 
 
 def prune_argv(w, out, *more):
-    return ["--model", w["ckpt"], "--method", "wanda", "--calib-data", w["text"], *CALIB, "--out", str(out), *more]
+    return ["--model", w["ckpt"], "--method", "wanda", "--calib-data", w["text"], *CALIB, "--device", "cpu",
+            "--out", str(out), *more]
 
 
 def distill_argv(w, out, *more, student=None):
     return ["--teacher", w["ckpt"], "--student", student or w["student"], "--calib-data", w["text"], "--samples", "4",
-            "--seqlen", "16", "--epochs", "1", "--out", str(out), *more]
+            "--seqlen", "16", "--epochs", "1", "--device", "cpu", "--out", str(out), *more]
 
 
 # --- one-line errors caught before any work: (script, argv, message), nothing written ----------
@@ -432,7 +433,7 @@ def run_script(script, argv, **kw):
 def slow_prune(w, out, *more):
     """A run long enough to be caught in the act (a few seconds)."""
     return ["--model", w["ckpt"], "--method", "sparsegpt", "--calib-data", w["text"], "--nsamples", "48",
-            "--seqlen", "64", "--batch-size", "1", "--out", str(out), *more]
+            "--seqlen", "64", "--batch-size", "1", "--device", "cpu", "--out", str(out), *more]
 
 
 def wait_for_temp(folder, proc, timeout=60):

@@ -59,14 +59,67 @@ def test_unsupported_shapes_and_dtypes_are_clear_errors(shape, dtype, why):
         sparse24.compress(w)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_cuda_paths_fail_clearly_without_cuda(tmp_path, ckpt, capsys):
     with pytest.raises(sparse24.SparsityError, match="need a CUDA GPU"):
-        sparse24.to_semi_structured(random_24(32, 64, torch.float16, 0), "cutlass")
+        sparse24.gpu_backend("auto")
     from bench import sparse24_kernels
     assert sparse24_kernels.main([]) == 0  # the benchmark says so in one line and exits 0
-    assert script_error(capsys, sparse24.main, ["--model", ckpt, "--run"]) == ("error: semi-structured sparse kernels need a CUDA GPU (sm80 or newer); "
-                                 "none is available")
+    assert script_error(capsys, sparse24.main, ["--model", ckpt, "--run"]) == (
+        "error: semi-structured sparse kernels need a CUDA GPU (compute capability 8.0 or newer); none is available")
+
+
+@pytest.mark.parametrize("capability, cusparselt, requested, chosen", [
+    ((8, 0), True, "auto", "cusparselt"), ((8, 0), False, "auto", "cutlass"), ((8, 6), True, "cutlass", "cutlass"),
+    ((8, 9), False, "cutlass", "cutlass"), ((8, 9), True, "cusparselt", "cusparselt"),
+    ((9, 0), True, "auto", "cusparselt"), ((10, 0), True, "auto", "cusparselt"), ((12, 0), True, "auto", "cusparselt"),
+    ((9, 0), True, "cutlass", "error: --backend cutlass: torch's CUTLASS semi-structured kernels run on compute "
+                              "capability 8.x only and this GPU is 9.0"),
+    ((10, 0), True, "cutlass", "error: --backend cutlass: torch's CUTLASS semi-structured kernels run on compute "
+                               "capability 8.x only and this GPU is 10.0"),
+    ((9, 0), False, "auto", "error: no 2:4 backend: torch's CUTLASS semi-structured kernels run on compute "
+                            "capability 8.x only and this GPU is 9.0; this torch build has no cuSPARSELt"),
+    ((12, 0), False, "cusparselt", "error: cuSPARSELt is not available in this torch build; use --backend auto or "
+                                   "cutlass"),
+    ((7, 5), True, "auto", "error: semi-structured sparse kernels need compute capability 8.0 or newer; this GPU is "
+                           "7.5"),
+])
+def test_the_backend_follows_the_gpu(monkeypatch, tmp_path, ckpt, capsys, capability, cusparselt, requested, chosen):
+    """gpu_backend, with torch's CUDA queries replaced: the backend --run, load_compressed and the
+    kernel benchmark use, or the one line that says why none runs (before any work)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
+    if not chosen.startswith("error: "):
+        assert sparse24.gpu_backend(requested) == chosen
+        return
+    with pytest.raises(sparse24.SparsityError):
+        sparse24.gpu_backend(requested)
+    json_out = tmp_path / "report.json"
+    assert script_error(capsys, sparse24.main, ["--model", ckpt, "--run", "--backend", requested,
+                                                "--json", str(json_out)]) == chosen
+    assert not json_out.exists()
+    with pytest.raises(sparse24.SparsityError, match="^" + chosen[len("error: "):].replace(".", r"\.") + "$"):
+        sparse24.load_compressed(ckpt, "cuda", requested)  # refused before the checkpoint is read
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_compressed_checkpoint_runs_its_forward_whatever_its_stored_dtype(tmp_path, text_file, stored):
+    """load_compressed computes in the compressed matrices' dtype throughout (a float32-stored
+    checkpoint compresses to float16, its other tensors follow): the forward runs and its logits
+    are the dense 2:4 model's in that dtype, bitwise (the same matrices, the same kernels)."""
+    ck = write_checkpoint(tmp_path / "ck", intermediate_size=128, dtype=stored)
+    pruned, packed = str(tmp_path / "w24"), str(tmp_path / "packed")
+    prune.main(["--model", ck, "--method", "wanda", "--nm", "2:4", "--out", pruned, "--calib-data", text_file,
+                "--nsamples", "2", "--seqlen", "16", "--device", "cpu"])
+    rep = sparse24.save_compressed(pruned, packed)
+    compute = torch.bfloat16 if stored == torch.bfloat16 else torch.float16
+    assert rep["model"]["dtype"] == str(compute).replace("torch.", "") and rep["model"]["converted_matrices"] == 24
+    model = sparse24.load_compressed(packed)
+    assert {p.dtype for p in model.parameters()} == {compute}
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, dense = model(tokens), checkpoint.load_model(pruned, compute)(tokens)
+    assert logits.dtype == compute and torch.isfinite(logits).all() and torch.equal(logits, dense)
 
 
 def test_cli_on_a_pruned_checkpoint(tmp_path, text_file, capsys):
@@ -191,8 +244,11 @@ def test_the_storage_report_and_summary_name_every_matrix_and_every_byte(tmp_pat
     fmt = json.load(open(os.path.join(packed, "config.json")))["sparse_format"]
     assert fmt["compressed"] == sorted(n for n in rep["matrices"] if n not in kept)  # the kept-dense stay as they were
     a, b = checkpoint.load_model(pruned).state_dict(), sparse24.load_compressed(packed).state_dict()
-    for n, p in a.items():  # compressed: bfloat16's values, bitwise; everything else as stored
-        assert torch.equal(b[n].float(), p.to(torch.bfloat16).float() if n in fmt["compressed"] else p), n
+    stored = checkpoint.CheckpointReader(packed, layout=sparse24.compressed_layout(checkpoint.read_config(packed)))
+    for n, p in a.items():  # loaded: every tensor in bfloat16, the compressed ones bitwise; on disk the others as stored
+        assert b[n].dtype == torch.bfloat16 and torch.equal(b[n], p.to(torch.bfloat16)), n
+        if n not in fmt["compressed"]:
+            assert torch.equal(stored.get(n), p), n
     assert "exists" in script_error(capsys, sparse24.main, argv)
     assert sparse24.main([*argv, "--overwrite"]) == rep  # both replaced when asked
     assert script_error(capsys, sparse24.main, ["--prune-from", ck]) == "error: --prune-from needs --out"

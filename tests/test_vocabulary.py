@@ -2,6 +2,9 @@
 former spellings only as aliases of the current ones."""
 
 import argparse
+import ast
+import glob
+import os
 import re
 import subprocess
 import sys
@@ -157,3 +160,67 @@ def test_readmes_table_of_flags_is_true():
 def test_help_opens_with_the_scripts_docstring(name):
     p = parser_of(SCRIPTS[name])  # built here, not at collection: a test's own calls are what mutmut maps
     assert p.description == SCRIPTS[name].__doc__ and SCRIPTS[name].__doc__.strip()
+
+
+LAUNCHERS = {"torchrun", "single", "run_script", "as_nobody"}  # the tests' helpers that start a script's process
+DEVICE_SCRIPTS = ("prune.py", "distill.py", "expert_prune.py", "eval_ppl.py", "zeroshot.py")  # scripts with --device
+
+
+def launches(tree: ast.Module, source: str):
+    """(line, the source a launch's argv is built from) for every script a test file starts in
+    another process: a call of a launcher helper, or a shell command naming a script with --device.
+    The argv's source is the call itself, the assignments in its function of the names it uses and
+    the module's functions it calls (an argv built by a helper such as prune_argv)."""
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    definitions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in LAUNCHERS] + [
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Lambda)
+        and any(isinstance(t, ast.Name) and t.id in LAUNCHERS for t in n.targets)]
+    inside = {id(n) for d in definitions for n in ast.walk(d)}  # a launcher's own body starts what it is given
+    seen = set()
+    for scope in ast.walk(tree):
+        if not isinstance(scope, ast.FunctionDef):
+            continue
+        assigned = {}
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    for name in ast.walk(t):
+                        if isinstance(name, ast.Name):
+                            assigned.setdefault(name.id, []).append(node)
+        for call in ast.walk(scope):
+            if not isinstance(call, ast.Call) or id(call) in inside or (call.lineno, call.col_offset) in seen:
+                continue
+            name = call.func.id if isinstance(call.func, ast.Name) else None
+            spawn = isinstance(call.func, ast.Attribute) and ast.unparse(call.func) in ("subprocess.run",
+                                                                                        "subprocess.Popen")
+            if name not in LAUNCHERS and not spawn:
+                continue
+            nodes, parts = [call], []
+            while nodes:  # the call, the assignments of the names it uses, theirs, and the functions called
+                node = nodes.pop()
+                parts.append(ast.get_source_segment(source, node))
+                for n in ast.walk(node):
+                    if isinstance(n, ast.Name):
+                        nodes += [a for a in assigned.get(n.id, []) if a is not node and
+                                  ast.get_source_segment(source, a) not in parts]
+                    f = functions.get(n.func.id) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) else None
+                    if f and f.name not in LAUNCHERS and ast.get_source_segment(source, f) not in parts:
+                        nodes.append(f)
+            text = "\n".join(parts)
+            if spawn and not any(s in text for s in DEVICE_SCRIPTS):
+                continue  # not one of the scripts (python -c, unshare's probe, ...)
+            seen.add((call.lineno, call.col_offset))
+            yield call.lineno, text
+
+
+def test_every_script_a_test_starts_in_another_process_names_its_device():
+    """On a GPU host a script's --device defaults to cuda (nccl and bfloat16 under torchrun): every
+    test that starts one in a subprocess says --device (in-process runs see no GPU: conftest)."""
+    found, missing = 0, []
+    for path in sorted(glob.glob(os.path.join(data.REPO, "tests", "test_*.py"))):
+        source = open(path).read()
+        for line, argv_source in launches(ast.parse(source), source):
+            found += 1
+            if "--device" not in argv_source:
+                missing.append(f"{os.path.basename(path)}:{line}")
+    assert found >= 20 and not missing, missing
