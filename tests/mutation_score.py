@@ -37,7 +37,7 @@ from mutmut.stats import status_by_exit_code  # noqa: E402
 import cli  # noqa: E402
 from outputs import json_text, write_output_file  # noqa: E402
 
-CUDA_ONLY = ("require_cuda", "backend_class", "to_semi_structured", "sparsify_experts", "compare_logits")
+CUDA_ONLY = ("require_cuda", "to_semi_structured", "sparsify_experts", "compare_logits")
 # mutmut's verdicts, as results/mutation.json names them (mutmut's own words, spaces as _)
 STATUSES = ("mutants", *sorted({v.replace(" ", "_") for v in status_by_exit_code.values()} | {"suspicious"}))
 KINDS = ("help", "log", "device", "cuda", "distributed", "equivalent", "other")
