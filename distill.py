@@ -14,8 +14,8 @@ lambda is set to L_CE / L_expert on the first batch, as the paper says, and then
 Full-parameter fine-tuning that keeps the mask: every weight that is zero in a pruned matrix of
 the student (those prune_report.json lists, else the expert matrices) gets its gradient zeroed
 before each step and is set to exactly zero again after it, so the zero pattern after training
-is bitwise the one before. --loss ce (lambda = 0) and --loss mse (the expert term alone) are the
-ablations that show what each term of Eq. 10 is worth.
+is bitwise the one before. --loss ce (the cross-entropy alone: no teacher is run) and --loss mse
+(the expert term alone) are the ablations that show what each term of Eq. 10 is worth.
 
 Two modes:
   - full (default): the whole student and teacher, the loss above. Under torchrun both are
@@ -40,7 +40,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections import namedtuple
+from dataclasses import asdict, dataclass, replace
 
 import cli
 
@@ -62,7 +63,8 @@ class DistillConfig:
     weight_decay: float = 0.0  # no decay: fine-tuning a pretrained model
     rebalance_every: int = 0  # 0: lambda fixed after the first batch (paper); N: re-balance every N steps
     seed: int = 0
-    loss: str = "eq10"  # eq10: L_CE + lambda L_expert (the paper); ce: L_CE alone; mse: L_expert alone (ablations)
+    loss: str = "eq10"  # eq10: L_CE + lambda L_expert (the paper); ce: L_CE alone; mse: L_expert alone (ablations;
+    # per-expert mode computes mse alone, and its report says so)
     dtype: str = "float32"  # compute dtype on CPU (bfloat16: autocast, fast only with AMX / AVX-512 BF16); CUDA: bf16
 
 
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--mode", default="full", choices=("full", "per-expert"),
-                   help="full: Eq. 10 on the whole model; per-expert: one expert at a time on cached inputs")
+                   help="full: Eq. 10 (or --loss) on the whole model; per-expert: one expert at a time on cached "
+                        "inputs, Eq. 10's expert term alone (MSE; --loss eq10 or ce is refused there)")
     cli.add_calib_data_arg(p, "train", former=("--data",))
     for f, default in asdict(DistillConfig()).items():
         former = FORMER.get(f, ())
@@ -188,12 +191,17 @@ def cosine(step, total, warmup):
 # Full mode
 
 
+Routed = namedtuple("Routed", "expert tokens y")  # what Eq. 10 needs of a teacher's expert call: its routed
+# tokens and outputs (not its gathered inputs x nor its [tokens, intermediate] hidden h, freed at once)
+
+
 class TeacherCalls:
     """Observers recording, per layer, the teacher's expert calls (routed tokens and outputs)."""
 
     def __init__(self, n_layers: int):
         self.calls = {}
-        self.observers = {l: (lambda c, l=l: self.calls.setdefault(l, []).append(c)) for l in range(n_layers)}
+        self.observers = {l: (lambda c, l=l: self.calls.setdefault(l, []).append(Routed(c.expert, c.tokens, c.y)))
+                          for l in range(n_layers)}
 
     def counts(self, n_layers: int, n_experts: int, device, idle: bool = False) -> torch.Tensor:
         """[layers, experts] routed tokens of this batch, summed over ranks: the MSE's denominators.
@@ -273,8 +281,9 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
     steps_per_epoch = math.ceil(len(windows) / (cfg.batch_size * cfg.grad_accum))
     total = steps_per_epoch * cfg.epochs
     L, E = student.config.num_hidden_layers, student.config.num_local_experts
+    expert = cfg.loss != "ce"  # --loss ce: no teacher forward, no expert term (the ablation costs what it computes)
     t_calls = TeacherCalls(L)
-    s_loss = ExpertLoss(student, t_calls)
+    s_loss = ExpertLoss(student, t_calls) if expert else None
     joins = SameExperts(student, t_calls, cfg.loss) if distributed.active() else None
     if device.type == "cuda":  # bf16: autocast in one process; under torchrun FSDP2's mixed-precision policy
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=not distributed.active())
@@ -291,20 +300,22 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
             mine = distributed.share(batch)  # [b_r, T] this rank's windows: none on an idle rank
             share = len(mine) / len(batch)  # this rank's fraction of the global mean (1.0 in one process)
             x = (mine if len(mine) else batch[:1]).to(device)  # an idle rank's stand-in window weighs 0
-            with torch.no_grad(), autocast:
-                t_calls.calls = {}
-                teacher(x, observers=t_calls.observers)
-            s_loss.terms, s_loss.counts = [], t_calls.counts(L, E, device, idle=not len(mine))
+            t_calls.calls = {}
+            if expert:
+                with torch.no_grad(), autocast:
+                    teacher(x, observers=t_calls.observers)
+                s_loss.terms, s_loss.counts = [], t_calls.counts(L, E, device, idle=not len(mine))
             if joins:
                 joins.terms = []
             with autocast:
                 logits = student(x)
                 ce = mm.next_token_nll(logits, x)
-                l_exp = torch.stack(s_loss.terms).sum()  # one term per (layer, expert) the teacher routed to
+                l_exp = torch.stack(s_loss.terms).sum() if expert else torch.zeros((), device=device)  # one term per
+                # (layer, expert) the teacher routed to
                 if not len(mine):
                     l_exp = l_exp * 0  # an idle rank's stand-in adds nothing
             ce_all = distributed.all_sum(ce.detach() * share)  # the global micro-batch's mean, weighted by windows
-            exp_all = distributed.all_sum(l_exp.detach().clone())
+            exp_all = distributed.all_sum(l_exp.detach().clone()) if expert else None
             starts_step = (n - 1) % cfg.grad_accum == 0
             if lam is None or (cfg.rebalance_every and starts_step and step % cfg.rebalance_every == 0):
                 lam = kd_lambda(ce_all, exp_all) if cfg.loss == "eq10" else 0.0  # on the first batch
@@ -312,9 +323,10 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
             loss = {"eq10": ce + lam * W * l_exp, "ce": ce, "mse": W * l_exp}[cfg.loss] / cfg.grad_accum
             if joins and joins.terms:
                 loss = loss + sum(joins.terms)  # zeros: the same experts get a gradient on every rank
+            mse_text = f"{exp_all.item():.5f}" if expert else "not computed (--loss ce)"
             if not torch.isfinite(loss):
                 raise data.DataError(f"non-finite loss at step {step} (CE {ce_all.item():.4g}, expert MSE "
-                                     f"{exp_all.item():.4g}, lambda {lam:.4g}); nothing was written")
+                                     f"{mse_text}, lambda {lam:.4g}); nothing was written")
             loss.backward()
             if n % cfg.grad_accum == 0 or i + cfg.batch_size >= len(windows):
                 for grp in opt.param_groups:
@@ -324,15 +336,17 @@ def distill_full(teacher, student, masks: dict, windows, cfg: DistillConfig, dev
                 opt.zero_grad(set_to_none=True)
                 apply_masks(student, masks)  # ... and are exactly zero after it
                 step += 1
-                history.append({"step": step, "ce": ce_all.item(), "expert_mse": exp_all.item()})
+                history.append({"step": step, "ce": ce_all.item(), "expert_mse": exp_all.item() if expert else None})
                 if step % 10 == 0 or step == total:
                     log(f"epoch {epoch + 1} step {step}/{total}: CE {ce_all.item():.4f}, expert MSE "
-                        f"{exp_all.item():.5f}, lambda {lam:.3g}, {time.time() - t0:.0f}s")
+                        f"{mse_text}, lambda {lam:.3g}, {time.time() - t0:.0f}s")
         done = history[-steps_per_epoch:]  # this epoch's optimizer steps
         epochs.append({"epoch": epoch + 1, "ce": sum(h["ce"] for h in done) / steps_per_epoch,
-                       "expert_mse": sum(h["expert_mse"] for h in done) / steps_per_epoch})
-        log(f"epoch {epoch + 1}: mean CE {epochs[-1]['ce']:.4f}, mean expert MSE {epochs[-1]['expert_mse']:.5f}")
-    s_loss.remove()
+                       "expert_mse": sum(h["expert_mse"] for h in done) / steps_per_epoch if expert else None})
+        log(f"epoch {epoch + 1}: mean CE {epochs[-1]['ce']:.4f}, mean expert MSE "
+            + (f"{epochs[-1]['expert_mse']:.5f}" if expert else "not computed (--loss ce)"))
+    if s_loss:
+        s_loss.remove()
     if joins:
         joins.remove()
     return student.eval(), {"lambda": lam, "epochs": epochs, "steps": history, "optimizer_steps": step}
@@ -459,6 +473,11 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
         raise data.DataError("--device cuda asked for, but torch sees no CUDA device")
     if cfg.loss not in ("eq10", "ce", "mse"):
         raise data.DataError(f"--loss {cfg.loss!r}: eq10, ce or mse")
+    if mode == "per-expert":
+        if cfg.loss == "ce":
+            raise data.DataError("--mode per-expert trains each expert on Eq. 10's expert term alone (mse); "
+                                 "--loss ce needs --mode full")
+        cfg = replace(cfg, loss="mse")  # what per-expert mode computes, and so what its report records
     if mode == "full" and cfg.batch_size % distributed.world():
         raise data.DataError(f"--batch-size {cfg.batch_size} must be a multiple of the {distributed.world()} processes")
     ids = data.encode(data.load_tokenizer(teacher_dir), data.text_source(text, "train"))
@@ -476,7 +495,8 @@ def distill_checkpoint(teacher_dir: str, student_dir: str, out: str, cfg: Distil
         if mode == "full":
             load = (lambda p: load_sharded(p, device)) if distributed.active() else \
                 (lambda p: load_model(p, torch.float32, device))
-            teacher, student = load(teacher_dir).requires_grad_(False), load(student_dir)
+            teacher = load(teacher_dir).requires_grad_(False) if cfg.loss != "ce" else None  # ce needs no teacher
+            student = load(student_dir)
             masks = zero_masks(student, pruned)
             if not masks:
                 raise data.DataError(f"{student_dir}: no pruned weights (no exact zeros in its pruned matrices); "
@@ -515,6 +535,9 @@ def main(argv=None):
         if args.student is None:
             p.error("--student is required (or --recipe)")
         cfg = DistillConfig(**{f: getattr(args, f) for f in asdict(DistillConfig())})
+        if args.mode == "per-expert" and args.loss == "eq10" and "loss" in cli.given_flags(p, argv):
+            raise data.DataError("--mode per-expert trains each expert on Eq. 10's expert term alone: --loss mse "
+                                 "(the default there), or --mode full for --loss eq10")
         device = distributed.init(args.device)  # under torchrun: join the process group
         try:
             return distill_checkpoint(args.teacher or data.default_model_dir(), args.student, args.out, cfg,

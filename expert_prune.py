@@ -473,7 +473,9 @@ def cd_moe(model_dir: str, tokens: torch.Tensor, n_layers: int, n_experts: int, 
 
 
 def expert_budget(config: mm.MixtralConfig, skip_fraction=0.0, nonzero_fraction=1.0) -> dict:
-    """Stored expert parameters and expert multiply-accumulates per token of a model variant."""
+    """Stored expert parameters and expert multiply-accumulates per token of a model variant.
+    skip_fraction is a fraction of expert calls (skipped / (tokens x top-k), as skip_fraction()
+    measures it): a token makes top-k x (1 - skip_fraction) expert calls a layer."""
     per_expert = 3 * config.hidden_size * config.intermediate_size
     stored, macs, condensed = 0, 0.0, condensed_layers(config)
     for l in range(config.num_hidden_layers):
@@ -483,7 +485,7 @@ def expert_budget(config: mm.MixtralConfig, skip_fraction=0.0, nonzero_fraction=
             macs += len(c["experts"]) * per_expert
         else:
             stored += config.num_local_experts * per_expert
-            macs += (config.num_experts_per_tok - skip_fraction) * per_expert
+            macs += config.num_experts_per_tok * (1 - skip_fraction) * per_expert
     return {"stored_expert_params": stored * nonzero_fraction, "expert_macs_per_token": macs,
             "nonzero_expert_macs_per_token": macs * nonzero_fraction}
 

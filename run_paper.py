@@ -430,7 +430,7 @@ def part_distill(s: Setup, dense_ppl: float) -> list:
             prune.prune_checkpoint(s.model, pruned_dir, prune.PruneArgs(method, 0.5, nm, calib_tokens=s.calib_file,
                                                                         device=s.device), overwrite=True)
             pruned_ppl = evaluate(s, pruned_dir)
-            runs = [("full", "eq10")] + ([("per-expert", "eq10"), ("full", "ce"), ("full", "mse")]
+            runs = [("full", "eq10")] + ([("per-expert", "mse"), ("full", "ce"), ("full", "mse")]
                                          if method == "moe-pruner" else [])
             for mode, loss in runs:
                 out = pruned_dir + f"-{mode}-{loss}"

@@ -618,3 +618,35 @@ def test_with_gradient_accumulation_lambda_is_rebalanced_on_a_steps_first_micro_
     cfg = distill.DistillConfig(batch_size=1, grad_accum=3, epochs=1, rebalance_every=every, lr=1e-3)
     _, rep = distill.distill_full(teacher, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
     assert balanced == at and rep["optimizer_steps"] == 3
+
+
+def test_per_expert_mode_is_mse_alone_and_says_so(tmp_path, pair, text_file, capsys):
+    """Per-expert mode trains on Eq. 10's expert term alone: its report records loss mse, and an
+    explicit --loss eq10 or ce, which it would not compute, is refused in one line."""
+    teacher, student = pair
+    argv = ["--teacher", teacher, "--student", student, "--calib-data", text_file, "--mode", "per-expert",
+            "--nsamples", "4", "--seqlen", "16", "--epochs", "1", "--device", "cpu"]
+    rep = distill.main([*argv, "--out", str(tmp_path / "kd")])
+    assert rep["settings"]["loss"] == rep["args"]["loss"] == "mse"
+    for loss in ("eq10", "ce"):
+        line = script_error(capsys, distill.main, [*argv, "--loss", loss, "--out", str(tmp_path / loss)])
+        assert line.startswith("error: --mode per-expert trains each expert on Eq. 10's expert term alone")
+        assert not (tmp_path / loss).exists()
+    assert distill.main([*argv, "--loss", "mse", "--out", str(tmp_path / "mse")])["settings"]["loss"] == "mse"
+
+
+def test_the_ce_ablation_runs_no_teacher_and_keeps_no_expert_inputs(pair):
+    """--loss ce costs what it computes: the teacher is never called (None stands in) and no expert
+    MSE is reported. The teacher's recorded calls keep only the tokens and outputs Eq. 10 needs."""
+    _, student, masks = full_mode_models(pair)
+    windows = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    cfg = distill.DistillConfig(batch_size=2, epochs=1, loss="ce")
+    _, rep = distill.distill_full(None, student, masks, windows, cfg, torch.device("cpu"), lambda s: None)
+    assert rep["lambda"] == 0.0 and [h["expert_mse"] for h in rep["steps"]] == [None]
+    assert rep["epochs"][0]["expert_mse"] is None and rep["epochs"][0]["ce"] == rep["steps"][0]["ce"]
+    teacher, _, _ = full_mode_models(pair)
+    calls = distill.TeacherCalls(2)
+    with torch.no_grad():
+        teacher(windows, observers=calls.observers)
+    kept = calls.calls[0][0]
+    assert kept._fields == ("expert", "tokens", "y") and kept.y.shape == (len(kept.tokens), 64)

@@ -419,7 +419,8 @@ def test_expert_budget_counts_condensed_skipping_and_sparse_layers():
     cfg = small_config(num_hidden_layers=3, extra={"condensed_layers": {"0": {"experts": [1, 2], "weights": [0.4, 0.3]},
                                                                        "2": {"experts": [3], "weights": [0.5]}}})
     got = ep.expert_budget(cfg, skip_fraction=0.25, nonzero_fraction=0.5)
-    stored, macs = (2 + 4 + 1) * per, (2 + (2 - 0.25) + 1) * per  # layers 0 and 2 condensed, layer 1 routed top-2
+    # layers 0 and 2 condensed; layer 1 routed top-2 with a quarter of its expert calls skipped: 1.5 calls a token
+    stored, macs = (2 + 4 + 1) * per, (2 + 2 * (1 - 0.25) + 1) * per
     assert got == {"stored_expert_params": stored * 0.5, "expert_macs_per_token": macs,
                    "nonzero_expert_macs_per_token": macs * 0.5}
 
