@@ -45,9 +45,9 @@ def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device, act_dt
 def compute_dtype(device_type: str, dtype) -> contextlib.AbstractContextManager:
     """The context a forward runs in: for bfloat16 (torch.bfloat16 or "bfloat16") the matrix
     products under autocast, the weights staying float32 so that pruning and writing them back
-    are exact (on a CPU with AMX or AVX-512 BF16, or a GPU, several times faster; on a CPU
-    without them, several times slower); for float32 nothing changes, and an enclosing
-    compute_dtype still applies."""
+    are exact (on a CPU with AMX or AVX-512 BF16, or a GPU, several times faster; `python -m
+    bench.scale --rates-only` measures a machine's rates); for float32 nothing changes, and an
+    enclosing compute_dtype still applies."""
     if dtype in (torch.bfloat16, "bfloat16"):  # no weight-cast cache: a training loop may run inside it
         return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()

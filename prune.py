@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="input checkpoint directory (official layout); default: the embedded tiny Mixtral")
     p.add_argument("--method", choices=cli.METHODS, help="the pruning score (required unless --recipe)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each expert matrix row to prune, in [0, 1)")
-    p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4 (keep N of every M consecutive inputs)")
+    p.add_argument("--nm", help="N:M semi-structured sparsity instead, e.g. 2:4: keep N of every M consecutive inputs "
+                                "(NVIDIA's reading; Wanda's and SparseGPT's reference code prune N of every M, the "
+                                "same only for 2:4 and 4:8)")
     cli.add_calibration_args(p)
     p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -416,8 +418,14 @@ def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsit
     counts, fallbacks, dense, solver = {}, [], {}, {}
     for name, module, key in matrices(layer, args):
         dense[name] = dense_copy(module.weight.data)
-        w, fell_back = prune_matrix(module.weight.data, args.method, stats[key], sparsity, nm, args.group,
-                                    args.blocksize, args.percdamp)
+        try:
+            w, fell_back = prune_matrix(module.weight.data, args.method, stats[key], sparsity, nm, args.group,
+                                        args.blocksize, args.percdamp)
+        except torch.linalg.LinAlgError:  # SparseGPT's Cholesky factorisation of the damped Hessian
+            raise data.DataError(f"{name}: SparseGPT's Hessian is not positive definite after damping by --percdamp "
+                                 f"{args.percdamp:g} of its mean diagonal (too few calibration tokens for its "
+                                 f"{module.weight.shape[1]} inputs?): raise --percdamp (the reference's 0.01) or "
+                                 f"calibrate on more tokens") from None
         module.weight.data = w
         counts[name] = ((w == 0).sum().item(), w.numel())
         if fell_back:
@@ -726,6 +734,17 @@ def sparsity_summary(config, per_matrix):
             "overall_sparsity": frac(list(numel))}
 
 
+def check_saved_windows(path: str, nsamples: int, seqlen: int, recipe: str):
+    """A recipe's saved calibration windows must be the run it records: [nsamples, seqlen] tokens."""
+    try:
+        shape = tuple(np.load(path, mmap_mode="r").shape)
+    except (ValueError, OSError) as e:
+        raise data.DataError(f"{path}: not a saved array of calibration windows ({e})") from None
+    if shape != (nsamples, seqlen):
+        raise data.DataError(f"{path} holds {' x '.join(map(str, shape))} tokens, but {recipe} records {nsamples} x "
+                             f"{seqlen}: not the windows of that run; pass --calib-tokens or --calib-data to choose")
+
+
 def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
@@ -734,6 +753,7 @@ def main(argv=None):
         if recipe and not cli.given_flags(p, argv) & {"calib_data", "calib_tokens", "nsamples", "seqlen", "seed"}:
             saved = os.path.join(os.path.dirname(a.recipe), CALIBRATION_FILE)
             if os.path.isfile(saved):  # the exact windows of the recorded run
+                check_saved_windows(saved, a.nsamples, a.seqlen, a.recipe)
                 a.calib_tokens, a.calib_data = saved, "stdlib"
         cli.check_calibration_args(p, a, argv)
         if a.method is None:

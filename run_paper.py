@@ -1064,6 +1064,8 @@ def run(plan: Plan) -> dict:
     config = read_config(model)
     inputs = [model, data.input_path(plan.calib_data), data.input_path(plan.eval_data)]
     check_not_input(out, inputs)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise data.DataError(f"--out {out} is a file, not a folder: name a folder for results.json and its README")
     if os.path.isdir(out):
         for fn in OUTPUT_FILES:  # every file this run may write, refused before any work
             check_output_file(os.path.join(out, fn), plan.overwrite, inputs)

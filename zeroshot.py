@@ -94,6 +94,34 @@ def build_items(seed: int = 0, n_items: int = N_ITEMS) -> list:
     return items
 
 
+def read_items(path: str = None) -> list:
+    """The task's items (default: ITEMS), each checked as lm-eval will read it: a JSON object a line
+    with a "context" string, at least two distinct "choices" strings and a "label" indexing them."""
+    path, items = path or ITEMS, []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.DataError(f"{path}: cannot read the task's items ({e})") from None
+    for n, line in enumerate(lines, 1):
+        where = f"{os.path.relpath(path, cli.REPO) if path.startswith(cli.REPO) else path} line {n}"
+        try:
+            it = json.loads(line)
+        except ValueError as e:
+            raise data.DataError(f"{where}: not JSON ({e}); `python zeroshot.py --build --overwrite` rewrites the "
+                                 f"items") from None
+        choices = it.get("choices") if isinstance(it, dict) else None
+        if not (isinstance(it, dict) and isinstance(it.get("context"), str) and isinstance(choices, list)
+                and len(choices) >= 2 and all(isinstance(c, str) for c in choices) and len(set(choices)) == len(choices)
+                and type(it.get("label")) is int and 0 <= it["label"] < len(choices)):
+            raise data.DataError(f"{where}: an item needs a context string, two or more distinct choices and a label "
+                                 f"among them; `python zeroshot.py --build --overwrite` rewrites the items")
+        items.append(it)
+    if not items:
+        raise data.DataError(f"{path}: no items")
+    return items
+
+
 def evaluate(model_dir: str, batch_size: int = 8, limit: int = None, device: str = "cpu") -> dict:
     """lm-eval's hf model on stdlib_nextline: {"acc", "acc_stderr", "acc_norm", ...}."""
     if not HAVE_LM_EVAL:
@@ -136,6 +164,8 @@ def main(argv=None):
             items = build_items()
             write_output_file(ITEMS, "".join(json.dumps(it) + "\n" for it in items), a.overwrite)
             print(f"wrote {len(items)} items to {os.path.relpath(ITEMS, cli.REPO)}")
+        if a.model:
+            read_items()  # the task file as lm-eval will read it, before any model loads
         rows = [evaluate(m, a.batch_size, a.limit, a.device) for m in a.model]
         if rows:
             print(markdown_table(rows))

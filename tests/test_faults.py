@@ -667,3 +667,63 @@ def test_run_papers_staging_folder_of_a_killed_run_is_removed_by_the_next(world)
                     "--nsamples", "4", "--eval-windows", "2", "--parts", "table", "--out", str(t / "res")])
     assert not stale.exists() and live.exists() and (t / "res" / "results.json").is_file()
     live.rmdir()
+
+
+def test_a_recipes_saved_windows_of_another_shape_are_refused(world, capsys):
+    """A recipe whose calibration_tokens.npy is not the [nsamples, seqlen] its report records (a file
+    replaced, or another run's) would run on other windows and write a report that says otherwise:
+    one line, nothing written. The same file of the right shape is the recorded run."""
+    first = world["tmp"] / "first"
+    prune.main(prune_argv(world, first))
+    report, saved = first / "prune_report.json", first / prune.CALIBRATION_FILE
+    assert np.load(saved).shape == (2, 16)  # the premise: CALIB's windows
+    np.save(saved, np.load(saved)[:1])  # one window of the two
+    line = script_error(capsys, prune.main, ["--recipe", str(report), "--out", str(world["tmp"] / "again")])
+    assert line == (f"error: {saved} holds 1 x 16 tokens, but {report} records 2 x 16: not the windows of that run; "
+                    f"pass --calib-tokens or --calib-data to choose")
+    saved.write_bytes(b"not an array")
+    assert "not a saved array of calibration windows" in script_error(
+        capsys, prune.main, ["--recipe", str(report), "--out", str(world["tmp"] / "again")])
+    assert not (world["tmp"] / "again").exists()
+
+
+def test_sparsegpt_on_a_hessian_that_damping_cannot_rescue_is_one_line(world, capsys):
+    """1 x 8 calibration tokens give 64-input matrices a Hessian of rank 8 at most; damped by 1e-12
+    of its mean diagonal, its Cholesky factorisation fails: one line naming the matrix and the way
+    out, nothing written. The reference's damping factorises it."""
+    out = world["tmp"] / "sg"
+    argv = ["--model", world["ckpt"], "--method", "sparsegpt", "--calib-data", world["text"], "--nsamples", "1",
+            "--seqlen", "8", "--device", "cpu", "--out", str(out)]
+    line = script_error(capsys, prune.main, [*argv, "--percdamp", "1e-12"], alone=False)
+    assert "SparseGPT's Hessian is not positive definite after damping by --percdamp 1e-12" in line
+    assert "raise --percdamp (the reference's 0.01)" in line and "Traceback" not in line
+    assert not out.exists()
+    assert prune.main(argv)["expert_sparsity"] > 0.4  # percdamp 0.01
+    unchanged(world)
+
+
+def test_run_papers_out_naming_a_file_is_refused_before_any_work(world, capsys):
+    out = world["tmp"] / "results.txt"
+    out.write_text("mine")
+    line = script_error(capsys, run_paper.main, ["--model", world["ckpt"], "--calib-data", world["text"], "--eval-data",
+                                                 world["text"], "--seqlen", "32", "--nsamples", "2", "--parts", "table",
+                                                 "--out", str(out)])
+    assert line == f"error: --out {out} is a file, not a folder: name a folder for results.json and its README"
+    assert out.read_text() == "mine" and not [f for f in os.listdir(world["tmp"]) if ".tmp-" in f]
+
+
+@pytest.mark.parametrize("items, says", [
+    ('{"context": "a\\n", "choices": ["x", "y"], "label": 0}\n{not json\n', "line 2: not JSON"),
+    ('{"context": "a\\n", "label": 0}\n', "line 1: an item needs a context string, two or more distinct choices"),
+    ('{"context": "a\\n", "choices": [], "label": 0}\n', "line 1: an item needs"),
+    ('{"context": "a\\n", "choices": ["x", "y"], "label": 2}\n', "line 1: an item needs"),
+    ('["context", "choices"]\n', "line 1: an item needs"),
+    ("", "no items"),
+])
+def test_zeroshot_refuses_a_malformed_task_file_in_one_line(world, capsys, monkeypatch, items, says):
+    import zeroshot
+    path = world["tmp"] / "items.jsonl"
+    path.write_text(items)
+    monkeypatch.setattr(zeroshot, "ITEMS", str(path))
+    line = script_error(capsys, zeroshot.main, ["--model", world["ckpt"], "--device", "cpu"])
+    assert line.startswith("error: ") and says in line, line
