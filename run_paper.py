@@ -721,6 +721,12 @@ def facts(res: dict) -> dict:
     for x, g in gains.items():
         out[f"gain:{x}"] = f"{g:+.3f}"
         out[f"gain%:{x}"] = f"{-g / ppl['wanda', x]:.2%}"
+    upto70 = [abs(g) / ppl["wanda", x] for x, g in gains.items() if not x.endswith("%") or float(x[:-1]) <= 70]
+    if upto70:  # how far apart MoE-Pruner and Wanda are at most, up to 70% (N:M included), of Wanda's perplexity
+        out["gain-bound:70%"] = f"{max(upto70):.2%}"
+    decided = [abs(g) / ppl["wanda", x] for x, g in gains.items() if x != "80%"]
+    if decided:  # the same but at 80%, where both are past use
+        out["gain-bound:below-80%"] = f"{max(decided):.2%}"
     for (m, x), v in ppl.items():
         out[f"cost:{m}:{x}"] = f"{v / res['dense_ppl'] - 1:+.1%}"  # perplexity over dense
     whole = {(r["method"], setting(r)): r["ppl_all"] for r in find(res, "table") if "ppl_all" in r}
@@ -756,6 +762,8 @@ def facts(res: dict) -> dict:
     for r in res.get("expert_level", []):
         out[f"expert:{r['variant'].replace(' ', '_')}"] = f"{r['ppl']:.3f}"
         out[f"expert-cost:{r['variant'].replace(' ', '_')}"] = f"{r['ppl'] / res['dense_ppl'] - 1:+.1%}"
+        out[f"expert-MB:{r['variant'].replace(' ', '_')}"] = f"{r['expert_fp16_MB']:.1f}"
+        out[f"expert-params:{r['variant'].replace(' ', '_')}"] = f"{r['expert_params_fraction']:.1%}"
     if res.get("anatomy"):
         a = res["anatomy"]
         sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}

@@ -52,3 +52,46 @@ def test_a_changed_number_or_table_is_put_back():
         run_paper.render_document(f"<!-- value {folder} nonsense -->1<!-- end -->")
     with pytest.raises(data.DataError, match="unknown table"):
         run_paper.render_document(f"<!-- table {folder} nonsense -->\n<!-- end table -->")
+
+
+# Numbers that prose may write as they are: each a definition, a setting, the paper's or another
+# publication's figure, a version, or arithmetic on the model's shapes, never a measured result.
+ALLOWED = {
+    "3.84", "4.68", "4.97", "4.99", "5.88", "6.98", "+22%", "99%",  # MoE-Pruner's Table 2 and its KD claim
+    "59.57", "57.51", "1.2", "1.08x", "0.91x", "1.5-1.7x", "~1.1-1.3x",  # NAEE's and others' published figures
+    "0.01", "0.02", "0.04", "0.08", "0.5", "0.6", "1.0", "0.25", "0.9", "0.95", "2e-5", "1e4", "1e-4", "1e-5",
+    "1e-13",  # settings, thresholds and tolerances as the text defines them
+    "1%", "2%", "5%", "90%", "10%", "10x", "5x", "25%", "30%", "50%", "70%", "80%", "15%", "20%", "35%",
+    "60%",  # sparsities, splits, shares and thresholds the text sets
+    "56.25%", "56%", "44%", "0.0015%", "6%", "28x", "25-50x", "6.6 GiB", "58.7M",  # arithmetic on shapes, formats
+    "3.10", "3.11.7", "3.13", "2.11", "5.23", "0.19",  # versions of Python, torch, transformers, compressed-tensors
+    "26M", "24M", "14M", "2M", "~2.4M", "0.01-0.02", "70-80%", "3%",  # training budgets, ranges and test bounds set
+    "80 GB", "4.7 MB", "51,214 MB",  # an H100's memory, the shipped corpus's size, NAEE's published Mixtral sizes
+    "8.0", "8.6", "8.9", "9.0", "10.0", "12.0",  # GPU compute capabilities
+}
+NUMBER = re.compile(r"(?<![\w.])[-+~]?(?:\d+(?:\.\d+)?-)?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?(?:%|x|M\b|B\b|(?:\s(?:GB|MB|GiB|kB)))?"
+                    r"(?![\w.]*\d)")
+
+
+def prose_numbers(text: str) -> list:
+    """The result-like numbers of a document's prose: with a fraction, a % or an x, or a size in
+    M, B, GB, MB, GiB (not a plain integer: counts and settings), outside markers, tables from
+    results, code, link targets, arXiv numbers and section numbers."""
+    for pattern in (r"```.*?```", r"<!-- table .*?<!-- end table -->", r"<!-- value .*?-->.*?<!-- end -->",
+                    r"<!-- help .*?<!-- end help -->", r"<!--.*?-->", r"`[^`]*`", r"\]\([^)]*\)",
+                    r"arXiv\s+\[?\d{4}\.\d{4,5}", r"Section \d\.\d", r"Eq\. \d+(?:-\d+)?"):
+        text = re.sub(pattern, " ", text, flags=re.S)
+    found = []
+    for m in NUMBER.finditer(text):
+        tok = m.group(0).replace("\n", " ").strip().rstrip(",")
+        if re.search(r"\.\d|%|x$|M$|B$|B\s*$| GB| MB| GiB| kB", tok) and tok not in ALLOWED and tok.lstrip("~") not in ALLOWED:
+            found.append(tok)
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in run_paper.documents() if not p.endswith("command-line.md")],
+                         ids=lambda p: data.shown_path(p))
+def test_no_result_number_sits_outside_a_marker(path):
+    """Every number a result gives is copied in by a marker (a run changes it); prose writes only
+    definitions, settings and published figures (ALLOWED)."""
+    assert prose_numbers(open(path).read()) == []
