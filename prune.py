@@ -37,6 +37,7 @@ and the calibration activations are ever in memory.
 import argparse
 import contextlib
 import io
+import json
 import math
 import os
 import time
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-forward", action="store_true",
                    help="feed layer l+1 the dense layer l's outputs (Algorithm 1 read literally) instead of the "
                         "pruned layer's (Wanda/SparseGPT reference protocol, the default)")
+    p.add_argument("--round-updates", action="store_true",
+                   help="SparseGPT: feed layer l+1 through layer l's updated weights rounded to the checkpoint's dtype "
+                        "(what the written checkpoint holds, as the reference computes) instead of their float32 values")
     p.add_argument("--error-stride", type=cli.positive_int, default=16,
                    help="the report's per-matrix errors ||W X - W' X|| / ||W X|| are measured on every N-th input row of "
                         "each matrix (default 16: about 6%% of the forwards' cost; 1 measures every row, exactly)")
@@ -321,6 +325,8 @@ class PruneArgs:
     blocksize: int = 128  # SparseGPT: lazy-update block of columns (reference default)
     percdamp: float = 0.01  # SparseGPT: dampening, a fraction of mean(diag H) (reference default)
     dense_forward: bool = False
+    round_updates: bool = False  # SparseGPT: layer l+1 sees layer l's updated weights rounded to the checkpoint's
+    # dtype, as the reference (whose model computes in it) does; default: the float32 updates, rounded when written
     error_stride: int = 16  # per-matrix errors on every 16th input row of each call: ~6% of the forwards' cost
     batch_size: int = 8  # calibration windows per forward pass; does not change the result (float64 sums)
     act_dtype: str = "float32"  # dtype the activations are kept in between layers
@@ -411,8 +417,9 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
 
 
 @torch.no_grad()
-def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: float, nm) -> dict:
-    """Prune the layer's matrices in place. Returns {"counts": {name: (zeros, numel)},
+def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: float, nm, round_to=None) -> dict:
+    """Prune the layer's matrices in place (with round_to, a dtype, each as that dtype holds it: what
+    the checkpoint will, an identity but for SparseGPT's updates). Returns {"counts": {name: (zeros, numel)},
     "fallbacks": [names pruned by magnitude for want of calibration tokens], "dense": {name:
     the weight before pruning}, "solver_error": {name: SparseGPT's relative error on its Hessian}}."""
     counts, fallbacks, dense, solver = {}, [], {}, {}
@@ -426,6 +433,8 @@ def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsit
                                  f"{args.percdamp:g} of its mean diagonal (too few calibration tokens for its "
                                  f"{module.weight.shape[1]} inputs?): raise --percdamp (the reference's 0.01) or "
                                  f"calibrate on more tokens") from None
+        if round_to is not None:
+            w = w.to(round_to).to(w.dtype)
         module.weight.data = w
         counts[name] = ((w == 0).sum().item(), w.numel())
         if fell_back:
@@ -509,11 +518,12 @@ def measured_errors(sums: dict, dense_out: torch.Tensor, pruned_out: torch.Tenso
 
 
 def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArgs, sparsities: list, nm=None,
-                 laps: Laps = None):
+                 laps: Laps = None, round_to=None):
     """MoE-Pruner Algorithm 1, the layer-wise loop every method here shares. decoder_layers yields
     (l, decoder layer l) in order (layerwise.layers); x [n, T, hidden] are layer 0's inputs;
-    sparsities[l] is layer l's target. Yields (l, prune_matrices's summary with the measured output
-    errors) once layer l is pruned; laps times the three phases."""
+    sparsities[l] is layer l's target; round_to (--round-updates) the checkpoint's dtype. Yields (l,
+    prune_matrices's summary with the measured output errors) once layer l is pruned; laps times
+    the three phases."""
     laps = laps or Laps()
     for l, layer in decoder_layers:
         # 1. a dense pass: every expert matrix's routed inputs X and their gates (Eq. 2), the dense outputs
@@ -521,7 +531,7 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
         x = None if halves else x  # the second pass starts from the kept attention halves, not from x
         laps.lap("stats_forward_s")
         # 2. every matrix pruned by its score, S_ij = |W_ij| * ||X_j * Gate|| (Eq. 9) or a baseline's
-        pruned = prune_matrices(layer, stats, args, sparsities[l], nm)
+        pruned = prune_matrices(layer, stats, args, sparsities[l], nm, round_to)
         laps.lap("prune_s")
         # 3. the pruned layer's outputs: the inputs of layer l+1 (the dense ones with --dense-forward)
         pruned_out, sums = pruned_forward(layer, x, pos, args, halves, pruned.pop("dense"), dense_out.dtype)
@@ -677,7 +687,8 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
         if args.layer_sparsity:
             log("layer sparsities " + ", ".join(f"{s:.4f}" for s in sparsities))
         per_matrix, per_layer, fallbacks, routed, errors, solver, laps = {}, [], [], [], {}, {}, Laps()
-        steps = prune_layers(layers(reader, writer, dev), x, pos, args, sparsities, nm, laps)
+        steps = prune_layers(layers(reader, writer, dev), x, pos, args, sparsities, nm, laps,
+                             reader.stored_dtype() if args.round_updates else None)
         del x  # the loop holds layer 0's inputs alone, and frees them once they are not needed
         for l, pruned in steps:
             prefix, counts = f"model.layers.{l}.", pruned["counts"]
@@ -734,12 +745,18 @@ def sparsity_summary(config, per_matrix):
             "overall_sparsity": frac(list(numel))}
 
 
-def check_saved_windows(path: str, nsamples: int, seqlen: int, recipe: str):
-    """A recipe's saved calibration windows must be the run it records: [nsamples, seqlen] tokens."""
+def check_saved_windows(path: str, recipe: str):
+    """A recipe's saved calibration windows must be those of the run it records: the [nsamples,
+    seqlen] tokens of its "calibration" field (where it has one)."""
     try:
         shape = tuple(np.load(path, mmap_mode="r").shape)
     except (ValueError, OSError) as e:
         raise data.DataError(f"{path}: not a saved array of calibration windows ({e})") from None
+    with open(recipe) as f:
+        recorded = json.load(f).get("calibration")  # apply_recipe has read the file as JSON already
+    if not isinstance(recorded, dict):
+        return
+    nsamples, seqlen = recorded.get("nsamples"), recorded.get("seqlen")
     if shape != (nsamples, seqlen):
         raise data.DataError(f"{path} holds {' x '.join(map(str, shape))} tokens, but {recipe} records {nsamples} x "
                              f"{seqlen}: not the windows of that run; pass --calib-tokens or --calib-data to choose")
@@ -753,7 +770,7 @@ def main(argv=None):
         if recipe and not cli.given_flags(p, argv) & {"calib_data", "calib_tokens", "nsamples", "seqlen", "seed"}:
             saved = os.path.join(os.path.dirname(a.recipe), CALIBRATION_FILE)
             if os.path.isfile(saved):  # the exact windows of the recorded run
-                check_saved_windows(saved, a.nsamples, a.seqlen, a.recipe)
+                check_saved_windows(saved, a.recipe)
                 a.calib_tokens, a.calib_data = saved, "stdlib"
         cli.check_calibration_args(p, a, argv)
         if a.method is None:

@@ -19,6 +19,8 @@ printed and recorded in results.json and the results README, with the machine th
   - distill:     expert-wise distillation of MoE-Pruner and Wanda at 50% and 2:4 (Eq. 10, full mode;
                  per-expert mode for MoE-Pruner) and its ablation (CE only, expert MSE only)
   - dtype:       MoE-Pruner 50% with the layer forward in float32 and in bfloat16: masks and perplexity
+  - rounding:    SparseGPT at 50%, 2:4 and 4:8 with the next layer fed its updated weights in float32 and
+                 rounded to the checkpoint's dtype (--round-updates, as the reference computes)
 
 Every method sees the same calibration windows (drawn once, saved as calibration_tokens.npy; the
 calibration sweep uses their first n rows; anatomy's draw d is drawn with seed d) and every
@@ -55,7 +57,7 @@ import cli
 # The command line, first: --help and usage errors are answered before torch loads (cli.py)
 
 
-PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype")
+PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype", "rounding")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,6 +422,18 @@ def part_dtype(s: Setup, nsamples: int = 16) -> dict:
             "mask_difference": sum(r["mask_difference"] for r in diff) / len(diff), "per_layer": diff}
 
 
+def part_rounding(s: Setup) -> list:
+    """SparseGPT at Table 2's settings with the next layer fed its updated weights in float32 (the
+    default) and rounded to the checkpoint's dtype (--round-updates, as the reference computes)."""
+    rows = []
+    for label, sp, nm in (("50%", 0.5, None), ("2:4", 0.5, "2:4"), ("4:8", 0.5, "4:8")):
+        for rounded in (False, True):
+            rows.append({**pruned(s, f"rounding-{label.replace(':', 'of').replace('%', '')}-{rounded}", prune.PruneArgs(
+                "sparsegpt", sp, nm, calib_tokens=s.calib_file, device=s.device, round_updates=rounded)),
+                "setting": label, "round_updates": rounded})
+    return rows
+
+
 def part_distill(s: Setup, dense_ppl: float) -> list:
     """Prune (moe-pruner, wanda; 50% and 2:4), distil with distill.py's defaults, evaluate; for
     moe-pruner also the per-expert mode and the ablation of Eq. 10's terms."""
@@ -594,6 +608,17 @@ def dtype_line(res: dict) -> str:
             f"{d['float32']['prune_seconds']:.0f} s and {d['bfloat16']['prune_seconds']:.0f} s.")
 
 
+def rounding_table(res: dict) -> str:
+    if not res.get("rounding"):
+        return ""
+    ppl = {(r["setting"], r["round_updates"]): r["ppl"] for r in res["rounding"]}
+    out = ["| SparseGPT | next layer fed float32 updates | fed the checkpoint's rounded weights | difference |",
+           "|---|---|---|---|"]
+    for x in dict.fromkeys(r["setting"] for r in res["rounding"]):
+        out.append(f"| {x} | {ppl[x, False]:.3f} | {ppl[x, True]:.3f} | {ppl[x, True] - ppl[x, False]:+.3f} |")
+    return "\n".join(out)
+
+
 def distill_table(res: dict) -> str:
     if not res.get("distill"):
         return ""
@@ -633,6 +658,8 @@ SECTIONS = (
                 "(r: experts kept per layer).", experts_table),
     ("owl", "OWL's per-layer sparsity against uniform sparsity (the mean kept).", owl_table),
     ("dtype", "", dtype_line),
+    ("rounding", "SparseGPT's next layer: perplexity with the updated weights fed forward in float32 and as the "
+                 "checkpoint holds them (--round-updates, the reference's way).", rounding_table),
     ("distill", "Expert-wise distillation (Eq. 10) after pruning, and its ablation.", distill_table),
 )
 
@@ -759,6 +786,8 @@ def facts(res: dict) -> dict:
         for k in ("float32", "bfloat16"):
             out[f"dtype-ppl:{k}"] = f"{d[k]['ppl']:.4f}"
             out[f"dtype-seconds:{k}"] = f"{d[k]['prune_seconds']:.0f}"
+    for r in res.get("rounding", []):
+        out[f"rounding:{r['setting']}:{'rounded' if r['round_updates'] else 'float32'}"] = f"{r['ppl']:.3f}"
     for r in res.get("expert_level", []):
         out[f"expert:{r['variant'].replace(' ', '_')}"] = f"{r['ppl']:.3f}"
         out[f"expert-cost:{r['variant'].replace(' ', '_')}"] = f"{r['ppl'] / res['dense_ppl'] - 1:+.1%}"
@@ -1150,6 +1179,8 @@ def run_parts(s: Setup, plan: Plan, results: dict):
             results["distill"] = part_distill(s, results["dense_ppl"])
         elif part == "dtype":
             results["dtype"] = part_dtype(s)
+        elif part == "rounding":
+            results["rounding"] = part_rounding(s)
         results["minutes"][part] = (time.time() - t) / 60
         log(f"part {part}: {results['minutes'][part]:.1f} min")
     results["total_minutes"] = (time.time() - t0) / 60

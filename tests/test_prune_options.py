@@ -509,3 +509,33 @@ def test_a_recipe_without_saved_windows_reads_its_recorded_token_file_from_the_r
     args = recipe_run_args(tmp_path, monkeypatch, {"method": "moe-pruner", "calib_data": "stdlib",
                                                    "calib_tokens": "results/calibration_tokens.npy"}, [], saved=False)
     assert (args.calib_tokens, args.calib_data) == (os.path.join(cli.REPO, "results/calibration_tokens.npy"), "stdlib")
+
+
+def test_round_updates_feeds_the_next_layer_what_the_checkpoint_holds(tmp_path, text_file, monkeypatch):
+    """SparseGPT on a float16 checkpoint: with --round-updates the forward that makes layer l+1's
+    inputs runs layer l's updated weights as the checkpoint stores them (the reference's model
+    computes in float16); without it, their float32 values, which float16 cannot hold. Layer 0's
+    weights are written the same either way; layer 1's differ, its inputs having changed."""
+    ck = write_checkpoint(tmp_path / "ck", dtype=torch.float16)
+    seen = {}
+    forward = prune.pruned_forward
+
+    def capture(layer, *a, **k):
+        seen.setdefault(key[0], []).append({n: p.detach().clone() for n, p in layer.named_parameters() if ".experts." in n})
+        return forward(layer, *a, **k)
+    monkeypatch.setattr(prune, "pruned_forward", capture)
+    out = {}
+    for key in (["float32"], ["rounded"]):
+        out[key[0]] = str(tmp_path / key[0])
+        prune.main(["--model", ck, "--method", "sparsegpt", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
+                    "--device", "cpu", "--out", out[key[0]], *(["--round-updates"] if key[0] == "rounded" else [])])
+    for kind in ("float32", "rounded"):
+        stored = checkpoint.CheckpointReader(out[kind])
+        layer0 = seen[kind][0]
+        held = all(torch.equal(w, stored.get("model.layers.0." + n).float()) for n, w in layer0.items())
+        assert held == (kind == "rounded"), kind
+    a, b = checkpoint.CheckpointReader(out["float32"]), checkpoint.CheckpointReader(out["rounded"])
+    name = "model.layers.{}.block_sparse_moe.experts.0.w1.weight"
+    assert torch.equal(a.get(name.format(0)), b.get(name.format(0))) and not torch.equal(a.get(name.format(1)),
+                                                                                         b.get(name.format(1)))
+    assert json.load(open(os.path.join(out["rounded"], "prune_report.json")))["args"]["round_updates"] is True
