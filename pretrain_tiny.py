@@ -1,7 +1,7 @@
 """
 Train the embedded tiny Mixtral the way Mixtral was made: dense first, then upcycled.
 
-No real Mixtral weights can be downloaded here, and pruning random weights says nothing, so the
+Everything runs without a download, and pruning random weights says nothing, so the
 project trains its own small Mixtral on a corpus every machine has: the Python standard
 library's source (data.py). Up to four stages, one script:
 

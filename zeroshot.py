@@ -2,8 +2,8 @@
 Zero-shot accuracy through lm-eval, the metric of MoE-Pruner's main tables (Tables 3-4), on a
 local multiple-choice task built from the embedded corpus's held-out split.
 
-The paper's nine LM-Harness tasks (ARC, BoolQ, HellaSwag, MMLU, ...) cannot be downloaded here,
-and they would say little about a 15M-parameter model of Python source. stdlib_nextline asks the
+The paper's nine LM-Harness tasks (ARC, BoolQ, HellaSwag, MMLU, ...) are downloads the scripts do not
+make, and they would say little about a 15M-parameter model of Python source. stdlib_nextline asks the
 same kind of question of code: given up to 12 lines of a held-out file, which of 4 lines comes
 next: the true one, or one of 3 lines drawn from other held-out files? lm-eval scores each choice
 by its log-likelihood after the context (acc) and per byte (acc_norm); chance is 25%.

@@ -106,7 +106,10 @@ def step(commands: list, limit: float, log) -> dict:
             except subprocess.TimeoutExpired:
                 stop_group(p.pid, signal.SIGKILL)
                 text, _ = p.communicate()
-        stop_group(p.pid, signal.SIGKILL)  # anything the command left behind in its group
+        stop_group(p.pid, signal.SIGKILL)  # anything the command left behind in its group ...
+        deadline = time.time() + GRACE
+        while group_alive(p.pid) and time.time() < deadline:  # ... gone, and its GPU memory free, before the next
+            time.sleep(0.05)
         out += text or ""
         log(f"$ {' '.join(argv[1:])}: exit {rc}, {time.time() - t0:.0f} s\n{text}")
         if rc != 0:
@@ -120,6 +123,26 @@ def stop_group(pgid: int, sig: int):
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (one dead but not yet reaped does not count), read
+    from /proc where there is one (Linux), else by signal 0 to the group."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _, group = f.read().rsplit(")", 1)[1].split()[:3]  # after the name: state, ppid, pgrp
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 def pytest_counts(tail: str) -> dict:

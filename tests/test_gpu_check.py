@@ -2,7 +2,7 @@
 process group, every step's figures are saved as they come, and the dry run of the whole plan."""
 
 import json
-import os
+import subprocess
 import sys
 
 import pytest
@@ -13,15 +13,7 @@ from conftest import script_error
 
 
 def gone(pgid: int) -> bool:
-    """No process of the group is left (a zombie, dead but not yet reaped, counts as gone)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat[2]) == pgid and stat[0] != "Z":  # fields after the name: state, ppid, pgrp
-            return False
-    return True
+    return not gpu_check.group_alive(pgid)
 
 
 @pytest.mark.parametrize("budget", [540, 120, 30])
@@ -30,6 +22,16 @@ def test_the_plan_fits_the_budget_in_the_order_of_what_it_tells(budget):
     assert list(limits) == ["device_tests", "readme", "sparse24", "scale"]
     assert all(v >= 1 for v in limits.values())
     assert sum(limits.values()) + gpu_check.GRACE * len(limits) <= budget
+
+
+def test_a_group_is_alive_while_a_process_of_it_runs():
+    p = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert gpu_check.group_alive(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+    assert not gpu_check.group_alive(p.pid)
 
 
 def test_a_step_out_of_time_ends_its_whole_process_group():
