@@ -752,7 +752,7 @@ def facts(res: dict) -> dict:
     if upto70:  # how far apart MoE-Pruner and Wanda are at most, up to 70% (N:M included), of Wanda's perplexity
         out["gain-bound:70%"] = f"{max(upto70):.2%}"
     decided = [abs(g) / ppl["wanda", x] for x, g in gains.items() if x != "80%"]
-    if decided:  # the same but at 80%, where both are past use
+    if decided:  # the same at every setting but 80%, where both are past use
         out["gain-bound:below-80%"] = f"{max(decided):.2%}"
     for (m, x), v in ppl.items():
         out[f"cost:{m}:{x}"] = f"{v / res['dense_ppl'] - 1:+.1%}"  # perplexity over dense

@@ -104,7 +104,7 @@ def read_items(path: str = None) -> list:
     except (OSError, UnicodeDecodeError) as e:
         raise data.DataError(f"{path}: cannot read the task's items ({e})") from None
     for n, line in enumerate(lines, 1):
-        where = f"{os.path.relpath(path, cli.REPO) if path.startswith(cli.REPO) else path} line {n}"
+        where = f"{cli.shown_path(path)} line {n}"
         try:
             it = json.loads(line)
         except ValueError as e:
