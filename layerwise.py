@@ -42,14 +42,16 @@ def embed_windows(reader: CheckpointReader, tokens: torch.Tensor, device, act_dt
     return x, Positions(cos, sin, mm.attention_mask(tokens.shape[1], reader.config.sliding_window, device))
 
 
-def compute_dtype(device_type: str, dtype) -> contextlib.AbstractContextManager:
+def compute_dtype(device_type: str, dtype, cache_casts: bool = False) -> contextlib.AbstractContextManager:
     """The context a forward runs in: for bfloat16 (torch.bfloat16 or "bfloat16") the matrix
     products under autocast, the weights staying float32 so that pruning and writing them back
     are exact (on a CPU with AMX or AVX-512 BF16, or a GPU, several times faster; `python -m
     bench.scale --rates-only` measures a machine's rates); for float32 nothing changes, and an
-    enclosing compute_dtype still applies."""
-    if dtype in (torch.bfloat16, "bfloat16"):  # no weight-cast cache: a training loop may run inside it
-        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+    enclosing compute_dtype still applies. cache_casts keeps each weight's bfloat16 copy for the
+    whole context instead of casting it again in every batch: only where the weights cannot change
+    inside it (a no_grad pass; a training loop must not)."""
+    if dtype in (torch.bfloat16, "bfloat16"):
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=cache_casts)
     return contextlib.nullcontext()
 
 
@@ -61,7 +63,7 @@ def run_layer(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, batch_siz
     batch's attention-half output ([batch, T, hidden] float32) and router logits are appended to
     it, for rerun_moe_half."""
     out = torch.empty_like(x)
-    with compute_dtype(x.device.type, dtype):
+    with compute_dtype(x.device.type, dtype, cache_casts=True):  # no_grad: the weights stay as they are
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].float()  # [batch, T, hidden]
             if halves is None:
@@ -79,7 +81,7 @@ def rerun_moe_half(layer: mm.DecoderLayer, halves: list, out_dtype, observer=Non
     """The layer's outputs after only its experts changed: the MoE half alone, from the attention-half
     outputs and router logits that run_layer kept (attention and router are unchanged, so their
     outputs are too). Bitwise what run_layer would return, without running attention and router."""
-    with compute_dtype(halves[0][0].device.type, dtype):
+    with compute_dtype(halves[0][0].device.type, dtype, cache_casts=True):
         return torch.cat([layer.moe_half(a, observer, logits)[0].to(out_dtype) for a, logits in halves])
 
 
@@ -90,8 +92,19 @@ def copy_outside_layers(reader: CheckpointReader, writer: CheckpointWriter):
             writer.add(name, reader.get(name))
 
 
-def layers(reader: CheckpointReader, writer: Optional[CheckpointWriter], device) -> Iterator[tuple]:
-    """Yield (l, decoder layer l) for every layer in turn, each read alone in float32 on device.
+def weight_dtype(reader: CheckpointReader, l: int, compute=torch.float32) -> torch.dtype:
+    """The dtype layer l is held in: bfloat16 where it computes in bfloat16 (compute_dtype) and the
+    checkpoint stores every weight of the layer in bfloat16, so that holding it so is exact and no
+    pass casts it again; else float32, in which pruning's arithmetic and the written weights are exact."""
+    names = [n for n in reader.weight_map if n.startswith(f"model.layers.{l}.")]
+    if compute in (torch.bfloat16, "bfloat16") and all(reader.dtype_of(n) == torch.bfloat16 for n in names):
+        return torch.bfloat16
+    return torch.float32
+
+
+def layers(reader: CheckpointReader, writer: Optional[CheckpointWriter], device, compute=torch.float32) -> Iterator[tuple]:
+    """Yield (l, decoder layer l) for every layer in turn, each read alone on device, in float32 (in
+    bfloat16 where weight_dtype says it computes in bfloat16 and is stored so).
 
     The embedding, final norm and lm_head are copied to writer first. When the caller moves on
     from layer l, its weights are written in the dtype the checkpoint stores each of them in (a
@@ -104,7 +117,7 @@ def layers(reader: CheckpointReader, writer: Optional[CheckpointWriter], device)
     if writer is not None:
         copy_outside_layers(reader, writer)
     for l in range(reader.config.num_hidden_layers):
-        layer = load_layer(reader, l, torch.float32, device)
+        layer = load_layer(reader, l, weight_dtype(reader, l, compute), device)
         yield l, layer
         if writer is not None:
             for name, p in layer.named_parameters():

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-stride", type=cli.positive_int, default=16,
                    help="the report's per-matrix errors ||W X - W' X|| / ||W X|| are measured on every N-th input row of "
                         "each matrix (default 16: about 6%% of the forwards' cost; 1 measures every row, exactly)")
+    p.add_argument("--exact-solver-error", action="store_true",
+                   help="SparseGPT: the report's solver errors ||dW X^T|| / ||W X^T|| from the products with the Hessian "
+                        "(two of out x in^2 per matrix) instead of from the OBS loss the solver accumulates and the dense "
+                        "outputs' norms (the same value to ~1e-6, at no cost)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="calibration windows per forward pass")
     p.add_argument("--act-dtype", default="float32", choices=cli.DTYPES,
                    help="dtype the calibration activations are kept in between layers (half precision halves memory)")
@@ -113,9 +117,11 @@ if __name__ == "__main__":
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import distributed
+import masks
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes
 from layerwise import Positions, embed_windows, layers, rerun_moe_half, run_layer
@@ -133,11 +139,19 @@ def sq_norm(x: torch.Tensor, gate=None) -> torch.Tensor:
     With gate ([tokens]), each token's row is scaled by its routing weight first: the
     ||X_j * Gate||^2 of MoE-Pruner's Eq. 9. Without, Wanda's ||X_j||^2 (Eq. 8). float64, so that
     summing over calibration batches is exact to ~1e-16 and masks do not depend on batching.
+    A block of columns at a time, so that the float64 copy of x never exceeds 4 MB (it stays in
+    cache); a column's sum does not depend on the others, so the result is bitwise the whole
+    batch's at once.
     """
-    x = x.double()
-    if gate is not None:
-        x = x * gate.double()[:, None]
-    return x.pow(2).sum(dim=0)
+    out = torch.empty(x.shape[1], dtype=torch.float64, device=x.device)
+    g = None if gate is None else gate.double()[:, None]  # [tokens, 1]
+    step = max(1, 2**19 // max(1, x.shape[0]))  # columns a block: 2^19 float64 values, 4 MB
+    for j in range(0, x.shape[1], step):
+        xb = x[:, j:j + step].to(torch.float64, copy=True)  # [tokens, step], never x itself
+        if g is not None:
+            xb.mul_(g)
+        out[j:j + step] = xb.pow_(2).sum(dim=0)
+    return out
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -165,6 +179,7 @@ class InputStats:
 
     def __init__(self, method: str, n_in: int = None):
         self.method, self.n_in, self.tokens, self.value = method, n_in, 0, None
+        self.out_sq = {}  # SparseGPT: {matrix name: sum over these inputs of ||W x||^2}, where output_sq_hooks sum it
 
     def add(self, x: torch.Tensor, gate=None):
         v = input_statistic(self.method, x, gate)
@@ -182,6 +197,9 @@ class InputStats:
                 self.value = torch.zeros(shape, dtype=torch.float32 if self.method == "sparsegpt" else torch.float64,
                                          device=device)
             distributed.all_sum(self.value)
+        if self.out_sq:
+            totals = distributed.all_sum(torch.tensor(list(self.out_sq.values()), dtype=torch.float64, device="cpu"))
+            self.out_sq = dict(zip(self.out_sq, totals.tolist()))
         self.tokens = int(distributed.all_sum(torch.tensor([self.tokens], dtype=torch.float64, device="cpu")).item())
 
 
@@ -202,15 +220,8 @@ def activation_score(w: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
 def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """True = prune. Per output row, exactly floor(sparsity * in) lowest scores, as in Wanda's
     reference code; among equal scores the lower column index goes first (what a stable sort
-    gives), computed from the k-th value rather than a full sort, which is 4x faster."""
-    k = int(score.shape[1] * sparsity)
-    if k == 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    kth = torch.kthvalue(score, k, dim=1, keepdim=True).values  # [out, 1] the k-th smallest per row
-    below = score < kth
-    tied = score == kth
-    need = k - below.sum(dim=1, keepdim=True)  # how many of the ties to take, lowest index first
-    return below | (tied & (tied.cumsum(dim=1) <= need))
+    gives), selected without a sort (masks.py)."""
+    return masks.lowest_k_mask(score, int(score.shape[1] * sparsity))
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -224,14 +235,17 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm=None,
-                    blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+                    blocksize: int = 128, percdamp: float = 0.01, losses: Optional[list] = None) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): prune and update W column by column so
     that the layer output on the calibration inputs changes least, using the inverse Hessian.
 
     blocksize 128: the reference's lazy-update block (columns updated together; also the group
     over which an unstructured mask is chosen). percdamp 0.01: dampening of 1% of mean(diag H),
     the reference value, which keeps the Cholesky factorisation stable.
-    Returns the pruned and updated W [out, in] in float32.
+    Returns the pruned and updated W [out, in] in float32. With losses a list, appends the OBS loss
+    the updates accumulate, sum (w - q)^2 / [H^-1]_jj^2 = tr(dW H_damped dW^T) (solver_error).
+    A block is updated transposed ([b, out]: a column's remaining columns are one contiguous slice),
+    the same arithmetic in the same order as the reference's.
     """
     W = w.clone().float()
     rows, cols = W.shape
@@ -241,52 +255,58 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float, nm=None,
     W[:, dead] = 0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()  # [out, b]
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        W1 = W[:, i1:i2].T.contiguous()  # [b, out]: row i is column i1 + i of W
+        Q1, Err1, update = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)  # [b]
         if nm is None:  # the block's lowest OBS saliencies w^2 / [H^-1]_jj^2, ties to the lower flat index
-            saliency = W1 ** 2 / d[None, :] ** 2  # [out, b]
-            mask1 = unstructured_mask(saliency.reshape(1, -1), sparsity).reshape(W1.shape)
+            saliency = W[:, i1:i2] ** 2 / d[None, :] ** 2  # [out, b]
+            mask1 = unstructured_mask(saliency.reshape(1, -1), sparsity).reshape(saliency.shape).T.contiguous()
         else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)  # [b, out]
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
-                saliency = W1[:, i:i + m] ** 2 / d[i:i + m][None, :] ** 2  # [out, m]
-                mask1[:, i:i + m] = nm_mask(saliency.double(), n, m)
-            col = W1[:, i]
-            q = col.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (col - q) / d[i]
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS update of the remaining columns
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the later blocks
+                saliency = W1[i:i + m].T ** 2 / d[i:i + m][None, :] ** 2  # [out, m]
+                mask1[i:i + m] = nm_mask(saliency.double(), n, m).T
+            col = W1[i]  # [out]
+            Q1[i] = col  # pruned entries zeroed for the whole block below
+            err = torch.div(col.masked_fill(~mask1[i], 0), d[i], out=Err1[i])  # (w - q) / [H^-1]_ii
+            W1[i:] -= torch.mul(Hinv1[i, i:, None], err[None, :], out=update[i:])  # OBS update of the remaining columns
+        Q1.masked_fill_(mask1, 0)
+        W[:, i1:i2] = Q1.T
+        loss += Err1.double().pow(2).sum()
+        W[:, i2:].addmm_(Err1.T.contiguous(), Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the later blocks, in place
+    if losses is not None:
+        losses.append(loss.item())
     return W
 
 
 def prune_matrix(w: torch.Tensor, method: str, stats: InputStats, sparsity: float, nm=None, group: str = "row",
-                 blocksize: int = 128, percdamp: float = 0.01):
+                 blocksize: int = 128, percdamp: float = 0.01, losses: Optional[list] = None, out=None):
     """The pruned matrix (same dtype as w) and whether the method fell back to magnitude
     because the matrix saw no calibration tokens (an expert no calibration token was routed to).
     group "row" compares the weights of each output row (Wanda, MoE-Pruner); "matrix" the whole
-    matrix (the reference magnitude baseline's one threshold per matrix)."""
+    matrix (the reference magnitude baseline's one threshold per matrix). losses: SparseGPT's
+    accumulated OBS loss is appended to it. out: where the per-row masks write the pruned matrix
+    (w itself: in place)."""
     if sparsity == 0 and nm is None:
         return w, False
     fallback = method != "magnitude" and (stats is None or stats.tokens == 0)
     if method == "sparsegpt" and not fallback:
-        return sparsegpt_prune(w, stats.value, sparsity, nm, blocksize, percdamp).to(w.dtype), False
-    score = magnitude_score(w) if method == "magnitude" or fallback else activation_score(w, stats.value)
+        return sparsegpt_prune(w, stats.value, sparsity, nm, blocksize, percdamp, losses).to(w.dtype), False
+    by_magnitude = method == "magnitude" or fallback
+    if nm is None and group == "row":  # the score's order found on a float32 key (masks.py): the same mask
+        k = int(w.shape[1] * sparsity)
+        return masks.prune_rows(w, k, None if by_magnitude else stats.value, activation_score, out=out), fallback
+    score = magnitude_score(w) if by_magnitude else activation_score(w, stats.value)
     if nm is not None:
         mask = nm_mask(score, *nm)
-    elif group == "matrix":
-        mask = unstructured_mask(score.reshape(1, -1), sparsity).reshape(score.shape)
     else:
-        mask = unstructured_mask(score, sparsity)
+        mask = unstructured_mask(score.reshape(1, -1), sparsity).reshape(score.shape)
     return w.masked_fill(mask, 0), fallback
 
 
@@ -297,6 +317,20 @@ def relative_error(dw: torch.Tensor, w: torch.Tensor, H: torch.Tensor) -> float:
     dw, w, H = dw.float(), w.float(), H.float()
     num = ((dw @ H) * dw).double().sum().item()
     return math.sqrt(max(0.0, num) / max(((w @ H) * w).double().sum().item(), 1e-300))
+
+
+def obs_relative_error(obs_loss: float, w_new: torch.Tensor, w: torch.Tensor, H: torch.Tensor, percdamp: float,
+                       dense_sq: float) -> float:
+    """relative_error's value without its two products, from what SparseGPT computed anyway:
+    tr(dW H dW^T) = obs_loss - lambda ||dW||^2, since the OBS loss sum (w - q)^2 / [H^-1]_jj^2 that
+    sparsegpt_prune accumulates is tr(dW (H + lambda I) dW^T) (lambda = percdamp * mean diag H, a
+    dead input's diagonal counted as 1, as there; dW is 0 on dead inputs); and tr(W H W^T) =
+    dense_sq, the sum of ||W x||^2 over the calibration inputs, which the dense pass computed."""
+    diag = H.diagonal().double()
+    dead = diag == 0
+    lam = percdamp * torch.where(dead, 1.0, diag).mean()
+    num = obs_loss - lam.item() * (w_new - w.float())[:, ~dead].double().pow(2).sum().item()
+    return math.sqrt(max(0.0, num) / max(dense_sq, 1e-300))
 
 
 # -----------------------------------------------------------------------------
@@ -328,6 +362,7 @@ class PruneArgs:
     round_updates: bool = False  # SparseGPT: layer l+1 sees layer l's updated weights rounded to the checkpoint's
     # dtype, as the reference (whose model computes in it) does; default: the float32 updates, rounded when written
     error_stride: int = 16  # per-matrix errors on every 16th input row of each call: ~6% of the forwards' cost
+    exact_solver_error: bool = False  # SparseGPT's solver error from two products per matrix, not from its OBS loss
     batch_size: int = 8  # calibration windows per forward pass; does not change the result (float64 sums)
     act_dtype: str = "float32"  # dtype the activations are kept in between layers
     dtype: str = "float32"  # compute dtype of the layer forward (weights stay float32; bfloat16 uses autocast)
@@ -386,6 +421,23 @@ def only_experts_change(args: PruneArgs) -> bool:
     return not (args.prune_attention or args.prune_router) and args.act_dtype == "float32"
 
 
+def output_sq_hooks(layer: mm.DecoderLayer, stats: dict, args: PruneArgs):
+    """Forward hooks adding each pruned matrix's ||W x||^2 over the inputs it sees to its InputStats'
+    out_sq: SparseGPT's tr(W H W^T), which its solver error divides by (obs_relative_error), from
+    the products the dense pass computes anyway. Only where a matrix's module sees exactly the
+    inputs of its Hessian: not with --stats-tokens all, whose Hessians are over tokens not routed."""
+    if args.method != "sparsegpt" or args.exact_solver_error or args.stats_tokens != "routed":
+        return []
+    hooks = []
+    for name, module, key in matrices(layer, args):
+        stats[key].out_sq[name] = 0.0
+
+        def record(module, inputs, out, name=name, key=key):
+            stats[key].out_sq[name] += torch.linalg.vector_norm(out, dtype=torch.float32).item() ** 2
+        hooks.append(module.register_forward_hook(record))
+    return hooks
+
+
 @torch.no_grad()
 def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs, keep_halves: bool = False):
     """One dense calibration pass through the layer: every matrix's input statistics, the tokens
@@ -404,6 +456,7 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
     hooks = attention_input_hooks(layer, stats) if args.prune_attention else []
     if args.prune_router or args.stats_tokens == "all":
         hooks += moe_input_hooks(layer, stats, args)
+    hooks += output_sq_hooks(layer, stats, args)
     halves = [] if keep_halves else None
     try:
         dense_out = run_layer(layer, x, pos, args.batch_size, observer, DTYPES[args.dtype], halves)
@@ -425,9 +478,10 @@ def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsit
     counts, fallbacks, dense, solver = {}, [], {}, {}
     for name, module, key in matrices(layer, args):
         dense[name] = dense_copy(module.weight.data)
+        losses = []
         try:
             w, fell_back = prune_matrix(module.weight.data, args.method, stats[key], sparsity, nm, args.group,
-                                        args.blocksize, args.percdamp)
+                                        args.blocksize, args.percdamp, losses, out=module.weight.data)
         except torch.linalg.LinAlgError:  # SparseGPT's Cholesky factorisation of the damped Hessian
             raise data.DataError(f"{name}: SparseGPT's Hessian is not positive definite after damping by --percdamp "
                                  f"{args.percdamp:g} of its mean diagonal (too few calibration tokens for its "
@@ -436,19 +490,32 @@ def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsit
         if round_to is not None:
             w = w.to(round_to).to(w.dtype)
         module.weight.data = w
-        counts[name] = ((w == 0).sum().item(), w.numel())
+        counts[name] = (masks.count_zeros(w), w.numel())
         if fell_back:
             fallbacks.append(name)
+        elif losses and name in stats[key].out_sq:  # from the solver's own OBS loss
+            solver[name] = obs_relative_error(losses[0], w, dense[name], stats[key].value, args.percdamp,
+                                              stats[key].out_sq[name])
         elif args.method == "sparsegpt" and stats[key].value is not None:
             solver[name] = relative_error(w - dense[name], dense[name], stats[key].value)
     return {"counts": counts, "fallbacks": fallbacks, "dense": dense, "solver_error": solver}
 
 
-def dense_copy(w: torch.Tensor) -> torch.Tensor:
+def dense_copy(w: torch.Tensor, block_elements: int = 2**20) -> torch.Tensor:
     """w in bfloat16 when that is exact (a checkpoint stored in bfloat16, as Mixtral's is), so that
-    keeping a layer's dense weights for the error measurement costs half as much; else w itself."""
-    half = w.to(torch.bfloat16)
-    return half if torch.equal(half.to(w.dtype), w) else w.clone()
+    keeping a layer's dense weights for the error measurement costs half as much; else a copy of w.
+    Converted and checked a block of rows at a time, in cache (masks.indicator_like: a float 0/1
+    sums faster than a bool)."""
+    half = torch.empty(w.shape, dtype=torch.bfloat16, device=w.device)
+    rows = max(1, block_elements // max(1, w.shape[1]))
+    back = torch.empty((min(rows, w.shape[0]),) + tuple(w.shape[1:]), dtype=w.dtype, device=w.device)
+    for i in range(0, w.shape[0], rows):
+        wb, hb = w[i:i + rows], half[i:i + rows]
+        hb.copy_(wb)
+        same = torch.eq(back[:len(wb)].copy_(hb), wb, out=back[:len(wb)]).sum()
+        if same.item() != wb.numel():  # float32 sums of ones are exact below 2^24, a block is 2^20
+            return w.clone()
+    return half
 
 
 def sample_rows(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -461,15 +528,25 @@ def sample_rows(x: torch.Tensor, stride: int) -> torch.Tensor:
 def output_errors(layer: mm.DecoderLayer, dense: dict, stride: int = 1):
     """While a pruned layer runs: for every pruned matrix, ||W x - W' x||^2 and ||W x||^2 summed
     over the inputs it sees (W the weight before pruning), on every stride-th input row of each
-    call (sample_rows; 1: all, exact). Yields {name: [err^2, ref^2]}."""
+    call (sample_rows; 1: all, exact). Yields {name: [err^2, ref^2]}. The products run as the
+    forward's do: in bfloat16 under autocast (W kept in bfloat16 needs no cast, W' is cast once a
+    pass), else in float32, W copied into one float32 buffer per shape (no fresh allocation a call)."""
     sums = {name: [0.0, 0.0] for name in dense}
     modules = dict(layer.named_modules())
+    buffers = {}
 
     def hook(name):
         def record(module, inputs):
-            x = sample_rows(inputs[0].reshape(-1, inputs[0].shape[-1]), stride).float()  # [rows / stride, in]
-            ref = x @ dense[name].float().T
-            sums[name][0] += (ref - x @ module.weight.float().T).double().pow(2).sum().item()
+            x = sample_rows(inputs[0].reshape(-1, inputs[0].shape[-1]), stride)  # [rows / stride, in]
+            if torch.is_autocast_enabled(x.device.type):
+                ref, out = F.linear(x, dense[name]).float(), F.linear(x, module.weight).float()
+            else:
+                w = dense[name]
+                if w.dtype != torch.float32:
+                    w = buffers.setdefault(w.shape, torch.empty(w.shape, device=w.device)).copy_(w)
+                x = x.float()
+                ref, out = x @ w.T, x @ module.weight.float().T
+            sums[name][0] += (ref - out).double().pow(2).sum().item()
             sums[name][1] += ref.double().pow(2).sum().item()
         return record
     hooks = [modules[name.rsplit(".", 1)[0]].register_forward_pre_hook(hook(name)) for name in dense]
@@ -523,9 +600,10 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
     (l, decoder layer l) in order (layerwise.layers); x [n, T, hidden] are layer 0's inputs;
     sparsities[l] is layer l's target; round_to (--round-updates) the checkpoint's dtype. Yields (l,
     prune_matrices's summary with the measured output errors) once layer l is pruned; laps times
-    the three phases."""
+    the three phases and the reading and writing between them."""
     laps = laps or Laps()
     for l, layer in decoder_layers:
+        laps.lap("io_s")  # layer l read from the checkpoint (and layer l - 1 written), apart from the phases
         # 1. a dense pass: every expert matrix's routed inputs X and their gates (Eq. 2), the dense outputs
         stats, routed, dense_out, halves = collect_stats(layer, x, pos, args, only_experts_change(args))
         x = None if halves else x  # the second pass starts from the kept attention halves, not from x
@@ -687,7 +765,7 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
         if args.layer_sparsity:
             log("layer sparsities " + ", ".join(f"{s:.4f}" for s in sparsities))
         per_matrix, per_layer, fallbacks, routed, errors, solver, laps = {}, [], [], [], {}, {}, Laps()
-        steps = prune_layers(layers(reader, writer, dev), x, pos, args, sparsities, nm, laps,
+        steps = prune_layers(layers(reader, writer, dev, args.dtype), x, pos, args, sparsities, nm, laps,
                              reader.stored_dtype() if args.round_updates else None)
         del x  # the loop holds layer 0's inputs alone, and frees them once they are not needed
         for l, pruned in steps:

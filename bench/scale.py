@@ -14,7 +14,11 @@ One run, side by side:
      time of every phase of every layer from prune_report.json;
   5. the projection to the whole model (32 layers) at the paper's 128 x 2048 calibration tokens,
      with its arithmetic printed: per-layer forward time scales with the calibration tokens,
-     scoring does not; memory is one layer plus the activations.
+     scoring does not; memory is one layer plus the activations;
+  6. each phase against its bound, the least time this machine's measured rates allow: a forward's
+     FLOPs (and SparseGPT's Hessians and solver) at the GEMM rate of step 1, the scoring's bytes
+     (read every expert weight, write it pruned) at the memory bandwidth of a 1 GiB copy measured
+     in the same run; the projection against the same bounds.
 
 --json is saved after the rates and after each run, so a run stopped by a time limit keeps what it
 measured. The checkpoint is deleted at the end (--keep keeps it). Needs ~3.3 GB of disk a layer and says
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the checkpoint")
     cli.add_json_args(p)
     cli.add_device_arg(p)
-    p.add_argument("--rates-only", action="store_true", help="only steps 1-2: the GEMM and expert rates (seconds, no disk)")
+    p.add_argument("--rates-only", action="store_true",
+                   help="only steps 1-2 and the memory bandwidth: the GEMM, expert and copy rates (seconds, no disk)")
     return p
 
 
@@ -75,7 +80,7 @@ import data
 import prune
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes, load_layer
 from outputs import GrowingFile
-from layerwise import embed_windows, run_layer
+from layerwise import embed_windows, run_layer, weight_dtype
 from mini_mixtral import MixtralConfig
 from progress import Laps, machine, process_memory
 
@@ -151,7 +156,7 @@ def child(argv: list):
     reader = CheckpointReader(argv[argv.index("--out") + 1])
     tokens = torch.from_numpy(np.load(args["calib_tokens"])).long()
     x, pos = embed_windows(reader, tokens, device)
-    layer = load_layer(reader, 0, torch.float32, device)
+    layer = load_layer(reader, 0, weight_dtype(reader, 0, args["dtype"]), device)  # as prune.py holds it
     laps = Laps()
     run_layer(layer, x, pos, args["batch_size"], dtype=DTYPES[args["dtype"]])
     laps.lap("plain_forward_s")
@@ -187,19 +192,60 @@ def run_prune(model: str, out: str, method: str, dtype: str, calib: str, batch_s
             "layer0_work_s": work, "layer0_ratio": wall / work}
 
 
+def memory_bandwidth(device: str = "cpu", gib: float = 1.0, repeats: int = 3) -> float:
+    """GB/s of one copy of a large float32 tensor into another (bytes read + bytes written)."""
+    src = torch.ones(int(gib * GiB) // 4, device=device)  # written, so that its pages are real
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / timed([lambda: dst.copy_(src)], repeats, device)[0] / 1e9
+
+
+def layer_work(config: MixtralConfig, nsamples: int, seqlen: int) -> dict:
+    """One decoder layer's arithmetic and bytes on nsamples x seqlen tokens (a multiply-add is 2 FLOPs):
+    "attention": q/k/v/o products and the causal score and value products; "experts": top-k experts'
+    three products a token; "hessians": SparseGPT's X^T X of every expert input (routed tokens,
+    balanced); "solver": SparseGPT on every expert matrix (Cholesky, inverse, Cholesky of the
+    inverse: 4/3 in^3; the OBS updates: out x in^2 lazily, out x 128 x in inside the blocks);
+    "weight_bytes": reading every expert weight in float32 and writing it pruned."""
+    h, i, e, k = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+    kv = config.num_key_value_heads * config.dim_head
+    tokens = nsamples * seqlen
+    routed = tokens * k // e  # an expert's share, balanced
+    matrices = [(i, h), (i, h), (h, i)]  # (out, in) of w1, w3, w2
+    return {"attention": 2 * tokens * h * (2 * h + 2 * kv) + 2 * nsamples * seqlen ** 2 * config.num_attention_heads
+            * config.dim_head, "router": 2 * tokens * h * e, "experts": k * tokens * 3 * 2 * h * i,
+            "hessians": e * 2 * routed * (h * h + i * i),
+            "solver": e * sum(4 / 3 * n_in ** 3 + out * n_in ** 2 + out * 128 * n_in for out, n_in in matrices),
+            "weight_bytes": e * 3 * h * i * (4 + 4)}
+
+
+def phase_bounds(method: str, dtype: str, work: dict, rates: dict, bandwidth: float) -> dict:
+    """Each phase's least time on this machine: stats_forward (the layer's forward, and SparseGPT's
+    Hessians in float32), prune (scoring at memory bandwidth; SparseGPT's solver at the float32 GEMM
+    rate), next_forward (the experts alone: attention and router outputs are kept from the first pass)."""
+    rate, rate32 = rates[dtype]["gemm_gflops"] * 1e9, rates["float32"]["gemm_gflops"] * 1e9
+    forward = (work["attention"] + work["router"] + work["experts"]) / rate
+    sparsegpt = method == "sparsegpt"
+    return {"stats_forward_bound_s": forward + (work["hessians"] / rate32 if sparsegpt else 0.0),
+            "prune_bound_s": work["solver"] / rate32 if sparsegpt else work["weight_bytes"] / (bandwidth * 1e9),
+            "next_forward_bound_s": work["experts"] / rate, "plain_forward_bound_s": forward}
+
+
 def projection(run: dict, config: MixtralConfig, tokens: int, target_tokens: int = 128 * 2048,
                target_layers: int = 32) -> dict:
-    """Whole-model time and memory from the measured per-layer figures (see the module docstring)."""
+    """Whole-model time and memory from the measured per-layer figures (see the module docstring); the
+    bound: the forwards' bounds scaled as they are, the scoring's bound, no time for reading and writing."""
     layers = run["report"]["layers"]
     fwd = sum(l["stats_forward_s"] + l["next_forward_s"] for l in layers) / len(layers)
-    score = sum(l["prune_s"] for l in layers) / len(layers)
+    score = sum(l["prune_s"] + l.get("io_s", 0.0) for l in layers) / len(layers)  # reading and writing: per layer
     scale = target_tokens / tokens
     per_layer = fwd * scale + score
     act = lambda n: 3 * n * config.hidden_size * 4  # x, dense outputs, pruned outputs (float32)
     peak = run["peak_rss"] - act(tokens) + act(target_tokens)
+    bound = (run["stats_forward_bound_s"] + run["next_forward_bound_s"]) * scale + run["prune_bound_s"]
+    hours = per_layer * target_layers / 3600
     return {"forward_s_per_layer": fwd, "prune_s_per_layer": score, "token_scale": scale,
-            "projected_s_per_layer": per_layer, "projected_hours": per_layer * target_layers / 3600,
-            "projected_peak_gib": peak / GiB}
+            "projected_s_per_layer": per_layer, "projected_hours": hours, "projected_peak_gib": peak / GiB,
+            "bound_hours": bound * target_layers / 3600, "bound_ratio": hours / (bound * target_layers / 3600)}
 
 
 def machine_rates(config: MixtralConfig, nsamples: int, seqlen: int, repeats: int, device: str = "cpu") -> dict:
@@ -219,6 +265,13 @@ def machine_rates(config: MixtralConfig, nsamples: int, seqlen: int, repeats: in
     return rates
 
 
+def machine_bandwidth(device: str = "cpu", repeats: int = 3) -> float:
+    """Step 6's memory bandwidth, printed and returned (GB/s)."""
+    gbps = memory_bandwidth(device, repeats=repeats)
+    print(f"memory bandwidth: {gbps:.1f} GB/s (a 1 GiB float32 copy, bytes read + bytes written, fastest of {repeats})")
+    return gbps
+
+
 def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, bf16_tokens: int = None,
           batch_size: int = 4, repeats: int = 3, folder: str = None, keep: bool = False, json_path: str = None,
           device: str = "cpu", overwrite: bool = False) -> dict:
@@ -234,6 +287,7 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
     threads = torch.get_num_threads()
     tokens = nsamples * seqlen
     rates = machine_rates(config, nsamples, seqlen, repeats, device)
+    bandwidth = machine_bandwidth(device, repeats)
     ratio = rates["bfloat16"]["gemm_gflops"] / rates["float32"]["gemm_gflops"]
 
     model = os.path.join(work, "mixtral-8x7b-width")
@@ -244,8 +298,8 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
     print(f"\ncheckpoint: {layers} layers at full width, {size / GiB:.2f} GiB in bfloat16, "
           f"{len([f for f in os.listdir(model) if f.endswith('.safetensors')])} shards ({time.time() - t0:.0f} s)")
 
-    results = {"rates": rates, "runs": {}, "device": device, "machine": machine(), "layers": layers,
-               "checkpoint_gib": size / GiB, "threads": threads}
+    results = {"rates": rates, "memory_gbps": bandwidth, "runs": {}, "device": device, "machine": machine(),
+               "layers": layers, "checkpoint_gib": size / GiB, "threads": threads}
     save = out.save if out else (lambda results: None)
     save(results)
     rng = np.random.default_rng(0)
@@ -263,6 +317,7 @@ def bench(layers: int, nsamples: int, seqlen: int, methods: list, dtypes: list, 
                 run = run_prune(model, os.path.join(work, "out"), method, dtype, calib, batch_size, device)
                 run["report"] = {k: run["report"][k] for k in ("method", "layers", "seconds", "expert_sparsity")}
                 run["tokens"] = shape[0] * shape[1]
+                run.update(phase_bounds(method, dtype, layer_work(config, shape[0], shape[1]), rates, bandwidth))
                 run["projection"] = projection(run, config, run["tokens"])
                 run["dtype"] = dtype
                 results["runs"][f"{method}/{dtype}"] = run
@@ -288,20 +343,33 @@ def report(method: str, dtype: str, run: dict, config: MixtralConfig):
           f"errors) / {run['layer0_work_s']:.1f} s (the same statistics forward and scoring + a next forward that "
           f"measures nothing, {run['plain_forward_s']:.1f} s) = {run['layer0_ratio']:.3f}")
     print(f"projection to {32} layers and 128 x 2048 calibration tokens: ({proj['forward_s_per_layer']:.1f} s of "
-          f"forward x {proj['token_scale']:.1f} + {proj['prune_s_per_layer']:.1f} s of pruning) per layer x 32 = "
+          f"forward x {proj['token_scale']:.1f} + {proj['prune_s_per_layer']:.1f} s of pruning, reading and writing) "
+          f"per layer x 32 = "
           f"{proj['projected_hours']:.1f} h; peak {run['peak_rss'] / GiB:.1f} GiB - activations of "
           f"{run['tokens']} tokens + those of 262144 = {proj['projected_peak_gib']:.1f} GiB")
+    l0 = rep["layers"][0]
+    print("layer 0 against its bounds (FLOPs at this run's GEMM rates, bytes at its memory bandwidth):")
+    print("| phase | s | bound s | ratio |\n|---|---|---|---|")
+    for phase in ("stats_forward", "prune", "next_forward"):
+        print(f"| {phase} | {l0[phase + '_s']:.1f} | {run[phase + '_bound_s']:.1f} | "
+              f"{l0[phase + '_s'] / run[phase + '_bound_s']:.2f} |")
+    print(f"| plain forward | {run['plain_forward_s']:.1f} | {run['plain_forward_bound_s']:.1f} | "
+          f"{run['plain_forward_s'] / run['plain_forward_bound_s']:.2f} |")
+    print(f"projection against the same bounds: {proj['projected_hours']:.1f} h / {proj['bound_hours']:.1f} h = "
+          f"{proj['bound_ratio']:.2f}")
 
 
 def markdown(results: dict) -> str:
-    """The tables docs/benchmarks.md quotes from a --json file: the machine, then one row per run."""
+    """The tables docs/benchmarks.md quotes from a --json file: the machine, one row per run, and each
+    run's layer 0 against its bounds."""
     m = results["machine"]
     where = m.get("gpu") if results["device"].startswith("cuda") else f"{m['cpu']}, {m['cores']} cores"
     n, rates = results["layers"], results["rates"]
     lines = [f"{where}; torch {m['torch']}; {n} full-width decoder layer{'s' if n > 1 else ''} "
              f"({results['checkpoint_gib']:.2f} GiB in bfloat16), `--device {results['device']}`; one expert's "
              f"[tokens, 4096] x [4096, 14336] GEMM at " + ", ".join(f"{r['gemm_gflops']:.0f} GFLOP/s in {d}"
-                                                                    for d, r in rates.items()), "",
+                                                                    for d, r in rates.items())
+             + (f"; memory {results['memory_gbps']:.1f} GB/s" if "memory_gbps" in results else ""), "",
              "| method | dtype | calibration tokens | stats forward s | prune s | next forward s | next forward "
              "measuring nothing s | layer 0 / its work | peak RSS GiB | peak GPU memory GiB | whole model, 128 x 2048 "
              "tokens, h |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -311,18 +379,32 @@ def markdown(results: dict) -> str:
                      f"{l0['prune_s']:.1f} | {l0['next_forward_s']:.1f} | {run['plain_forward_s']:.1f} | "
                      f"{run['layer0_ratio']:.3f} | {run['peak_rss'] / GiB:.2f} | "
                      f"{run['gpu_peak'] / GiB:.2f} | {run['projection']['projected_hours']:.2f} |")
+    bounded = [run for run in results["runs"].values() if "prune_bound_s" in run]
+    if bounded:
+        lines += ["", "| method | dtype | stats forward / bound | prune / bound | next forward / bound | measuring "
+                      "nothing / bound | whole model h / bound h |", "|---|---|---|---|---|---|---|"]
+        for run in bounded:
+            l0, proj = run["report"]["layers"][0], run["projection"]
+            ratio = lambda phase: f"{l0[phase + '_s']:.1f} / {run[phase + '_bound_s']:.1f} s = " \
+                                  f"{l0[phase + '_s'] / run[phase + '_bound_s']:.2f}"
+            lines.append(f"| {run['report']['method']} | {run['dtype']} | {ratio('stats_forward')} | {ratio('prune')} | "
+                         f"{ratio('next_forward')} | {run['plain_forward_s']:.1f} / {run['plain_forward_bound_s']:.1f} s "
+                         f"= {run['plain_forward_s'] / run['plain_forward_bound_s']:.2f} | {proj['projected_hours']:.2f} / "
+                         f"{proj['bound_hours']:.2f} = {proj['bound_ratio']:.2f} |")
     return "\n".join(lines)
 
 
 def facts(results: dict) -> dict:
     """The numbers of a --json file that documents quote: "machine", and per run ("moe-pruner/float32")
-    its layer 0's phases, ratio, memory and projection."""
+    its layer 0's phases, ratio, memory and projection, and each phase against its bound."""
     m = results["machine"]
     out = {"machine": m.get("gpu") if results["device"].startswith("cuda") else
            f"{m['cores']}-core {m['cpu']}, {results['threads']} threads, torch {m['torch']}",
            "checkpoint-gib": f"{results['checkpoint_gib']:.2f}"}
     rates = {d: r["gemm_gflops"] for d, r in results["rates"].items()}
     out.update({f"gemm:{d}": f"{v:.0f}" for d, v in rates.items()})
+    if "memory_gbps" in results:
+        out["memory-gbps"] = f"{results['memory_gbps']:.0f}"
     if {"float32", "bfloat16"} <= set(rates):
         out["bfloat16-speed"] = f"{rates['bfloat16'] / rates['float32']:.1f}"
     for key, run in results["runs"].items():
@@ -333,6 +415,14 @@ def facts(results: dict) -> dict:
                     f"{key}:peak-gib": f"{run['peak_rss'] / GiB:.1f}", f"{key}:gpu-gib": f"{run['gpu_peak'] / GiB:.1f}",
                     f"{key}:hours": f"{run['projection']['projected_hours']:.0f}",
                     f"{key}:projected-gib": f"{run['projection']['projected_peak_gib']:.0f}"})
+        if "prune_bound_s" in run:
+            for phase, name in (("stats_forward", "stats"), ("prune", "prune"), ("next_forward", "next"),
+                                ("plain_forward", "plain")):
+                seconds = l0[phase + "_s"] if phase != "plain_forward" else run["plain_forward_s"]
+                out[f"{key}:{name}-bound-s"] = f"{run[phase + '_bound_s']:.1f}"
+                out[f"{key}:{name}-bound-ratio"] = f"{seconds / run[phase + '_bound_s']:.2f}"
+            out[f"{key}:bound-hours"] = f"{run['projection']['bound_hours']:.1f}"
+            out[f"{key}:bound-ratio"] = f"{run['projection']['bound_ratio']:.2f}"
     return out
 
 
@@ -341,7 +431,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     with cli.errors():
         if a.rates_only:
-            return machine_rates(full_width_config(a.num_hidden_layers), a.nsamples, a.seqlen, a.repeats, a.device)
+            rates = machine_rates(full_width_config(a.num_hidden_layers), a.nsamples, a.seqlen, a.repeats, a.device)
+            return {**rates, "memory_gbps": machine_bandwidth(a.device, a.repeats)}
         return bench(a.num_hidden_layers, a.nsamples, a.seqlen, a.methods.split(","), a.dtypes.split(","), a.bf16_tokens,
                      a.batch_size, a.repeats, a.dir, a.keep, a.json, a.device, a.overwrite)
 

@@ -38,13 +38,42 @@ def test_writer_makes_an_official_layout_checkpoint_one_shard_per_layer(tmp_path
 
 def test_projection_arithmetic():
     run = {"report": {"layers": [{"stats_forward_s": 10.0, "next_forward_s": 20.0, "prune_s": 5.0}] * 2},
-           "peak_rss": 10 * bench_scale.GiB}
+           "peak_rss": 10 * bench_scale.GiB, "stats_forward_bound_s": 4.0, "next_forward_bound_s": 6.0,
+           "prune_bound_s": 1.0}
     c = bench_scale.full_width_config(2)
     p = bench_scale.projection(run, c, tokens=16 * 2048)
     assert p["token_scale"] == 8.0 and p["projected_s_per_layer"] == 30.0 * 8 + 5.0
     assert p["projected_hours"] == pytest.approx(245 * 32 / 3600)
     act = 3 * 4096 * 4
     assert p["projected_peak_gib"] == pytest.approx(10 + act * (128 * 2048 - 16 * 2048) / bench_scale.GiB)
+    assert p["bound_hours"] == pytest.approx((10.0 * 8 + 1.0) * 32 / 3600) and p["bound_ratio"] == pytest.approx(245 / 81)
+
+
+def test_a_layers_work_is_counted_from_its_shapes():
+    """Mixtral-8x7B's layer on 2 x 1024 tokens, counted by hand: attention's four products and causal
+    scores, top-2 of 8 experts' three products, SparseGPT's Hessians and solver, the scoring's bytes."""
+    c = bench_scale.full_width_config(1)
+    w = bench_scale.layer_work(c, 2, 1024)
+    t, h, i = 2048, 4096, 14336
+    assert w["attention"] == 2 * t * h * (h + 1024 + 1024 + h) + 2 * 2 * 1024 ** 2 * h
+    assert w["experts"] == 2 * t * 3 * 2 * h * i and w["router"] == 2 * t * h * 8
+    assert w["hessians"] == 8 * 2 * (t // 4) * (h * h + i * i)
+    assert w["solver"] == pytest.approx(8 * (2 * (4 / 3 * h ** 3 + i * h ** 2 + i * 128 * h) + 4 / 3 * i ** 3 + h * i ** 2
+                                             + h * 128 * i))
+    assert w["weight_bytes"] == 8 * 3 * h * i * 8
+    rates = {"float32": {"gemm_gflops": 100.0}, "bfloat16": {"gemm_gflops": 400.0}}
+    b = bench_scale.phase_bounds("moe-pruner", "bfloat16", w, rates, bandwidth=20.0)
+    assert b["prune_bound_s"] == pytest.approx(w["weight_bytes"] / 20e9)
+    assert b["next_forward_bound_s"] == pytest.approx(w["experts"] / 400e9)
+    assert b["stats_forward_bound_s"] == pytest.approx((w["attention"] + w["router"] + w["experts"]) / 400e9)
+    s = bench_scale.phase_bounds("sparsegpt", "bfloat16", w, rates, bandwidth=20.0)
+    assert s["stats_forward_bound_s"] == pytest.approx(b["stats_forward_bound_s"] + w["hessians"] / 100e9)
+    assert s["prune_bound_s"] == pytest.approx(w["solver"] / 100e9)
+
+
+def test_memory_bandwidth_is_bytes_moved_over_time(monkeypatch):
+    monkeypatch.setattr(bench_scale, "timed", lambda fns, repeats, device="cpu": [0.5])
+    assert bench_scale.memory_bandwidth(gib=0.25, repeats=1) == pytest.approx(2 * 0.25 * bench_scale.GiB / 0.5 / 1e9)
 
 
 def test_rates_are_timed_at_the_routed_tokens_when_fast_enough_and_never_more():
@@ -65,6 +94,8 @@ def test_a_run_reports_its_layer_against_a_forward_that_measures_nothing(tmp_pat
     l0 = run["report"]["layers"][0]
     assert run["layer0_wall_s"] == pytest.approx(l0["stats_forward_s"] + l0["prune_s"] + l0["next_forward_s"])
     assert run["layer0_ratio"] == pytest.approx(run["layer0_wall_s"] / run["layer0_work_s"]) and run["plain_forward_s"] > 0
+    rates = {"float32": {"gemm_gflops": 50.0}, "bfloat16": {"gemm_gflops": 100.0}}
+    run.update(bench_scale.phase_bounds("moe-pruner", "float32", bench_scale.layer_work(small_config(), 4, 64), rates, 10.0))
     run.update(dtype="float32", tokens=256, projection=bench_scale.projection(run, bench_scale.full_width_config(2), 256))
     results = {"machine": progress.machine(), "device": "cpu", "layers": 2, "checkpoint_gib": 0.1, "runs": {"r": run},
                "rates": {"float32": {"gemm_gflops": 50.0}}}
