@@ -207,7 +207,8 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: cannot read {name} ({str(e).splitlines()[0]})") from None
         if not self.allow_nonfinite and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{self.path}: {name} has non-finite values (NaN or Inf)")
-        return t.to(device=device, dtype=dtype or t.dtype)
+        return t.to(device=device, dtype=dtype or t.dtype, copy=True)  # never the file's memory map: a write
+        # to a weight would copy its pages one fault at a time
 
     def load_into(self, module: nn.Module, prefix: str, dtype=None, device="cpu"):
         """Fill module's parameters from the tensors named prefix + parameter name."""

@@ -145,7 +145,8 @@ def sq_norm(x: torch.Tensor, gate=None) -> torch.Tensor:
     """
     out = torch.empty(x.shape[1], dtype=torch.float64, device=x.device)
     g = None if gate is None else gate.double()[:, None]  # [tokens, 1]
-    step = max(1, 2**19 // max(1, x.shape[0]))  # columns a block: 2^19 float64 values, 4 MB
+    step = max(64, 2**19 // max(1, x.shape[0]) // 64 * 64)  # columns a block: ~2^19 float64 values, 4 MB; a
+    # multiple of 64 columns, so that each column is summed by the same vector code as in the whole batch
     for j in range(0, x.shape[1], step):
         xb = x[:, j:j + step].to(torch.float64, copy=True)  # [tokens, step], never x itself
         if g is not None:
@@ -506,6 +507,8 @@ def dense_copy(w: torch.Tensor, block_elements: int = 2**20) -> torch.Tensor:
     keeping a layer's dense weights for the error measurement costs half as much; else a copy of w.
     Converted and checked a block of rows at a time, in cache (masks.indicator_like: a float 0/1
     sums faster than a bool)."""
+    if w.dtype == torch.bfloat16:  # a layer held in bfloat16 (layerwise.weight_dtype)
+        return w.clone()
     half = torch.empty(w.shape, dtype=torch.bfloat16, device=w.device)
     rows = max(1, block_elements // max(1, w.shape[1]))
     back = torch.empty((min(rows, w.shape[0]),) + tuple(w.shape[1:]), dtype=w.dtype, device=w.device)
@@ -529,17 +532,19 @@ def output_errors(layer: mm.DecoderLayer, dense: dict, stride: int = 1):
     """While a pruned layer runs: for every pruned matrix, ||W x - W' x||^2 and ||W x||^2 summed
     over the inputs it sees (W the weight before pruning), on every stride-th input row of each
     call (sample_rows; 1: all, exact). Yields {name: [err^2, ref^2]}. The products run as the
-    forward's do: in bfloat16 under autocast (W kept in bfloat16 needs no cast, W' is cast once a
-    pass), else in float32, W copied into one float32 buffer per shape (no fresh allocation a call)."""
+    forward's do: in bfloat16 under autocast, W' x taken from the forward's own output (W kept in
+    bfloat16 needs no cast), else in float32, W copied into one float32 buffer per shape (no fresh
+    allocation a call)."""
     sums = {name: [0.0, 0.0] for name in dense}
     modules = dict(layer.named_modules())
     buffers = {}
 
     def hook(name):
-        def record(module, inputs):
+        def record(module, inputs, output):
             x = sample_rows(inputs[0].reshape(-1, inputs[0].shape[-1]), stride)  # [rows / stride, in]
             if torch.is_autocast_enabled(x.device.type):
-                ref, out = F.linear(x, dense[name]).float(), F.linear(x, module.weight).float()
+                out = sample_rows(output.reshape(-1, output.shape[-1]), stride).float()  # the forward's W' x
+                ref = F.linear(x, dense[name]).float()
             else:
                 w = dense[name]
                 if w.dtype != torch.float32:
@@ -549,7 +554,7 @@ def output_errors(layer: mm.DecoderLayer, dense: dict, stride: int = 1):
             sums[name][0] += (ref - out).double().pow(2).sum().item()
             sums[name][1] += ref.double().pow(2).sum().item()
         return record
-    hooks = [modules[name.rsplit(".", 1)[0]].register_forward_pre_hook(hook(name)) for name in dense]
+    hooks = [modules[name.rsplit(".", 1)[0]].register_forward_hook(hook(name)) for name in dense]
     try:
         yield sums
     finally:
