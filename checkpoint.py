@@ -14,6 +14,7 @@ Every problem with a checkpoint raises CheckpointError with a one-line message n
 """
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -75,6 +76,33 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+def check_config(config: MixtralConfig) -> MixtralConfig:
+    """config, or ValueError (one line) for a value no Mixtral has: a size that is not a positive
+    integer, a norm epsilon or RoPE base that is not a positive number."""
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "max_position_embeddings"):
+        if not (whole(getattr(config, name)) and getattr(config, name) > 0):
+            raise ValueError(f"{name} {getattr(config, name)!r} is not a positive integer")
+    for name in ("head_dim", "sliding_window"):
+        v = getattr(config, name)
+        if v is not None and not (whole(v) and v > 0):
+            raise ValueError(f"{name} {v!r} is not a positive integer (or null)")
+    for name in ("rms_norm_eps", "rope_theta"):
+        if not (number(getattr(config, name)) and getattr(config, name) > 0):
+            raise ValueError(f"{name} {getattr(config, name)!r} is not a positive number")
+    if not isinstance(config.tie_word_embeddings, bool):
+        raise ValueError(f"tie_word_embeddings {config.tie_word_embeddings!r} is not true or false")
+    if config.hidden_act != "silu":
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (Mixtral uses 'silu')")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+    if not 1 <= config.num_experts_per_tok <= config.num_local_experts:
+        raise ValueError("num_experts_per_tok must lie in [1, num_local_experts]")
+    return config
+
+
 def read_config(path: str) -> MixtralConfig:
     cfg_path = os.path.join(path, "config.json")
     try:
@@ -97,7 +125,7 @@ def read_config(path: str) -> MixtralConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     try:
-        return MixtralConfig.from_dict(d)
+        return check_config(MixtralConfig.from_dict(d))
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
@@ -105,7 +133,7 @@ def read_config(path: str) -> MixtralConfig:
 def refuse_variant(path: str, config: MixtralConfig):
     """An expert-level variant (config.json's dynamic_skip_beta or condensed_layers, written by
     expert_prune.py) runs other MoE blocks than Mixtral's: refused by every script that would run it
-    as a plain Mixtral (evaluation honours it, through expert_prune.load_model)."""
+    as a plain Mixtral (evaluation honours it, through variants.load_model)."""
     kind = ("NAEE dynamic skipping" if config.extra.get("dynamic_skip_beta") else
             "CD-MoE condensed layers" if config.extra.get("condensed_layers") else None)
     if kind:
@@ -235,7 +263,7 @@ def load_embedding(reader: CheckpointReader, dtype=torch.float32, device="cpu") 
 def load_model(path: str, dtype=torch.float32, device="cpu", allow_nonfinite: bool = False,
                allow_variants: bool = False) -> Mixtral:
     """The whole model from an official-layout checkpoint, computing in `dtype` on `device` (the
-    plain Mixtral: an expert-level variant only with allow_variants, for expert_prune.load_model)."""
+    plain Mixtral: an expert-level variant only with allow_variants, for variants.load_model)."""
     reader = CheckpointReader(path, allow_nonfinite, allow_variants=allow_variants)
     with torch.device("meta"):
         model = Mixtral(reader.config)

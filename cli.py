@@ -151,6 +151,13 @@ def add_eval_windows_arg(p: argparse.ArgumentParser, former: tuple = ()):
                         f"any other text (the literature's protocol)" + spelled(former))
 
 
+def add_recipe_arg(p: argparse.ArgumentParser, report: str, what: str = ""):
+    """--recipe, a run's report to repeat (prune.py, expert_prune.py, distill.py); what: what it repeats."""
+    article = "an" if report[0] in "aeiou" else "a"
+    p.add_argument("--recipe", help=f"repeat the run {article} {report} records{f' ({what})' if what else ''}; flags given "
+                                    f"as well override it")
+
+
 def add_calib_data_arg(p: argparse.ArgumentParser, split: str = "calibration", former: tuple = ()):
     """--calib-data, the text windows are drawn from (prune.py, expert_prune.py, distill.py); former:
     older spellings still accepted."""

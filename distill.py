@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices={"loss": ("eq10", "ce", "mse"), "dtype": cli.COMPUTE_DTYPES}.get(f),
                        help=f"DistillConfig.{f} (default {default}; see the module docstring)" + cli.spelled(former))
     cli.add_device_arg(p)
-    p.add_argument("--recipe", help="repeat the run a distill_report.json records (same arguments and seed, so the "
-                                    "same windows and steps); flags given as well override it")
+    cli.add_recipe_arg(p, "distill_report.json", "same arguments and seed, so the same windows and steps")
     return p
 
 

@@ -64,7 +64,7 @@ import torch
 import data
 import mini_mixtral as mm
 from checkpoint import DTYPES, CheckpointReader, read_config
-from expert_prune import load_model
+from variants import load_model
 from outputs import check_output_file, json_text, write_output_file
 from progress import Progress, machine
 

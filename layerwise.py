@@ -102,17 +102,26 @@ def weight_dtype(reader: CheckpointReader, l: int, compute=torch.float32) -> tor
     return torch.float32
 
 
+def write_layer(writer: CheckpointWriter, reader: CheckpointReader, l: int, layer: mm.DecoderLayer):
+    """Layer l's weights, each in the dtype the checkpoint stores it in (a float16/bfloat16 value
+    survives the float32 round trip exactly, so an unchanged weight is written bitwise as stored),
+    flushed as one shard: nothing of layer l stays in the writer. Parameter names come from the layer
+    as it is, so a caller may replace its MoE block (expert_prune.py writes fewer experts)."""
+    for name, p in layer.named_parameters():
+        full = f"model.layers.{l}.{name}"
+        writer.add(full, p.data.to(reader.dtype_of(full)))
+    writer.flush()
+
+
 def layers(reader: CheckpointReader, writer: Optional[CheckpointWriter], device, compute=torch.float32) -> Iterator[tuple]:
     """Yield (l, decoder layer l) for every layer in turn, each read alone on device, in float32 (in
     bfloat16 where weight_dtype says it computes in bfloat16 and is stored so).
 
-    The embedding, final norm and lm_head are copied to writer first. When the caller moves on
-    from layer l, its weights are written in the dtype the checkpoint stores each of them in (a
-    float16/bfloat16 value survives the float32 round trip exactly, so an unchanged weight is
-    written bitwise as stored), one shard per layer is flushed, and the layer's weights are freed,
-    even if the caller still holds the module. Parameter names come from the layer as it is then,
-    so a caller may replace its MoE block (expert_prune.py writes fewer experts). With writer
-    None the layers are only read (a pass that measures the dense model).
+    With a writer, the embedding, final norm and lm_head are copied to it first, and when the caller
+    moves on from layer l, write_layer writes it. Either way the layer's weights are then freed,
+    even if the caller still holds the module. With writer None the caller writes what it wants
+    (prune.py, where a reader sees it), or the layers are only read (a pass that measures the
+    dense model).
     """
     if writer is not None:
         copy_outside_layers(reader, writer)
@@ -120,8 +129,5 @@ def layers(reader: CheckpointReader, writer: Optional[CheckpointWriter], device,
         layer = load_layer(reader, l, weight_dtype(reader, l, compute), device)
         yield l, layer
         if writer is not None:
-            for name, p in layer.named_parameters():
-                full = f"model.layers.{l}.{name}"
-                writer.add(full, p.data.to(reader.dtype_of(full)))
-            writer.flush()  # one shard per layer: nothing of layer l stays in memory
+            write_layer(writer, reader, l, layer)
         layer.to("meta")

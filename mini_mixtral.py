@@ -21,7 +21,6 @@ References:
   - nanoGPT's model.py and gpt-fast's Mixtral, for the shape of this file.
 """
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple, Optional
 
@@ -63,7 +62,8 @@ class MixtralConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixtralConfig":
-        """A config.json's dict; ValueError (one line) for anything that is not a Mixtral this file runs."""
+        """A config.json's dict; ValueError (one line) for anything that is not a Mixtral config
+        (checkpoint.check_config then checks its values)."""
         if not isinstance(d, dict):
             raise ValueError(f"not a JSON object but a {type(d).__name__}")
         if d.get("model_type") != "mixtral":
@@ -79,33 +79,7 @@ class MixtralConfig:
             cfg = cls(**known, extra={k: v for k, v in d.items() if k not in names})
         except TypeError as e:
             raise ValueError(str(e)) from None
-        cfg.check()
         return cfg
-
-    def check(self):
-        """ValueError (one line) for a value no Mixtral has: a size that is not a positive integer, a
-        norm epsilon or RoPE base that is not a positive number."""
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "max_position_embeddings"):
-            if not (whole(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} {getattr(self, name)!r} is not a positive integer")
-        for name in ("head_dim", "sliding_window"):
-            v = getattr(self, name)
-            if v is not None and not (whole(v) and v > 0):
-                raise ValueError(f"{name} {v!r} is not a positive integer (or null)")
-        for name in ("rms_norm_eps", "rope_theta"):
-            if not (number(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} {getattr(self, name)!r} is not a positive number")
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise ValueError(f"tie_word_embeddings {self.tie_word_embeddings!r} is not true or false")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Mixtral uses 'silu')")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
-            raise ValueError("num_experts_per_tok must lie in [1, num_local_experts]")
 
     def to_dict(self) -> dict:
         d = dict(self.extra)
@@ -263,17 +237,16 @@ class SparseMoeBlock(nn.Module):
     def run_experts(self, x, weights, experts, observer=None):
         """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) for every token t, each expert run once
         on all of its tokens. x [N, hidden]; weights, experts [N, k]. Returns [N, hidden]."""
-        slot = torch.arange(experts.numel(), device=x.device)  # one slot per (token, choice): token = slot // k
-        return self.run_assignments(x, weights, experts, slot, observer)
+        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(experts.shape[1])  # [N * k]
+        return self.dispatch(x, token_of, experts.reshape(-1), weights.reshape(-1), observer)
 
-    def run_assignments(self, x, weights, experts, slot, observer=None):
-        """run_experts over the (token, choice) assignments in slot only (indices into the flattened
-        [N, k]); the others add nothing."""
+    def dispatch(self, x, token_of, expert_of, gate_of, observer=None):
+        """Each (token, expert, gate) assignment, [n] each: every expert runs once on its assignments'
+        tokens, and each token sums its experts' outputs times their gates. Returns [N, hidden]."""
         # Sort the assignments by expert, so each expert's tokens are contiguous.
-        order = slot[torch.argsort(experts.reshape(-1)[slot], stable=True)]
-        token_of = order // self.top_k  # token index of each sorted assignment
-        gate_of = weights.reshape(-1)[order]  # its routing weight
-        counts = torch.bincount(experts.reshape(-1)[order], minlength=len(self.experts)).tolist()  # per expert
+        order = torch.argsort(expert_of, stable=True)
+        token_of, gate_of = token_of[order], gate_of[order]  # each sorted assignment's token and routing weight
+        counts = torch.bincount(expert_of[order], minlength=len(self.experts)).tolist()  # per expert
         xs = x[token_of]  # [assignments, hidden] gather the tokens, never the weights
         ys = []
         for e, (x_e, g_e, t_e) in enumerate(zip(xs.split(counts), gate_of.split(counts), token_of.split(counts))):

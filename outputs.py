@@ -8,11 +8,13 @@ an input of any kind; a signal or an error leaves no debris, and results files h
     one atomic replace);
   - publish: a finished temporary folder becomes the output in one rename (renameat2: without
     --overwrite nothing is ever replaced, with it the old output is swapped out atomically);
-  - remove_stale_temps: the temporary folders of runs that were killed (SIGKILL cannot be handled).
+  - remove_stale_temps: the temporary folders of runs that were killed (SIGKILL cannot be handled);
+  - staged_folder: a folder's files made in a temporary sibling, copied into it, each whole, at the end.
 
 Every refusal raises OutputError with a one-line message naming the path.
 """
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -217,3 +219,23 @@ def remove_stale_temps(parent: str, base: str):
         pid = fn[len(prefix):].split("-", 1)[0]
         if fn.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             remove(os.path.join(parent, fn))
+
+
+@contextlib.contextmanager
+def staged_folder(out: str, overwrite: bool = False):
+    """Yields a temporary sibling OUT.tmp-PID-XXXX to make a folder's files in (removed on any error
+    or signal, and by the next run if this one is killed); when the block ends without an error, its
+    files are copied into out, file by file, each whole, replacing one only with overwrite."""
+    parent, base = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(parent, base)
+    stage = tempfile.mkdtemp(prefix=f"{base}.tmp-{os.getpid()}-", dir=parent)
+    try:
+        yield stage
+        os.makedirs(out, exist_ok=True)
+        for fn in sorted(os.listdir(stage)):  # the finished files
+            if os.path.isfile(os.path.join(stage, fn)):
+                with open(os.path.join(stage, fn), "rb") as f:
+                    write_output_file(os.path.join(out, fn), f.read(), overwrite)
+    finally:
+        remove(stage)

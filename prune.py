@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights, masks and statistics stay exact), several times faster on CPUs with AMX or AVX-512 "
                         "BF16 and on GPUs; statistics are accumulated in float64, Hessians in float32")
     cli.add_device_arg(p)
-    p.add_argument("--recipe", help="repeat the run a prune_report.json records (same arguments, same calibration "
-                                    "tokens from the calibration_tokens.npy beside it); flags given as well override it")
+    cli.add_recipe_arg(p, "prune_report.json", "same arguments, same calibration tokens from the calibration_tokens.npy "
+                                                "beside it")
     return p
 
 
@@ -124,7 +124,7 @@ import distributed
 import masks
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, DTYPES, expected_shapes
-from layerwise import Positions, embed_windows, layers, rerun_moe_half, run_layer
+from layerwise import Positions, copy_outside_layers, embed_windows, layers, rerun_moe_half, run_layer, write_layer
 from outputs import check_output
 from progress import Laps, log
 
@@ -439,11 +439,28 @@ def output_sq_hooks(layer: mm.DecoderLayer, stats: dict, args: PruneArgs):
     return hooks
 
 
+@dataclass
+class DensePass:
+    """What the dense pass over a layer leaves for pruning and for the second pass."""
+
+    stats: dict  # {input key: InputStats} every pruned matrix's input statistics
+    routed: list  # tokens routed to each expert
+    dense_out: torch.Tensor  # [n, T, hidden] the dense layer's outputs
+    halves: Optional[list]  # each batch's attention-half output and router logits, where the second pass reuses them
+    inputs: Optional[torch.Tensor]  # [n, T, hidden] the layer's inputs, where the second pass needs them (else None)
+
+    def release(self):
+        """Drop the activations and statistics: nothing of layer l stays in memory while layer l+1 is read."""
+        self.stats = self.dense_out = self.halves = self.inputs = None
+
+
 @torch.no_grad()
-def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs, keep_halves: bool = False):
+def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args: PruneArgs,
+                  laps: Optional[Laps] = None) -> DensePass:
     """One dense calibration pass through the layer: every matrix's input statistics, the tokens
-    routed to each expert, the dense outputs, and with keep_halves each batch's attention-half
-    output and router logits for the second pass (else None)."""
+    routed to each expert, the dense outputs; and what the second pass starts from: each batch's
+    attention-half output and router logits when only experts change (only_experts_change), else
+    the inputs x. laps times it as "stats_forward_s"."""
     n_experts = len(layer.block_sparse_moe.experts)
     stats = {key: InputStats(args.method, module.in_features) for _, module, key in matrices(layer, args)}
     routed = [0] * n_experts
@@ -458,7 +475,7 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
     if args.prune_router or args.stats_tokens == "all":
         hooks += moe_input_hooks(layer, stats, args)
     hooks += output_sq_hooks(layer, stats, args)
-    halves = [] if keep_halves else None
+    halves = [] if only_experts_change(args) else None
     try:
         dense_out = run_layer(layer, x, pos, args.batch_size, observer, DTYPES[args.dtype], halves)
     finally:
@@ -467,15 +484,19 @@ def collect_stats(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, args:
     for s in stats.values():  # under torchrun: every rank's windows
         s.reduce(x.device)
     routed = [int(v) for v in distributed.all_sum(torch.tensor(routed, dtype=torch.float64, device="cpu")).tolist()]
-    return stats, routed, dense_out, halves
+    if laps:
+        laps.lap("stats_forward_s")
+    return DensePass(stats, routed, dense_out, halves, None if halves else x)
 
 
 @torch.no_grad()
-def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: float, nm, round_to=None) -> dict:
+def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsity: float, nm, round_to=None,
+                   laps: Optional[Laps] = None) -> dict:
     """Prune the layer's matrices in place (with round_to, a dtype, each as that dtype holds it: what
     the checkpoint will, an identity but for SparseGPT's updates). Returns {"counts": {name: (zeros, numel)},
     "fallbacks": [names pruned by magnitude for want of calibration tokens], "dense": {name:
-    the weight before pruning}, "solver_error": {name: SparseGPT's relative error on its Hessian}}."""
+    the weight before pruning}, "solver_error": {name: SparseGPT's relative error on its Hessian}}.
+    laps times it as "prune_s"."""
     counts, fallbacks, dense, solver = {}, [], {}, {}
     for name, module, key in matrices(layer, args):
         dense[name] = dense_copy(module.weight.data)
@@ -499,6 +520,8 @@ def prune_matrices(layer: mm.DecoderLayer, stats: dict, args: PruneArgs, sparsit
                                               stats[key].out_sq[name])
         elif args.method == "sparsegpt" and stats[key].value is not None:
             solver[name] = relative_error(w - dense[name], dense[name], stats[key].value)
+    if laps:
+        laps.lap("prune_s")
     return {"counts": counts, "fallbacks": fallbacks, "dense": dense, "solver_error": solver}
 
 
@@ -595,6 +618,23 @@ def measured_errors(sums: dict, dense_out: torch.Tensor, pruned_out: torch.Tenso
             "matrix_error": {k: norm_ratio(totals[2 * i], totals[2 * i + 1]) for i, k in enumerate(sums)}}
 
 
+@torch.no_grad()
+def next_inputs(layer: mm.DecoderLayer, dense: DensePass, pruned: dict, pos: Positions, args: PruneArgs,
+                laps: Optional[Laps] = None) -> torch.Tensor:
+    """The inputs of the next layer: the pruned layer's outputs (the dense ones with --dense-forward),
+    from the first pass's attention halves when only experts changed, measuring every pruned matrix's
+    output error on the way (pruned_forward); pruned gains "routed", "layer_error" and "matrix_error"
+    and loses "dense", and dense is released. laps times it as "next_forward_s"."""
+    pruned_out, sums = pruned_forward(layer, dense.inputs, pos, args, dense.halves, pruned.pop("dense"),
+                                      dense.dense_out.dtype)
+    x = dense.dense_out if args.dense_forward else pruned_out
+    if laps:
+        laps.lap("next_forward_s")
+    pruned.update(routed=dense.routed, **measured_errors(sums, dense.dense_out, pruned_out))
+    dense.release()
+    return x
+
+
 # -----------------------------------------------------------------------------
 # Algorithm 1
 
@@ -604,25 +644,18 @@ def prune_layers(decoder_layers, x: torch.Tensor, pos: Positions, args: PruneArg
     """MoE-Pruner Algorithm 1, the layer-wise loop every method here shares. decoder_layers yields
     (l, decoder layer l) in order (layerwise.layers); x [n, T, hidden] are layer 0's inputs;
     sparsities[l] is layer l's target; round_to (--round-updates) the checkpoint's dtype. Yields (l,
-    prune_matrices's summary with the measured output errors) once layer l is pruned; laps times
-    the three phases and the reading and writing between them."""
+    layer l pruned, prune_matrices's summary with the measured output errors), for the caller to
+    write; laps times the three phases, and as "io_s" what lies between them (reading layer l,
+    writing layer l - 1)."""
     laps = laps or Laps()
-    for l, layer in decoder_layers:
-        laps.lap("io_s")  # layer l read from the checkpoint (and layer l - 1 written), apart from the phases
+    for l, layer in laps.each(decoder_layers, "io_s"):
         # 1. a dense pass: every expert matrix's routed inputs X and their gates (Eq. 2), the dense outputs
-        stats, routed, dense_out, halves = collect_stats(layer, x, pos, args, only_experts_change(args))
-        x = None if halves else x  # the second pass starts from the kept attention halves, not from x
-        laps.lap("stats_forward_s")
+        dense, x = collect_stats(layer, x, pos, args, laps), None  # dense keeps x where the second pass needs it
         # 2. every matrix pruned by its score, S_ij = |W_ij| * ||X_j * Gate|| (Eq. 9) or a baseline's
-        pruned = prune_matrices(layer, stats, args, sparsities[l], nm, round_to)
-        laps.lap("prune_s")
+        pruned = prune_matrices(layer, dense.stats, args, sparsities[l], nm, round_to, laps)
         # 3. the pruned layer's outputs: the inputs of layer l+1 (the dense ones with --dense-forward)
-        pruned_out, sums = pruned_forward(layer, x, pos, args, halves, pruned.pop("dense"), dense_out.dtype)
-        x = dense_out if args.dense_forward else pruned_out
-        laps.lap("next_forward_s")
-        pruned.update(routed=routed, **measured_errors(sums, dense_out, pruned_out))
-        del stats, dense_out, pruned_out, halves  # nothing of layer l stays in memory while layer l+1 is read
-        yield l, pruned
+        x = next_inputs(layer, dense, pruned, pos, args, laps)
+        yield l, layer, pruned
 
 
 # -----------------------------------------------------------------------------
@@ -654,7 +687,8 @@ def owl_outlier_ratios(reader: CheckpointReader, x: torch.Tensor, pos: Positions
     method's scores (|W_ij| ||X_j (* Gate)||; |W_ij| for magnitude) on its dense inputs."""
     ratios = []
     for l, layer in layers(reader, None, device):
-        stats, _, x, _ = collect_stats(layer, x, pos, args)
+        dense = collect_stats(layer, x, pos, args)
+        stats, x = dense.stats, dense.dense_out
         scores = []
         for name, module, key in matrices(layer, args):
             v, w = stats[key].value, module.weight.data
@@ -770,10 +804,14 @@ def prune_checkpoint(model_dir: str, out: str, args: PruneArgs, overwrite: bool 
         if args.layer_sparsity:
             log("layer sparsities " + ", ".join(f"{s:.4f}" for s in sparsities))
         per_matrix, per_layer, fallbacks, routed, errors, solver, laps = {}, [], [], [], {}, {}, Laps()
-        steps = prune_layers(layers(reader, writer, dev, args.dtype), x, pos, args, sparsities, nm, laps,
+        if writer is not None:
+            copy_outside_layers(reader, writer)  # embedding, final norm and lm_head, as stored
+        steps = prune_layers(layers(reader, None, dev, args.dtype), x, pos, args, sparsities, nm, laps,
                              reader.stored_dtype() if args.round_updates else None)
         del x  # the loop holds layer 0's inputs alone, and frees them once they are not needed
-        for l, pruned in steps:
+        for l, layer, pruned in steps:
+            if writer is not None:
+                write_layer(writer, reader, l, layer)  # layer l as the checkpoint stores it, one shard
             prefix, counts = f"model.layers.{l}.", pruned["counts"]
             per_matrix.update({prefix + k: z / n for k, (z, n) in counts.items()})
             errors.update({prefix + k: v for k, v in pruned["matrix_error"].items()})

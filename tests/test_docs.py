@@ -1,6 +1,6 @@
 """The documents quote the committed results, never numbers typed by hand: every table and marked
-value in README.md and docs/ is what run_paper.py writes from results/, and every results folder's
-README.md is what run_paper.py writes from its results.json."""
+value in README.md and docs/ is what report.py writes from results/, and every results folder's
+README.md is what report.py writes from its results.json."""
 
 import glob
 import json
@@ -10,16 +10,17 @@ import re
 import pytest
 
 import data
+import report
 import run_paper
 
 FOLDERS = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(data.REPO, "results", "**", "results.json"),
                                                          recursive=True))
 
 
-@pytest.mark.parametrize("path", run_paper.documents(), ids=lambda p: data.shown_path(p))
+@pytest.mark.parametrize("path", report.documents(), ids=lambda p: data.shown_path(p))
 def test_every_document_quotes_the_committed_results(path):
     text = open(path).read()
-    assert run_paper.render_document(text) == text, f"run `python run_paper.py --docs` ({data.shown_path(path)})"
+    assert report.render_document(text) == text, f"run `python report.py` ({data.shown_path(path)})"
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: data.shown_path(p))
@@ -28,8 +29,8 @@ def test_every_results_readme_is_written_from_its_results(folder):
     text = open(os.path.join(folder, "README.md")).read()
     plotted = re.findall(r"^!\[[^]]*\]\(([^)]+)\)$", text, flags=re.M)
     assert all(os.path.isfile(os.path.join(folder, fn)) for fn in plotted)
-    assert text == run_paper.readme(res, data.shown_path(folder), plotted), \
-        f"run `python run_paper.py --replot --out {data.shown_path(folder)}`"
+    assert text == report.readme(res, data.shown_path(folder), plotted), \
+        f"run `python report.py --out {data.shown_path(folder)}`"
 
 
 def test_no_result_evaluates_a_leading_slice():
@@ -41,17 +42,17 @@ def test_no_result_evaluates_a_leading_slice():
 
 def test_a_changed_number_or_table_is_put_back():
     folder = data.shown_path(FOLDERS[0])
-    res = run_paper.read_results(FOLDERS[0], "test")
+    res = report.read_results(FOLDERS[0], "test")
     dense = f"{res['dense_ppl']:.3f}"
     doc = (f"Dense: <!-- value {folder} dense -->1.000<!-- end -->.\n\n<!-- table {folder} table2 -->\n"
            f"| stale |\n<!-- end table -->\n")
-    out = run_paper.render_document(doc)
+    out = report.render_document(doc)
     assert f"-->{dense}<!--" in out and "| stale |" not in out and f"| dense | {dense} |" in out
-    assert run_paper.render_document(out) == out
+    assert report.render_document(out) == out
     with pytest.raises(data.DataError, match="no value 'nonsense'"):
-        run_paper.render_document(f"<!-- value {folder} nonsense -->1<!-- end -->")
+        report.render_document(f"<!-- value {folder} nonsense -->1<!-- end -->")
     with pytest.raises(data.DataError, match="unknown table"):
-        run_paper.render_document(f"<!-- table {folder} nonsense -->\n<!-- end table -->")
+        report.render_document(f"<!-- table {folder} nonsense -->\n<!-- end table -->")
 
 
 # Numbers that prose may write as they are: each a definition, a setting, the paper's or another
@@ -89,7 +90,7 @@ def prose_numbers(text: str) -> list:
     return found
 
 
-@pytest.mark.parametrize("path", [p for p in run_paper.documents() if not p.endswith("command-line.md")],
+@pytest.mark.parametrize("path", [p for p in report.documents() if not p.endswith("command-line.md")],
                          ids=lambda p: data.shown_path(p))
 def test_no_result_number_sits_outside_a_marker(path):
     """Every number a result gives is copied in by a marker (a run changes it); prose writes only

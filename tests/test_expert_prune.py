@@ -15,6 +15,7 @@ import checkpoint
 import cli
 import data
 import mini_mixtral as mm
+import variants
 from conftest import TEXT, random_model, script_error, small_config, write_checkpoint
 from layerwise import Positions
 from outputs import OutputError
@@ -119,11 +120,11 @@ def test_skipping_beta_zero_changes_nothing_and_beta_one_keeps_the_top_expert():
         ref, logits = m(x, return_router_logits=True)
         m0 = mm.Mixtral(small_config(extra={"dynamic_skip_beta": [0.0, 0.0]})).eval()
         m0.load_state_dict(m.state_dict())
-        ep.install_variants(m0)
+        variants.install_variants(m0)
         assert torch.equal(m0(x), ref)
         m1 = mm.Mixtral(small_config(extra={"dynamic_skip_beta": [1.0, 1.0]})).eval()
         m1.load_state_dict(m.state_dict())
-        ep.install_variants(m1)
+        variants.install_variants(m1)
         top1 = mm.Mixtral(small_config(num_experts_per_tok=1)).eval()  # top-1 routing: weight 1 on the top expert
         top1.load_state_dict(m.state_dict())
         assert torch.allclose(m1(x), top1(x), atol=1e-5)
@@ -135,9 +136,9 @@ def test_skip_betas_are_medians_and_honoured_after_loading(tmp_path, ckpt, text_
     out = str(tmp_path / "skip")
     rep = ep.main(["--model", ckpt, "--skip", "--calib-data", text_file, "--nsamples", "4", "--seqlen", "32",
                    "--out", out])
-    model = ep.load_model(out)
-    assert isinstance(model.model.layers[0].block_sparse_moe, ep.SkippingMoeBlock)
-    assert ep.skip_betas(model.config) == rep["skip_beta"] and all(0 < b <= 1 for b in rep["skip_beta"])
+    model = variants.load_model(out)
+    assert isinstance(model.model.layers[0].block_sparse_moe, variants.SkippingMoeBlock)
+    assert variants.skip_betas(model.config) == rep["skip_beta"] and all(0 < b <= 1 for b in rep["skip_beta"])
     toks = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     assert 0.2 < ep.skip_fraction(model, toks) / 0.5 < 1.8  # median: about half the tokens skip (of 2 calls)
 
@@ -147,7 +148,7 @@ def test_condensed_layer_runs_fixed_experts_without_router():
     c = {"0": {"experts": [1, 3], "weights": [0.3, 0.2]}}
     cm = mm.Mixtral(small_config(extra={"condensed_layers": c})).eval()
     cm.load_state_dict(m.state_dict())
-    ep.install_variants(cm)
+    variants.install_variants(cm)
     assert set(cm.state_dict()) == set(m.state_dict())  # the checkpoint keys stay the official ones
     block = cm.model.layers[0].block_sparse_moe
     h = torch.randn(1, 7, 64)
@@ -169,13 +170,13 @@ def test_cd_moe_end_to_end(tmp_path, ckpt, text_file):
                    "--nsamples", "4", "--seqlen", "32", "--out", out])
     (layer, entry), = rep["condensed_layers"].items()
     assert len(entry["experts"]) == 2 and all(0 < w < 1 for w in entry["weights"])
-    assert ep.condensed_layers(ep.load_model(out).config) == rep["condensed_layers"]
-    assert isinstance(ep.load_model(out).model.layers[int(layer)].block_sparse_moe, ep.CondensedMoeBlock)
+    assert variants.condensed_layers(variants.load_model(out).config) == rep["condensed_layers"]
+    assert isinstance(variants.load_model(out).model.layers[int(layer)].block_sparse_moe, variants.CondensedMoeBlock)
     with pytest.raises(checkpoint.CheckpointError, match="expert-level variant"):  # never run as a plain Mixtral
         checkpoint.load_model(out)
     again = ep.main(["--model", ckpt, "--condense-layers", "2", "--condense-experts", "1", "--calib-data", text_file,
                      "--nsamples", "4", "--seqlen", "32", "--out", out, "--overwrite"])  # replaced only when asked
-    assert len(again["condensed_layers"]) == 2 and ep.condensed_layers(ep.load_model(out).config) == again["condensed_layers"]
+    assert len(again["condensed_layers"]) == 2 and variants.condensed_layers(variants.load_model(out).config) == again["condensed_layers"]
 
 
 @pytest.mark.parametrize("argv,msg", [(["--keep-experts", "0"], "must be at least 1"), (["--keep-experts", "5"], "must lie in [num_experts_per_tok 2, num_local_experts 4]"),
@@ -385,10 +386,10 @@ def test_variant_blocks_show_an_observer_what_each_expert_saw():
     x = h.reshape(10, 64)
     calls, plain, skipping, top1 = [], [], [], []
     with torch.no_grad(), torch.device("meta"), MetaMeetsReal():  # every tensor the blocks make is on x's device
-        ep.CondensedMoeBlock(block, [1, 3], [0.3, 0.2])(h, calls.append)
+        variants.CondensedMoeBlock(block, [1, 3], [0.3, 0.2])(h, calls.append)
         block(h, plain.append)
-        ep.SkippingMoeBlock(block, 0.0)(h, skipping.append)
-        ep.SkippingMoeBlock(block, 1.0)(h, top1.append)
+        variants.SkippingMoeBlock(block, 0.0)(h, skipping.append)
+        variants.SkippingMoeBlock(block, 1.0)(h, top1.append)
     with torch.no_grad():
         assert [c.expert for c in calls] == [1, 3]
         for c, w in zip(calls, (0.3, 0.2)):

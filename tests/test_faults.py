@@ -605,7 +605,7 @@ def test_sparse24_refuses_weights_that_overflow_the_half_dtype(tmp_path, capsys)
                                      {"condensed_layers": {"1": {"experts": [0, 2], "weights": [0.6, 0.4]}}}])
 def test_an_expert_level_variant_is_honoured_or_refused_by_every_script(tmp_path, capsys, variant):
     """NAEE's skipping and CD-MoE's condensed layers run other MoE blocks than Mixtral's: evaluation
-    runs them (expert_prune.load_model); every script that would run a plain Mixtral refuses them."""
+    runs them (variants.load_model); every script that would run a plain Mixtral refuses them."""
     ckpt = write_checkpoint(tmp_path / "ck")
     path = os.path.join(ckpt, "config.json")
     json.dump({**json.load(open(path)), **variant}, open(path, "w"))

@@ -32,7 +32,8 @@ def shards(path) -> dict:
 
 def layer_stats(layer, x, args):
     pos = Positions(*mm.rope_cos_sin(layer.config, x.shape[1]), None)
-    stats, routed, _, _ = prune.collect_stats(layer, x, pos, args)
+    dense = prune.collect_stats(layer, x, pos, args)
+    stats, routed = dense.stats, dense.routed
     return stats, routed
 
 
@@ -250,7 +251,7 @@ def test_layer_one_is_pruned_on_the_pruned_layer_zeros_outputs(tmp_path, ckpt, t
     with torch.no_grad():
         x1 = run_layer(pruned.model.layers[0], dense.model.embed_tokens(tokens), pos, 8)
     layer1 = dense.model.layers[1]
-    stats, _, _, _ = prune.collect_stats(layer1, x1, pos, prune.PruneArgs(method="wanda"))
+    stats = prune.collect_stats(layer1, x1, pos, prune.PruneArgs(method="wanda")).stats
     prune.prune_matrices(layer1, stats, prune.PruneArgs(method="wanda"), 0.5, None)
     other = checkpoint.load_model(str(tmp_path / "d"))
     name = "block_sparse_moe.experts.0.w1.weight"

@@ -10,6 +10,7 @@ import torch
 
 import distill
 import eval_ppl
+import report
 import run_paper
 from conftest import write_checkpoint
 
@@ -42,6 +43,13 @@ def test_run_paper_small(tmp_path, ckpt, text_file):
     (out / "README.md").unlink()
     run_paper.main(["--replot", "--out", str(out)])  # the same tables again, from results.json alone
     assert (out / "README.md").read_text() == readme
+    (out / "README.md").unlink()
+    report.main(["--out", str(out)])  # report.py's spelling of it
+    assert (out / "README.md").read_text() == readme
+    assert report.results_folders(str(tmp_path)) == []  # a results folder lies under ROOT/results
+    (tmp_path / "results").mkdir()
+    (out).rename(tmp_path / "results" / "res")
+    assert report.results_folders(str(tmp_path)) == [str(tmp_path / "results" / "res")]
 
 
 def test_gate_anatomy_is_flat_for_top1_routing_and_not_for_top2(tmp_path):
@@ -64,7 +72,7 @@ def test_anatomy_summary_pairs_draws():
             for n, d, p in (("magnitude", 0, 9.0), ("router-blind wanda", 0, 8.0), ("router-blind wanda", 1, 8.2),
                             ("wanda", 0, 7.0), ("wanda", 1, 7.4), ("moe-pruner", 0, 6.9), ("moe-pruner", 1, 7.5),
                             ("sparsegpt", 0, 6.0))]
-    summary = run_paper.anatomy_summary({"runs": runs})
+    summary = report.anatomy_summary({"runs": runs})
     diff = next(r for r in summary if r["setting"] == "2:4" and r["name"] == "moe-pruner - wanda")
     assert abs(diff["mean"] - 0.0) < 1e-12 and diff["wins"] == 1 and diff["draws"] == 2
     wanda = next(r for r in summary if r["setting"] == "50%" and r["name"] == "wanda")
@@ -77,13 +85,15 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
                 for m, p in (("magnitude", 9.0), ("wanda", 8.0), ("sparsegpt", 7.0), ("moe-pruner", 7.9))
                 for nm in (None, "2:4")]
         if with_70:
-            runs += [{"part": "sparsity", "method": m, "sparsity": 0.7, "nm": None, "ppl": 20.0} for m in run_paper.METHODS]
+            runs += [{"part": "sparsity", "method": m, "sparsity": 0.7, "nm": None, "ppl": 20.0} for m in report.METHODS]
         return {"model": model, "dense_ppl": 6.0 + shift, "runs": runs}
     for name, res in (("a", results("A", 0.0, True)), ("b", results("B", 0.5, False))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(res))
     run_paper.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
     table = capsys.readouterr().out
+    report.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert capsys.readouterr().out == table  # report.py's spelling of it
     assert table.startswith("Each cell: A / B.")
     assert "| method | 50% | 2:4 |\n" in table  # 70% is in one run only: left out
     assert "| wanda | 8.000 / 8.500 | 8.000 / 8.500 |" in table
@@ -116,9 +126,10 @@ def test_compare_puts_two_runs_side_by_side(tmp_path, capsys):
                                               ("{}", "not a run_paper.py results file (no 'model')")])
 def test_a_corrupt_results_file_is_one_line(tmp_path, capsys, content, message):
     (tmp_path / "results.json").write_text(content)
-    for flags in (["--compare", str(tmp_path)], ["--replot", "--out", str(tmp_path)]):
+    for script, flags in ((run_paper, ["--compare", str(tmp_path)]), (run_paper, ["--replot", "--out", str(tmp_path)]),
+                          (report, ["--compare", str(tmp_path)]), (report, ["--out", str(tmp_path)])):
         with pytest.raises(SystemExit) as e:
-            run_paper.main(flags)
+            script.main(flags)
         err = capsys.readouterr().err.strip()
         assert e.value.code != 0 and err.startswith("error: ") and message in err and "\n" not in err
     assert (tmp_path / "results.json").read_text() == content and os.listdir(tmp_path) == ["results.json"]
@@ -141,7 +152,7 @@ def test_a_failed_run_leaves_the_out_folder_as_it_was(tmp_path, ckpt, text_file,
     halfway leaves no --out, no calibration file and no staging folder."""
     def fail(s):
         raise run_paper.data.DataError("halfway")
-    monkeypatch.setattr(run_paper, "part_table", fail)
+    monkeypatch.setattr(run_paper, "table_2", fail)
     out = tmp_path / "res"
     with pytest.raises(SystemExit):
         run_paper.main(["--model", ckpt, "--calib-data", text_file, "--eval-data", text_file, "--seqlen", "32",
@@ -157,10 +168,10 @@ def test_the_distillation_table_and_facts_read_what_distill_records():
                              "pruned_ppl": 9.0, "distilled_ppl": ppl, "gap_recovered": (9.0 - ppl) / 1.0,
                              "seconds": 600.0, "lambda": 6.5 if loss == "eq10" else None, "settings": settings}
     res = {"distill": [row("eq10", 8.4), row("ce", 8.7)]}
-    table = run_paper.distill_table(res)
+    table = report.distill_table(res)
     assert table.startswith(f"Distillation: {settings['nsamples']} windows x {settings['seqlen']} tokens, ")
     assert "| moe-pruner | 50% | full | eq10 | 8.000 | 9.000 | 8.400 | 60.0% | 600 |" in table
-    facts = run_paper.facts({"total_minutes": 1, "dense_ppl": 8.0, "eval_windows": 128, **res})
+    facts = report.facts({"total_minutes": 1, "dense_ppl": 8.0, "eval_windows": 128, **res})
     assert facts["kd:moe-pruner:50%:full:eq10"] == "8.400" and facts["kd-gap:moe-pruner:50%:full:ce"] == "30.0%"
     assert facts["kd-lambda:moe-pruner:50%:full:eq10"] == "6.50" and facts["kd-gap-range"] == "60%-60%"
 
@@ -169,18 +180,18 @@ def test_a_marker_reads_any_json_file_by_path_and_format():
     """<!-- value FILE PATH|FORMAT -->: a model's report.json or a benchmark's file, dotted into
     objects and lists, a list formatted item by item, *F scaling a number first."""
     obj = {"tokens": {"train": 8412990}, "router": [{"cv": 0.41234, "counts": [3, 14]}], "ppl": 16.0667}
-    assert run_paper.path_value(obj, "tokens.train|*1e-6:.1f") == "8.4"
-    assert run_paper.path_value(obj, "router.0.cv|.2f") == "0.41"
-    assert run_paper.path_value(obj, "router.0.counts|d") == "3, 14"
-    assert run_paper.path_value(obj, "ppl|.2f") == "16.07"
+    assert report.path_value(obj, "tokens.train|*1e-6:.1f") == "8.4"
+    assert report.path_value(obj, "router.0.cv|.2f") == "0.41"
+    assert report.path_value(obj, "router.0.counts|d") == "3, 14"
+    assert report.path_value(obj, "ppl|.2f") == "16.07"
     with pytest.raises(run_paper.data.DataError, match="no 'router.1.cv' in the file"):
-        run_paper.path_value(obj, "router.1.cv|.2f")
+        report.path_value(obj, "router.1.cv|.2f")
 
 
 def test_a_help_marker_holds_the_scripts_help_whatever_the_terminal(tmp_path, monkeypatch):
     (tmp_path / "doc.md").write_text("<!-- help eval_ppl.py -->\nstale\n<!-- end help -->\n")
     monkeypatch.setenv("COLUMNS", "40")
-    text = run_paper.render_document((tmp_path / "doc.md").read_text(), root=str(tmp_path))
+    text = report.render_document((tmp_path / "doc.md").read_text(), root=str(tmp_path))
     assert "stale" not in text and text.startswith("<!-- help eval_ppl.py -->\n```text\nusage: eval_ppl.py [-h]")
     assert "  --eval-windows, --max-windows EVAL_WINDOWS\n" in text  # 100 columns, not the terminal's 40
     assert os.environ["COLUMNS"] == "40"

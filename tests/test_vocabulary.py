@@ -17,6 +17,7 @@ import distill
 import eval_ppl
 import expert_prune
 import prune
+import report
 import run_paper
 import sparse24
 import zeroshot
@@ -25,7 +26,7 @@ from bench import forward, gpu_check, prune_memory, scale as bench_scale, sparse
 SCRIPTS = {"prune": prune, "distill": distill, "eval_ppl": eval_ppl, "expert_prune": expert_prune,
            "sparse24": sparse24, "run_paper": run_paper, "zeroshot": zeroshot, "bench.scale": bench_scale,
            "bench.sparse24_kernels": sparse24_kernels, "bench.gpu_check": gpu_check, "bench.forward": forward,
-           "bench.prune_memory": prune_memory}
+           "bench.prune_memory": prune_memory, "report": report}
 FORMER = {"--samples": "--nsamples", "--data": None, "--r": "--keep-experts", "--max-windows": "--eval-windows",
           "--hidden": "--hidden-size", "--intermediate": "--intermediate-size", "--layers": "--num-hidden-layers",
           "--experts": "--num-local-experts", "--vocab": "--vocab-size", "--batch": "--batch-size"}
@@ -126,7 +127,7 @@ BAD_VALUE = {"prune.py": "--seed", "distill.py": "--seed", "expert_prune.py": "-
              "pretrain_tiny.py": "--seed", "eval_ppl.py": "--batch-size", "zeroshot.py": "--batch-size",
              "sparse24.py": "--method", "bench.scale": "--nsamples", "bench.prune_memory": "--nsamples",
              "bench.forward": "--repeats", "bench.sparse24_kernels": "--iters", "bench.gpu_check": "--seconds",
-             "bench.distributed": "--bogus-flag"}
+             "bench.distributed": "--bogus-flag", "report.py": "--bogus-flag"}
 
 
 @pytest.mark.parametrize("script", BAD_VALUE)
