@@ -160,7 +160,8 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     (The reference's 2/n factor is omitted: dampening is relative to mean(diag H) and the update
     uses H^-1 ratios, so the scale cancels.)"""
     x = x.float()
-    return x.T @ x
+    with torch.autocast(x.device.type, enabled=False):  # float32 products inside a bfloat16 forward too
+        return x.T @ x
 
 
 def input_statistic(method: str, x: torch.Tensor, gate: Optional[torch.Tensor]):

@@ -135,3 +135,13 @@ def test_a_bfloat16_run_holds_a_bfloat16_checkpoints_layers_in_bfloat16(tmp_path
     for method in ("moe-pruner", "sparsegpt"):
         a, b = outs[method, "bfloat16"], outs[method, "float32"]
         assert all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in a)
+
+
+def test_sparsegpts_hessian_is_a_float32_product_inside_a_bfloat16_forward():
+    """The observer runs inside the forward's autocast: the Hessian must not become a bfloat16 product."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=g).bfloat16()
+    with layerwise.compute_dtype("cpu", "bfloat16"):
+        inside = prune.hessian(x)
+    assert inside.dtype == torch.float32 and torch.equal(inside, prune.hessian(x))
+    assert not torch.equal(inside, (x.T @ x).float())  # what autocast's bfloat16 product would give
