@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import anatomy
 import distill
 import eval_ppl
 import report
@@ -57,7 +58,7 @@ def test_gate_anatomy_is_flat_for_top1_routing_and_not_for_top2(tmp_path):
     for k, flat in ((1, True), (2, False)):
         ck = write_checkpoint(tmp_path / f"k{k}", num_experts_per_tok=k)
         tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-        rows = run_paper.gate_anatomy(ck, tokens)
+        rows = anatomy.gate_anatomy(ck, tokens)
         assert len(rows) == 2
         for r in rows:
             if flat:
