@@ -160,15 +160,15 @@ def add_recipe_arg(p: argparse.ArgumentParser, report: str, what: str = ""):
 
 def add_calib_data_arg(p: argparse.ArgumentParser, split: str = "calibration", former: tuple = ()):
     """--calib-data, the text windows are drawn from (prune.py, expert_prune.py, distill.py); former:
-    older spellings still accepted."""
+    its other spellings."""
     p.add_argument("--calib-data", *former, dest="calib_data", default="stdlib",
                    help=f"calibration text: a C4 json/json.gz shard, a WikiText raw file, any text file, or 'stdlib' "
                         f"for the embedded corpus's {split} split (default)" + spelled(former))
 
 
 def spelled(former: tuple) -> str:
-    """The --help note on a flag's former spellings."""
-    return f"; {', '.join(former)}: its former spelling, still accepted" if former else ""
+    """The --help note on a flag's other spellings (the names earlier versions gave it)."""
+    return f"; also spelled {', '.join(former)}" if former else ""
 
 
 def add_calibration_args(p: argparse.ArgumentParser, nsamples_help: str = "calibration windows (paper: 128)"):

@@ -27,8 +27,8 @@ Two modes:
     norms are copied from the student unchanged. Under torchrun, expert parallel.
 
 Paper settings as defaults where they fit: 1000 samples, 3 epochs, AdamW at lr 2e-5 with a cosine
-schedule. Sequence length is not given by the paper; the default, 128 tokens, is sized so that the
-embedded model distils in a few minutes on 2 CPU cores.
+schedule. Sequence length is not given by the paper; the default is 128 tokens, a quarter of the
+embedded model's context.
 
     python distill.py --teacher models/tiny-mixtral --student out/moe-pruner-50 --out out/moe-pruner-50-kd
     torchrun --nproc_per_node 8 distill.py --teacher DENSE --student PRUNED --out KD --device cuda
@@ -68,7 +68,7 @@ class DistillConfig:
     dtype: str = "float32"  # compute dtype on CPU (bfloat16: autocast, fast only with AMX / AVX-512 BF16); CUDA: bf16
 
 
-FORMER = {"nsamples": ("--samples",)}  # DistillConfig field -> its former spellings, still accepted
+FORMER = {"nsamples": ("--samples",)}  # DistillConfig field -> its other spellings (earlier versions' names)
 # DistillConfig field -> the argparse type that refuses bad values before any work
 FIELD_TYPES = {"nsamples": cli.positive_int, "seqlen": cli.seqlen, "epochs": cli.positive_int, "lr": cli.positive_float,
                "warmup_steps": cli.nonnegative_int, "batch_size": cli.positive_int, "grad_accum": cli.positive_int,

@@ -13,7 +13,7 @@ NAEE, "Not All Experts are Equal" (Lu et al. 2024, arXiv 2402.14800):
     layout, which transformers loads too.
   - dynamic skipping (Section 3.2): with top-2 weights g0 >= g1, skip the second expert when
     g1 < beta * g0; beta per layer = the median of g1 / g0 over calibration tokens (so about half
-    the tokens skip). Stored as config.json's dynamic_skip_beta; load_model below installs a
+    the tokens skip). Stored as config.json's dynamic_skip_beta; variants.load_model installs a
     SkippingMoeBlock where a checkpoint asks for it (transformers ignores the field).
 Layers are processed one at a time as in prune.py (layerwise.py). --protocol layerwise (the
 reference's layerwise_pruning, default) chooses every layer's experts on the *dense* model's

@@ -16,16 +16,16 @@ library's source (data.py). Up to four stages, one script:
 
 Load balancing: by default the Switch loss is applied per layer (--balance per-layer); the
 pooled form of transformers' load_balancing_loss_func balances only the experts' total over
-layers and let the first layers collapse onto two experts (README.md, "The embedded model").
+layers and let the first layers collapse onto two experts (docs/embedded-model.md).
 
 Deterministic for a seed on a given machine and thread count; shows progress; resumable
 (--resume) from the state it saves every --save-every steps. The default budget (~2.4M tokens)
-takes about 15 minutes on 2 CPU cores and is cached for every script whose --model is not
-given. The shipped model in models/tiny-mixtral took two commands (README.md gives them with
-their report.json): 12M dense + 8M upcycled tokens with the pooled loss, then 6M more tokens
+is cached for every script whose --model is not given; report.json records the minutes a run took
+and the machine it ran on. The shipped model in models/tiny-mixtral took two commands
+(docs/embedded-model.md gives them with their report.json): 12M dense + 8M upcycled tokens with the pooled loss, then 6M more tokens
 with the per-layer loss at weight 1.0, which revived the collapsed experts:
 
-    python pretrain_tiny.py                       # ~15 min, to the cache folder
+    python pretrain_tiny.py                       # to the cache folder
     python pretrain_tiny.py --out pooled --dense-tokens 12e6 --moe-tokens 8e6 --balance pooled \
         --aux-loss-coef 0.02 --threads 2
     python pretrain_tiny.py --init-from pooled --out models/tiny-mixtral --moe-tokens 6e6 \
