@@ -52,7 +52,7 @@ def sort_rows(x: torch.Tensor) -> torch.Tensor:
 def where_nonzero(ind: torch.Tensor, chunk: int = 64):
     """(rows, cols) of the nonzero entries of ind [rows, cols], row-major, as nonzero(as_tuple=True):
     for a sparse ind several times faster, by finding the nonzero chunks of `chunk` entries first."""
-    rows, cols = ind.shape
+    cols = ind.shape[1]
     if ind.numel() % chunk:
         return ind.nonzero(as_tuple=True)
     flat = ind.view(-1, chunk)  # [numel / chunk, chunk]
