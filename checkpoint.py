@@ -2,6 +2,10 @@
 Checkpoints in the official Hugging Face layout: config.json, model.safetensors or sharded
 model-0000i-of-0000n.safetensors + model.safetensors.index.json, tokenizer files beside them.
 
+Three families share mini_mixtral.py's model: Mixtral, OLMoE and Qwen3-MoE. FAMILIES is the one
+name map between their config.json keys and tensor names and Mixtral's, which the model's modules
+and every script use; a checkpoint is read and written in its own family's names.
+
   - read_config / CheckpointReader: lazy, memory-mapped reading. Opening a checkpoint reads only
     the shards' headers and checks, from them alone, that the key set and every shape match the
     config one for one (as nanoGPT's from_pretrained does); load_layer then materialises one
@@ -36,8 +40,69 @@ class CheckpointError(UserError):
     """A checkpoint cannot be used; the message is one line naming the problem."""
 
 
+# -----------------------------------------------------------------------------
+# The families: each one's names where they differ from Mixtral's, and the switches its decoder implies
+
+OLMOE_TENSORS = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+                 (".w2.", ".down_proj."))  # (Mixtral's, theirs): the router is mlp.gate, the experts mlp.experts.E
+FAMILIES = {
+    "mixtral": dict(architecture="MixtralForCausalLM", keys={}, tensors=(),
+                    switches=dict(qk_norm=None, norm_topk_prob=True), defaults={}),
+    "olmoe": dict(architecture="OlmoeForCausalLM", keys={"num_local_experts": "num_experts"}, tensors=OLMOE_TENSORS,
+                  switches=dict(qk_norm="projection"), defaults=dict(norm_topk_prob=False)),
+    # Qwen3-MoE's intermediate_size is the width of dense MLP layers, which the supported checkpoints
+    # do not have (mlp_only_layers is empty); the experts' width is its moe_intermediate_size
+    "qwen3_moe": dict(architecture="Qwen3MoeForCausalLM", tensors=OLMOE_TENSORS,
+                      keys={"num_local_experts": "num_experts", "intermediate_size": "moe_intermediate_size",
+                            "dense_intermediate_size": "intermediate_size"},
+                      switches=dict(qk_norm="head"), defaults=dict(norm_topk_prob=False)),
+}
+UNSUPPORTED = {  # config.json values of these families whose decoder the model does not build
+    "clip_qkv": None, "attention_bias": False, "mlp_only_layers": [], "decoder_sparse_step": 1}
+
+
+def config_from_json(d: dict) -> MixtralConfig:
+    """A config.json's dict, of any family, as a MixtralConfig (ValueError, one line, if it is none of them)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"not a JSON object but a {type(d).__name__}")
+    family = FAMILIES.get(d.get("model_type"))
+    if family is None:
+        raise ValueError(f"model_type is {d.get('model_type')!r}, not one of {', '.join(map(repr, FAMILIES))}")
+    for k, allowed in UNSUPPORTED.items():
+        if d.get(k, allowed) != allowed:
+            raise ValueError(f"{k} {d[k]!r} is not supported; only {json.dumps(allowed)} is")
+    theirs = {v: k for k, v in family["keys"].items()}
+    d = {**family["defaults"], **{theirs.get(k, k): v for k, v in d.items()}, **family["switches"]}
+    if d["model_type"] == "qwen3_moe" and not d.get("use_sliding_window", False):
+        d["sliding_window"] = None  # as transformers' Qwen3MoeConfig: the window applies only when enabled
+    return MixtralConfig.from_dict(d)
+
+
+def config_json(config: MixtralConfig) -> dict:
+    """config as its family's config.json: its key names, without the switches its model_type implies."""
+    family = FAMILIES[config.model_type]
+    d = {k: v for k, v in config.to_dict().items() if k not in family["switches"]}
+    d = {family["keys"].get(k, k): v for k, v in d.items()}
+    d.setdefault("architectures", [family["architecture"]])
+    return d
+
+
+def file_name(name: str, config: MixtralConfig) -> str:
+    """A tensor's name in config's family (Mixtral's names are the model's)."""
+    for ours, theirs in FAMILIES[config.model_type]["tensors"]:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def model_name(name: str, config: MixtralConfig) -> str:
+    """A tensor's name in the model, from its name in config's family."""
+    for ours, theirs in FAMILIES[config.model_type]["tensors"]:
+        name = name.replace(theirs, ours)
+    return name
+
+
 def expected_shapes(config: MixtralConfig) -> dict:
-    """Every tensor name of an official Mixtral checkpoint with its shape, from the config alone."""
+    """Every tensor name of an official checkpoint (by the model's names) with its shape, from the config alone."""
     h = config.hidden_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     if not config.tie_word_embeddings:
@@ -59,6 +124,10 @@ def layer_shapes(config: MixtralConfig, l: int) -> dict:
         p + "self_attn.o_proj.weight": (h, config.num_attention_heads * d),
         p + "block_sparse_moe.gate.weight": (config.num_local_experts, h),
     }
+    if config.qk_norm is not None:  # OLMoE's norms are as wide as the projections, Qwen3-MoE's as a head
+        per_head = config.qk_norm == "head"
+        s[p + "self_attn.q_norm.weight"] = (d if per_head else config.num_attention_heads * d,)
+        s[p + "self_attn.k_norm.weight"] = (d if per_head else config.num_key_value_heads * d,)
     for e in range(config.num_local_experts):
         q = f"{p}block_sparse_moe.experts.{e}."
         s.update({q + "w1.weight": (i, h), q + "w3.weight": (i, h), q + "w2.weight": (h, i)})
@@ -100,6 +169,10 @@ def check_config(config: MixtralConfig) -> MixtralConfig:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
     if not 1 <= config.num_experts_per_tok <= config.num_local_experts:
         raise ValueError("num_experts_per_tok must lie in [1, num_local_experts]")
+    if not isinstance(config.norm_topk_prob, bool):
+        raise ValueError(f"norm_topk_prob {config.norm_topk_prob!r} is not true or false")
+    if config.qk_norm not in (None, "projection", "head"):
+        raise ValueError(f"qk_norm {config.qk_norm!r} is not null, 'projection' or 'head'")
     return config
 
 
@@ -125,7 +198,7 @@ def read_config(path: str) -> MixtralConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     try:
-        return check_config(MixtralConfig.from_dict(d))
+        return check_config(config_from_json(d))
     except ValueError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
 
@@ -186,6 +259,9 @@ class CheckpointReader:
                 missing = [k for k, s in self.weight_map.items() if s == shard and k not in keys]
                 if missing:
                     raise CheckpointError(f"{shard}: index names {missing[0]} but the shard does not hold it")
+        # from here on every tensor goes by the model's (Mixtral's) name; file_keys has the family's
+        self.file_keys = {model_name(k, self.config): k for k in self.weight_map}
+        self.weight_map = {model_name(k, self.config): s for k, s in self.weight_map.items()}
         self._check_keys()
 
     def _open(self, shard: str):
@@ -206,22 +282,25 @@ class CheckpointReader:
             have.discard("lm_head.weight")  # some tied checkpoints still store it; it is the embedding
         missing, unexpected = sorted(set(want) - have), sorted(have - set(want))
         if missing:
-            raise CheckpointError(f"{self.path}: missing key {missing[0]} ({len(missing)} missing in all)")
+            raise CheckpointError(f"{self.path}: missing key {file_name(missing[0], self.config)} ({len(missing)} "
+                                  f"missing in all)")
         if unexpected:
-            raise CheckpointError(f"{self.path}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)")
+            raise CheckpointError(f"{self.path}: unexpected key {self.file_keys[unexpected[0]]} ({len(unexpected)} "
+                                  f"unexpected in all)")
         headers = {s: self._open(s) for s in set(self.weight_map.values())}  # headers only: no data is read
         for k, (shape, dtypes) in want.items():
-            got = tuple(headers[self.weight_map[k]].get_slice(k).get_shape())
+            stored = headers[self.weight_map[k]].get_slice(self.file_keys[k])
+            got = tuple(stored.get_shape())
             if got != tuple(shape):
-                raise CheckpointError(f"{self.path}: {k} has shape {list(got)}, config implies {list(shape)}")
-            code = headers[self.weight_map[k]].get_slice(k).get_dtype()
-            if code not in dtypes:
-                raise CheckpointError(f"{self.path}: {k} is stored as {code}; only {', '.join(dtypes)} is supported "
-                                      f"there")
+                raise CheckpointError(f"{self.path}: {self.file_keys[k]} has shape {list(got)}, config implies "
+                                      f"{list(shape)}")
+            if stored.get_dtype() not in dtypes:
+                raise CheckpointError(f"{self.path}: {self.file_keys[k]} is stored as {stored.get_dtype()}; only "
+                                      f"{', '.join(dtypes)} is supported there")
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The dtype a tensor is stored in (read from the header, not the data)."""
-        return SAFETENSORS_DTYPES[self._open(self.weight_map[name]).get_slice(name).get_dtype()]  # e.g. "BF16"
+        return SAFETENSORS_DTYPES[self._open(self.weight_map[name]).get_slice(self.file_keys[name]).get_dtype()]
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the expert weights are stored in."""
@@ -230,11 +309,11 @@ class CheckpointReader:
     def get(self, name: str, dtype=None, device="cpu") -> torch.Tensor:
         handle = self._open(self.weight_map[name])
         try:
-            t = handle.get_tensor(name)
+            t = handle.get_tensor(self.file_keys[name])
         except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read {name} ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{self.path}: cannot read {self.file_keys[name]} ({str(e).splitlines()[0]})") from None
         if not self.allow_nonfinite and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{self.path}: {name} has non-finite values (NaN or Inf)")
+            raise CheckpointError(f"{self.path}: {self.file_keys[name]} has non-finite values (NaN or Inf)")
         return t.to(device=device, dtype=dtype or t.dtype, copy=True)  # never the file's memory map: a write
         # to a weight would copy its pages one fault at a time
 
@@ -312,6 +391,8 @@ class CheckpointWriter:
         self.extra_files = {}  # {file name: str, bytes or JSON-able object} written beside the weights by close()
 
     def add(self, name: str, tensor: torch.Tensor):
+        """Stage tensor under its model (Mixtral) name; it is stored under its family's name."""
+        name = file_name(name, self.config)
         t = tensor.detach().to("cpu").contiguous()
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{name} has non-finite values (NaN or Inf); nothing was written")
@@ -351,7 +432,7 @@ class CheckpointWriter:
                 with open(os.path.join(self.tmp, "model.safetensors.index.json"), "w") as f:
                     json.dump(index, f, indent=2)
             with open(os.path.join(self.tmp, "config.json"), "w") as f:
-                json.dump(self.config.to_dict(), f, indent=2)
+                json.dump(config_json(self.config), f, indent=2)
             if self.src_dir:
                 for fn in TOKENIZER_FILES:
                     if os.path.isfile(os.path.join(self.src_dir, fn)):

@@ -38,6 +38,8 @@ SHIPPED_MODEL = os.path.join(REPO, "models", "tiny-mixtral")
 # The second shipped model: trained with the standard balancing weight from upcycling, its router
 # decisive (pretrain_tiny.py's report.json beside it); for comparisons, never a default.
 DECISIVE_MODEL = os.path.join(REPO, "models", "tiny-mixtral-decisive")
+# The third: a fine-grained OLMoE (32 experts, top-8, gates not renormalised) upcycled from the second.
+FINE_GRAINED_MODEL = os.path.join(REPO, "models", "tiny-olmoe")
 # Where pretrain_tiny.py puts a model trained on this machine when no shipped one is present.
 CACHE_MODEL = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                            "mini-moe-pruner", "tiny-mixtral")

@@ -105,32 +105,55 @@ def expert_load_cv(top1_counts: torch.Tensor) -> float:
 
 @torch.no_grad()
 def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu") -> list:
-    """Per layer: expert-load CV of top-1 choices (Eq. 4-5), top-1 counts, the renormalised top-1
-    gate's mean and standard deviation, and the mean top-k probability mass (the router's softmax
-    probability of the k chosen experts before renormalisation: k / n_experts for a flat router,
-    1 for a decisive one), over all tokens of the windows."""
+    """Per layer: expert-load CV of top-1 choices (Eq. 4-5), top-1 counts, the top-1 gate's mean
+    and standard deviation (the gate the model weights by: renormalised or not), the mean top-k
+    probability mass (the router's softmax probability of the k chosen experts before
+    renormalisation: k / n_experts for a flat router, 1 for a decisive one), over all tokens of
+    the windows; and the two spreads of the gates that Eq. 9 weights by:
+      - gate_entropy: how evenly a token's k gates share its weight, the mean over tokens of the
+        entropy of its k gates (scaled to sum to 1) over log k: 1 for equal gates, 0 for one;
+      - expert_gate_cv: how much an expert's gate varies over the tokens routed to it, the
+        coefficient of variation (std / mean) of each expert's gates, averaged over the experts
+        weighted by their routed tokens. Eq. 9 with gates constant within each expert is Wanda's
+        metric (an expert's mask does not change when all its gates are scaled alike), so this is
+        where MoE-Pruner's weighting can act."""
     cfg = model.config
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long,
-                         device="cpu")  # the statistics are gathered on the CPU
-    gates = [[] for _ in range(cfg.num_hidden_layers)]
-    mass = [[] for _ in range(cfg.num_hidden_layers)]
+    L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    counts = torch.zeros(L, E, dtype=torch.long, device="cpu")  # the statistics are gathered on the CPU
+    gates = [[] for _ in range(L)]
+    mass = [[] for _ in range(L)]
+    entropy = [[] for _ in range(L)]
+    routed, gate_sum, gate_sq = (torch.zeros(L, E, dtype=torch.float64, device="cpu") for _ in range(3))  # per expert
     for i in range(0, len(windows), batch_size):
         _, router_logits = model(windows[i:i + batch_size].to(device), return_router_logits=True)
         for l, rl in enumerate(router_logits):
             if rl is None:  # a CD-MoE condensed layer has no router
                 continue
-            w, e = mm.route(rl, cfg.num_experts_per_tok)  # [N, k]
+            w, e = mm.route(rl, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [N, k] as the model weights them
             counts[l] += torch.bincount(e[:, 0].cpu(), minlength=cfg.num_local_experts)
             gates[l].append(w[:, 0].cpu())
             mass[l].append(torch.softmax(rl.float(), -1).topk(cfg.num_experts_per_tok, dim=-1).values.sum(-1).cpu())
+            share = (w / w.sum(-1, keepdim=True)).double().cpu()  # [N, k] each token's gates scaled to sum to 1
+            entropy[l].append(-(share * share.clamp_min(1e-300).log()).sum(-1) / math.log(k) if k > 1
+                              else torch.zeros(len(share), dtype=torch.float64, device="cpu"))
+            flat_e, flat_w = e.reshape(-1).cpu(), w.reshape(-1).double().cpu()  # [N * k] every assignment
+            routed[l] += torch.bincount(flat_e, minlength=E).double()
+            gate_sum[l].index_add_(0, flat_e, flat_w)
+            gate_sq[l].index_add_(0, flat_e, flat_w * flat_w)
     out = []
     for l in range(cfg.num_hidden_layers):
         if not gates[l]:
             continue
         g = torch.cat(gates[l])
+        n = routed[l].clamp(min=1)
+        mean = gate_sum[l] / n
+        std = (gate_sq[l] / n - mean * mean).clamp(min=0).sqrt()  # each expert's gates over its routed tokens
+        cv = torch.where(routed[l] > 1, std / mean.clamp(min=1e-300), torch.zeros_like(std))
         out.append({"layer": l, "load_cv": expert_load_cv(counts[l]), "top1_counts": counts[l].tolist(),
                     "top1_gate_mean": g.mean().item(), "top1_gate_std": g.std().item(),
-                    "topk_mass": torch.cat(mass[l]).mean().item()})
+                    "topk_mass": torch.cat(mass[l]).mean().item(),
+                    "gate_entropy": torch.cat(entropy[l]).mean().item(),
+                    "expert_gate_cv": float((cv * routed[l]).sum() / routed[l].sum())})
     return out
 
 
@@ -182,9 +205,12 @@ def evaluate(model_dir: str, windows: torch.Tensor, dtype: str = "float32", devi
 
 
 def markdown_table(results, router=False, speed=True):
-    """The results as one table; router adds the load CV and top-k mass per layer, speed the tokens/s."""
+    """The results as one table; router adds the load CV, top-k mass and the gates' two spreads per
+    layer (router_stats; the spreads where every result has them), speed the tokens/s."""
+    spreads = router and all("expert_gate_cv" in x for r in results for x in r["router"])
     head = ("| model | perplexity | windows (of the text's) x seqlen |" + (" tok/s |" if speed else "")
-            + (" load CV (Eq. 4-5), mean / per layer | top-k mass per layer |" if router else ""))
+            + (" load CV (Eq. 4-5), mean / per layer | top-k mass per layer |" if router else "")
+            + (" gate entropy per layer | an expert's gate CV per layer |" if spreads else ""))
     lines = [head, "|---" * head.count(" |") + "|"]
     for r in results:
         row = (f"| {r['model']} | {r['ppl']:.3f} | {r['windows']} (of {r.get('windows_in_text', r['windows'])}) x "
@@ -193,6 +219,9 @@ def markdown_table(results, router=False, speed=True):
             per_layer = ", ".join(f"{x['load_cv']:.2f}" for x in r["router"])
             mass = ", ".join(f"{x['topk_mass']:.3f}" for x in r["router"])
             row += f" {r['load_cv_mean']:.3f} / {per_layer} | {mass} |"
+        if spreads:
+            row += "".join(" " + ", ".join(f"{x[k]:.3f}" for x in r["router"]) + " |"
+                           for k in ("gate_entropy", "expert_gate_cv"))
         lines.append(row)
     return "\n".join(lines)
 
@@ -233,7 +262,8 @@ def main(argv=None):
                 print(f"{r['model']} layer {x['layer']}: load CV {x['load_cv']:.3f}, smallest top-1 share "
                       f"{100 * min(x['top1_counts']) / sum(x['top1_counts']):.1f}%, top-1 gate "
                       f"{x['top1_gate_mean']:.3f} +- {x['top1_gate_std']:.3f}, top-k probability mass "
-                      f"{x['topk_mass']:.3f}", file=sys.stderr)
+                      f"{x['topk_mass']:.3f}, gate entropy {x['gate_entropy']:.3f}, an expert's gate CV "
+                      f"{x['expert_gate_cv']:.3f}", file=sys.stderr)
     return results
 
 

@@ -5,7 +5,10 @@ NAEE, "Not All Experts are Equal" (Lu et al. 2024, arXiv 2402.14800):
   - expert pruning (Section 3.1): for each layer, on cached calibration inputs of its MoE block,
     try every subset of r kept experts out of n (28 subsets for r=6 of 8, 70 for r=4); a dropped
     expert's router logit is set to -inf, so tokens re-route to the top-k of the kept experts
-    (renormalised); keep the subset whose block output is closest to the original: the sum over
+    (renormalised where the model renormalises); keep the subset whose block output is closest to
+    the original. Beyond NAEE_SUBSETS subsets (C(64, 56) is 4.4e9 for a fine-grained model) the
+    search is greedy: drop, one at a time, the expert whose removal changes the output least. The
+    distance is the sum over
     calibration windows of the (unsquared) Frobenius norm of the difference, as the reference
     code (Lucky-Lance/Expert_Sparsity, wrapper.enumerate) computes it: one norm per batch of 8
     windows (--batch-size), summed over the batches. The result is a smaller
@@ -111,26 +114,27 @@ from progress import log
 # NAEE
 
 
-def masked_route(router_logits, keep, top_k):
+NAEE_SUBSETS = 5000  # the most subsets tried one by one: C(16, 12) = 1820 is; C(32, 24) = 1.05e7 is not
+
+
+def masked_route(router_logits, keep, top_k, renormalise=True):
     """Route with every expert outside `keep` at logit -inf: the top-k of the kept experts,
-    renormalised (NAEE's re-routing after dropping)."""
+    renormalised as the model routes (NAEE's re-routing after dropping)."""
     dropped = torch.ones(router_logits.shape[-1], dtype=torch.bool, device=router_logits.device)
     dropped[list(keep)] = False
-    return mm.route(router_logits.masked_fill(dropped, float("-inf")), top_k)
+    return mm.route(router_logits.masked_fill(dropped, float("-inf")), top_k, renormalise)
 
 
 @torch.no_grad()
-def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: int, batch_size: int,
+def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, subsets: list, batch_size: int,
                   target_x: torch.Tensor = None):
-    """NAEE's criterion for every r-subset of experts: the Frobenius norm (not squared) of the
+    """NAEE's criterion for each subset of kept experts: the Frobenius norm (not squared) of the
     change in the MoE block's output on one batch of batch_size calibration windows, summed over
     the batches (the reference's enumerate(): one norm per cached forward, of 8 windows by default).
     x: [n, T, hidden] the layer's inputs; target_x: the inputs whose unpruned block output Z is the
     target (the dense model's, for the progressive protocol), x itself by default.
-    Returns (subsets, errors [n_subsets] float64)."""
+    Returns errors [n_subsets] float64."""
     block = layer.block_sparse_moe
-    n = len(block.experts)
-    subsets = list(itertools.combinations(range(n), r))
     errors = torch.zeros(len(subsets), dtype=torch.float64, device="cpu")  # Python-float sums
     moe_input = lambda inputs: layer.post_attention_layernorm(layer.attend(inputs.float(), *pos))
     for i in range(0, len(x), batch_size):
@@ -141,10 +145,32 @@ def subset_errors(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: in
         y = block(target[None])[0][0]  # [N, hidden] Z, the unpruned block's output
         outs = torch.stack([e(h) for e in block.experts], dim=1)  # [N, n_experts, hidden] every expert, every token
         for s, keep in enumerate(subsets):
-            w, idx = masked_route(logits, keep, block.top_k)  # [N, k]
+            w, idx = masked_route(logits, keep, block.top_k, block.renormalise)  # [N, k]
             y_s = (outs.gather(1, idx[:, :, None].expand(-1, -1, H)) * w[:, :, None]).sum(1)  # [N, hidden]
             errors[s] += float((y_s.to(y.dtype) - y).double().pow(2).sum().sqrt())  # ||Z - Z_s||_F of the batch
-    return subsets, errors
+    return errors
+
+
+def naee_keep(layer: mm.DecoderLayer, x: torch.Tensor, pos: Positions, r: int, batch_size: int,
+              target_x: torch.Tensor = None) -> dict:
+    """NAEE's r kept experts: the subset of least output error among all C(n, r) (Section 3.1), or,
+    beyond NAEE_SUBSETS of them, by greedy elimination: n - r rounds, each dropping the expert whose
+    removal from the kept set gives the least error. Returns {"keep", "error", "worst_error" (of
+    the last round's candidates), "subsets" (errors computed), "search"}."""
+    n = len(layer.block_sparse_moe.experts)
+    if math.comb(n, r) <= NAEE_SUBSETS:
+        subsets = list(itertools.combinations(range(n), r))
+        errors = subset_errors(layer, x, pos, subsets, batch_size, target_x)
+        best = int(errors.argmin())
+        return {"keep": list(subsets[best]), "error": errors[best].item(), "worst_error": errors.max().item(),
+                "subsets": len(subsets), "search": "exhaustive"}
+    keep, tried = tuple(range(n)), 0
+    while len(keep) > r:
+        subsets = [tuple(e for e in keep if e != drop) for drop in keep]  # each kept expert dropped in turn
+        errors = subset_errors(layer, x, pos, subsets, batch_size, target_x)
+        keep, tried = subsets[int(errors.argmin())], tried + len(subsets)
+    return {"keep": list(keep), "error": errors.min().item(), "worst_error": errors.max().item(), "subsets": tried,
+            "search": "greedy"}
 
 
 def slice_experts(block: mm.SparseMoeBlock, keep: list):
@@ -243,13 +269,10 @@ def drop_experts(reader: CheckpointReader, tokens: torch.Tensor, how: ExpertPrun
                 slice_experts(layer.block_sparse_moe, keep)
                 per_layer.append({"layer": l, "keep": keep, "saliency": saliency.tolist()})
             elif r < n:
-                subsets, errors = subset_errors(layer, x, pos, r, batch_size,
-                                                None if protocol == "layerwise" else x_dense)
-                best = int(errors.argmin())
-                keep = list(subsets[best])
+                chosen = naee_keep(layer, x, pos, r, batch_size, None if protocol == "layerwise" else x_dense)
+                keep = chosen["keep"]
                 slice_experts(layer.block_sparse_moe, keep)
-                per_layer.append({"layer": l, "keep": keep, "error": errors[best].item(),
-                                  "worst_error": errors.max().item(), "subsets": len(subsets)})
+                per_layer.append({"layer": l, **chosen})
             else:
                 keep = list(range(n))
             if skip:
@@ -326,7 +349,7 @@ def condense(model: mm.Mixtral, tokens, n_layers: int, n_experts: int, batch_siz
         moe_in = layer.post_attention_layernorm(a).reshape(-1, cfg.hidden_size)  # [N, hidden]
         y, logits = block(moe_in[None])
         target = a.reshape(-1, cfg.hidden_size) + y[0]  # [N, hidden] the original layer output
-        w, idx = mm.route(logits, cfg.num_experts_per_tok)
+        w, idx = mm.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         avg_gate = routed_gate_means(w, idx, cfg.num_local_experts)
         outs = [e(moe_in) for e in block.experts]  # each [N, hidden]
         resid = a.reshape(-1, cfg.hidden_size)  # [N, hidden] the attention half's output

@@ -1,6 +1,11 @@
 """
 A hand-written Mixtral: the model and nothing else (checkpoint I/O is checkpoint.py).
 
+The same model reads OLMoE's and Qwen3-MoE's checkpoints, whose decoders differ from Mixtral's
+in two switches, each a config field: the top-k gates are renormalised or not (norm_topk_prob),
+and queries and keys are RMS-normalised before RoPE, over the whole projection (OLMoE) or per
+head (Qwen3-MoE) (qk_norm). Their tensor and config.json names are mapped in checkpoint.py.
+
 In dependency order: MixtralConfig (every field of a Mixtral config.json), RMSNorm, rotary
 embeddings (half-split "rotate_half" convention), grouped-query causal attention (optionally
 sliding-window), SwiGLU experts, the top-k router of MoE-Pruner's Eq. 2, the sparse MoE block
@@ -17,7 +22,9 @@ sparse tensors are 2-D only.
 References:
   - Mixtral of Experts, Jiang et al. 2024 (arXiv 2401.04088).
   - MoE-Pruner, Xie et al. 2024 (arXiv 2410.12013): Eq. 2 (router).
-  - transformers' MixtralForCausalLM, the independent reference this file is tested against.
+  - OLMoE, Muennighoff et al. 2024 (arXiv 2409.02060); Qwen3 Technical Report, 2025 (arXiv 2505.09388).
+  - transformers' MixtralForCausalLM, OlmoeForCausalLM and Qwen3MoeForCausalLM, the independent
+    references this file is tested against.
   - nanoGPT's model.py and gpt-fast's Mixtral, for the shape of this file.
 """
 
@@ -38,7 +45,8 @@ class MixtralConfig:
     # Defaults are those of mistralai/Mixtral-8x7B-v0.1's config.json.
     vocab_size: int = 32000
     hidden_size: int = 4096
-    intermediate_size: int = 14336  # per expert: 3.5x hidden, the SwiGLU width of Mistral-7B
+    intermediate_size: int = 14336  # per expert: 3.5x hidden, the SwiGLU width of Mistral-7B (Qwen3-MoE's
+    # config.json calls the expert width moe_intermediate_size; checkpoint.FAMILIES maps the names)
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int = 8  # grouped-query attention: 4 query heads share one k/v head
@@ -52,6 +60,10 @@ class MixtralConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"  # SwiGLU; the only activation Mixtral uses
     torch_dtype: str = "bfloat16"  # the dtype the weights are stored in
+    norm_topk_prob: bool = True  # renormalise each token's top-k gates to sum to 1 (Mixtral always does;
+    # OLMoE-1B-7B does not, and keeps the softmax's probabilities over all experts)
+    qk_norm: Optional[str] = None  # RMSNorm of queries and keys before RoPE: None (Mixtral), "projection"
+    # over each token's whole q and k projections (OLMoE), or "head" over each head (Qwen3-MoE)
     # config.json keys this class does not use (architectures, bos_token_id, ...): kept verbatim
     # so that a saved checkpoint has the same config.json as the one loaded.
     extra: dict = field(default_factory=dict, repr=False, compare=False)
@@ -60,14 +72,18 @@ class MixtralConfig:
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def model_type(self) -> str:
+        """The checkpoint family ("mixtral", "olmoe" or "qwen3_moe"): its layout and names."""
+        return self.extra.get("model_type", "mixtral")
+
     @classmethod
     def from_dict(cls, d: dict) -> "MixtralConfig":
-        """A config.json's dict; ValueError (one line) for anything that is not a Mixtral config
-        (checkpoint.check_config then checks its values)."""
+        """A dict in Mixtral's names (checkpoint.read_config maps the other families' config.json to
+        them); ValueError (one line) for a field of the wrong kind (checkpoint.check_config then
+        checks its values)."""
         if not isinstance(d, dict):
             raise ValueError(f"not a JSON object but a {type(d).__name__}")
-        if d.get("model_type") != "mixtral":
-            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'mixtral'")
         d = dict(d)
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
             d["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)  # transformers v5 name
@@ -86,8 +102,7 @@ class MixtralConfig:
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
         if d["head_dim"] is None:
             del d["head_dim"]
-        d["model_type"] = "mixtral"
-        d.setdefault("architectures", ["MixtralForCausalLM"])
+        d["model_type"] = self.model_type
         return d
 
 
@@ -152,11 +167,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=False)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:  # OLMoE: norms as wide as the projections; Qwen3-MoE: as a head
+            per_head = self.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else self.n_head * self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else self.n_kv_head * self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, heads, T, head_dim]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, head_dim]
+        q, k = self.q_proj(x), self.k_proj(x)  # [B, T, heads * head_dim], [B, T, kv_heads * head_dim]
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_head, self.head_dim)  # [B, T, heads, head_dim]
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # [B, T, kv_heads, head_dim]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, T, head_dim], [B, kv_heads, T, head_dim]
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
@@ -186,16 +212,18 @@ class Expert(nn.Module):
         return self.w2(self.hidden(x))
 
 
-def route(router_logits: torch.Tensor, top_k: int):
+def route(router_logits: torch.Tensor, top_k: int, renormalise: bool = True):
     """MoE-Pruner Eq. 2: Gate(x) = Softmax(TopK(x W_g)), with Mixtral's order of operations.
 
     Softmax over *all* logits in float32, keep the top-k probabilities, renormalise them to sum
-    to 1 (identical to a softmax over the top-k logits). Returns (weights [N, k] float32,
-    experts [N, k] int64); every expert not among a token's top-k has gate 0.
+    to 1 (identical to a softmax over the top-k logits). Without renormalise (OLMoE) the gates are
+    the top-k probabilities of the softmax over all experts, summing to less than 1. Returns
+    (weights [N, k] float32, experts [N, k] int64); every expert not among a token's top-k has gate 0.
     """
     probs = F.softmax(router_logits.float(), dim=-1)  # [N, n_experts]
     weights, experts = torch.topk(probs, top_k, dim=-1)  # [N, k]
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if renormalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts
 
 
@@ -205,7 +233,7 @@ class ExpertCall(NamedTuple):
     expert: int  # expert index within the layer
     tokens: torch.Tensor  # [n] indices into the flattened [batch * seqlen] token axis
     x: torch.Tensor  # [n, hidden] the routed tokens' inputs (post-attention RMSNorm output): input of w1, w3
-    gate: torch.Tensor  # [n] float32 renormalised routing weight of this expert for those tokens (Eq. 2)
+    gate: torch.Tensor  # [n] float32 routing weight of this expert for those tokens (Eq. 2, as the model routes)
     h: torch.Tensor  # [n, intermediate] silu(w1 x) * (w3 x): input of w2
     y: torch.Tensor  # [n, hidden] the expert's output before it is scaled by the gate
 
@@ -220,7 +248,7 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, config: MixtralConfig):
         super().__init__()
-        self.top_k = config.num_experts_per_tok
+        self.top_k, self.renormalise = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # the router W_g
         self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
 
@@ -231,7 +259,7 @@ class SparseMoeBlock(nn.Module):
         x = x.reshape(B * T, H)  # [N, hidden]
         if router_logits is None:
             router_logits = self.gate(x)  # [N, n_experts]
-        weights, experts = route(router_logits, self.top_k)  # [N, k] each: Eq. 2
+        weights, experts = route(router_logits, self.top_k, self.renormalise)  # [N, k] each: Eq. 2
         return self.run_experts(x, weights, experts, observer).view(B, T, H), router_logits
 
     def run_experts(self, x, weights, experts, observer=None):

@@ -12,7 +12,11 @@ library's source (data.py). Up to four stages, one script:
      Mixtral's likely origin): every expert starts as a copy of the dense FFN, the router starts
      fresh, and training continues with the load-balancing loss (Switch Transformers Eq. 4);
   4. optionally (--init-from), more MoE training from an upcycled checkpoint, e.g. with another
-     form or weight of the balancing loss.
+     form or weight of the balancing loss;
+  5. optionally (--init-from an MoE with --granularity g), granular upcycling into a fine-grained
+     MoE: each expert becomes g experts, each 1/g as wide, as Qwen1.5-MoE split its FFN, with g
+     times the top-k, so the active parameters stay; with --layout olmoe the model is OLMoE's (gates
+     not renormalised, q/k RMSNorm over the projections) and ships in OLMoE's checkpoint layout.
 
 Load balancing: by default the Switch loss is applied per layer (--balance per-layer); the
 pooled form of transformers' load_balancing_loss_func balances only the experts' total over
@@ -76,6 +80,9 @@ class TrainConfig:
     upcycle_noise: float = 0.0  # relative std of Gaussian noise added to each upcycled expert copy (breaks symmetry)
     router_lr_mult: float = 1.0  # the router's learning rate = moe_lr x this
     router_weight_decay: float = -1.0  # the router's weight decay; -1: the same as weight_decay
+    # Granular upcycling (stage 5, --init-from an MoE); models/tiny-olmoe used 4 and "olmoe":
+    granularity: int = 1  # split each expert into this many, each 1/g as wide, with g times the top-k
+    layout: str = "mixtral"  # the output's family (checkpoint.FAMILIES): "olmoe" routes without renormalising
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="reuse this checkpoint directory's tokenizer.json instead of training one (stage 1), so a "
                         "new model shares the shipped model's tokenizer")
+    p.add_argument("--granularity", type=cli.positive_int, default=TrainConfig.granularity,
+                   help="with --init-from an MoE: split each expert into this many experts, each 1/g as wide, and "
+                        "route each token to g times as many (granular upcycling; default 1: no split)")
+    p.add_argument("--layout", choices=["mixtral", "olmoe"], default=TrainConfig.layout,
+                   help="the output's architecture and checkpoint layout with --granularity: olmoe's gates are not "
+                        "renormalised and its queries and keys are RMS-normalised (default mixtral)")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="torch threads (default: torch's choice)")
     return p
 
@@ -123,6 +136,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+import checkpoint
 import data
 import mini_mixtral as mm
 from checkpoint import load_model, read_config, save_model
@@ -164,6 +178,56 @@ def upcycle(dense: mm.Mixtral, config: mm.MixtralConfig, seed: int, noise: float
             elif not name.endswith("block_sparse_moe.gate.weight"):
                 p.copy_(sd[name])
     return moe
+
+
+@torch.no_grad()
+def granular_upcycle(moe: mm.Mixtral, g: int, layout: str, windows: torch.Tensor) -> mm.Mixtral:
+    """Split each expert of moe into g experts, each a 1/g slice of its hidden units, routed to g
+    times as many per token; in OLMoE's form with layout "olmoe". Starts as close to moe's function
+    as the new form allows, on the calibration windows [n, seqlen]:
+      - router rows repeat, so a token's top-(g k) are the g slices of its top-k experts, each with
+        gate p_e / g (the softmax over g copies of every logit);
+      - the slices' w2 are scaled by g, so that with renormalised gates (p_e / g over the top-(g k)'s
+        sum, 1 / g of the renormalised p_e) the block's output is moe's exactly; without, by g / m, m
+        the layer's mean top-k mass on the windows, so that p_e / g times them is p_e / m, the
+        renormalised gate on average;
+      - new q/k RMSNorms are scaled by the mean RMS of each projection's output on the windows.
+    """
+    c = moe.config
+    family = checkpoint.FAMILIES[layout]
+    d = {**c.to_dict(), "model_type": layout, **family["defaults"], **family["switches"],
+         "intermediate_size": c.intermediate_size // g, "num_local_experts": c.num_local_experts * g,
+         "num_experts_per_tok": c.num_experts_per_tok * g}
+    new = mm.Mixtral(mm.MixtralConfig.from_dict(d))
+    dense_part = {k: v for k, v in moe.state_dict().items() if ".block_sparse_moe." not in k}
+    new.load_state_dict(dense_part, strict=False)  # embeddings, attention, norms, lm_head: the rest is below
+    rms, masses = {}, {}
+
+    def keep_rms(name):
+        return lambda mod, inp, out: rms.setdefault(name, []).append(out.float().pow(2).mean(-1).sqrt().mean())
+
+    hooks = [getattr(layer.self_attn, p).register_forward_hook(keep_rms((l, p)))
+             for l, layer in enumerate(moe.model.layers) for p in ("q_proj", "k_proj")]
+    for w in windows.split(8):
+        _, router_logits = moe(w, return_router_logits=True)
+        for l, rl in enumerate(router_logits):  # [N, n_experts] -> each token's top-k probability mass
+            masses.setdefault(l, []).append(rl.float().softmax(-1).topk(c.num_experts_per_tok, -1).values.sum(-1).mean())
+    for h in hooks:
+        h.remove()
+    w = c.intermediate_size // g
+    for l, (old, layer) in enumerate(zip(moe.model.layers, new.model.layers)):
+        scale = g if new.config.norm_topk_prob else g / torch.stack(masses[l]).mean().item()
+        layer.block_sparse_moe.gate.weight.copy_(old.block_sparse_moe.gate.weight.repeat_interleave(g, dim=0))
+        for e, expert in enumerate(old.block_sparse_moe.experts):
+            for s in range(g):
+                part = layer.block_sparse_moe.experts[e * g + s]
+                part.w1.weight.copy_(expert.w1.weight[s * w:(s + 1) * w])  # [w, hidden]
+                part.w3.weight.copy_(expert.w3.weight[s * w:(s + 1) * w])  # [w, hidden]
+                part.w2.weight.copy_(expert.w2.weight[:, s * w:(s + 1) * w] * scale)  # [hidden, w]
+        if new.config.qk_norm is not None:
+            layer.self_attn.q_norm.weight.fill_(torch.stack(rms[l, "q_proj"]).mean().item())
+            layer.self_attn.k_norm.weight.fill_(torch.stack(rms[l, "k_proj"]).mean().item())
+    return new
 
 
 def load_balancing_loss(router_logits: list, top_k: int, per_layer: bool = False) -> torch.Tensor:
@@ -269,14 +333,22 @@ def train_dense_and_upcycle(tc: TrainConfig, train_ids, eval_ids, state, save_st
     return moe, dense_ppl
 
 
-def start_from(init: mm.Mixtral, tc: TrainConfig):
+def start_from(init: mm.Mixtral, tc: TrainConfig, calib_windows: torch.Tensor):
     """--init-from: (model to train, stage). A dense checkpoint is upcycled and trained as stage 3
     would be after the dense stage; an MoE one is trained further as stage 4 (fresh AdamW state and
-    other random windows than stage 3)."""
+    other random windows than stage 3), or with --granularity split first and trained as stage 5."""
     if init.config.num_local_experts == 1:
         moe = upcycle(init, model_config(tc, tc.num_local_experts, tc.num_experts_per_tok), tc.seed + 1,
                       tc.upcycle_noise)
         return moe.train(), 3
+    if tc.granularity > 1 or tc.layout != init.config.model_type:
+        if init.config.intermediate_size % tc.granularity:
+            raise data.DataError(f"--granularity {tc.granularity} does not divide the experts' width "
+                                 f"{init.config.intermediate_size}")
+        moe = granular_upcycle(init, tc.granularity, tc.layout, calib_windows)
+        tc.intermediate_size, tc.num_local_experts = moe.config.intermediate_size, moe.config.num_local_experts
+        tc.num_experts_per_tok = moe.config.num_experts_per_tok
+        return moe.train(), 5
     return init.train(), 4
 
 
@@ -334,7 +406,7 @@ def train(tc: TrainConfig, out: str, overwrite: bool = False, resume: bool = Fal
 
     if init_from:
         dense_ppl = (previous or {}).get("dense_ppl")
-        moe, stage = start_from(init, tc)
+        moe, stage = start_from(init, tc, data.calibration_windows(calib_ids, 16, tc.seqlen, tc.seed))
         save_fn = lambda s: save_state({**s, "dense_ppl": dense_ppl})
         moe = train_stage(moe, train_ids, tc.moe_tokens, tc, tc.moe_lr, stage, state, save_fn, save_every, log)
     else:

@@ -348,6 +348,39 @@ def side_by_side(results: list) -> str:
     return "\n".join(out)
 
 
+def routers_table(evaluations: list, anatomies: list) -> str:
+    """The routers side by side, one row per model: their gates (eval_ppl.py --router-stats on the
+    held-out windows, ranges over layers), where the gate changes MoE-Pruner's mask (the anatomy's
+    r_j spread and mask difference at 50%), and what the router's hint is worth against the noise
+    of the calibration draws (anatomy_summary)."""
+    span = lambda values, f: f"{f.format(min(values))}-{f.format(max(values))}"
+    stats = {r["model"]: r["router"] for r in evaluations}
+    gates = ["| model | experts, top-k, gates | top-k mass | gate entropy | an expert's gate CV | r_j spread, x / h "
+             "| mask difference at 50%, w1 / w3 / w2 |\n|---|---|---|---|---|---|---|"]
+    worth = ["| model | routed tokens: wanda - router-blind wanda, 50% / 2:4 / 70% | gate: moe-pruner - wanda, "
+             "50% / 2:4 / 70% | wanda's sd over draws, 50% / 2:4 / 70% |\n|---|---|---|---|"]
+    for res in anatomies:
+        m, c, a = res["model"], res["config"], res["anatomy"]
+        if m not in stats:
+            raise data.DataError(f"no router statistics of {m} among the evaluations")
+        st = stats[m]
+        diff = lambda kind: [r["mask_difference"] for r in a["mask_difference"] if r["matrix"] == kind]
+        gates.append(
+            f"| {m} | {c['num_local_experts']}, top-{c['num_experts_per_tok']}, "
+            f"{'renormalised' if c.get('norm_topk_prob', True) else 'not renormalised'} | "
+            f"{span([x['topk_mass'] for x in st], '{:.2f}')} | {span([x['gate_entropy'] for x in st], '{:.2f}')} | "
+            f"{span([x['expert_gate_cv'] for x in st], '{:.2f}')} | {span([g['r_spread_x'] for g in a['gates']], '{:.1%}')}"
+            f" / {span([g['r_spread_h'] for g in a['gates']], '{:.1%}')} | "
+            + " / ".join(span(diff(kind), "{:.1%}") for kind in ("w1", "w3", "w2")) + " |")
+        sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}
+        settings = ("50%", "2:4", "70%")
+        worth.append(f"| {m} | " + " / ".join(
+            f"{sm[x, 'wanda']['mean'] - sm[x, 'router-blind wanda']['mean']:+.3f}" for x in settings) + " | "
+            + " / ".join(anatomy_cell(sm[x, "moe-pruner - wanda"]) for x in settings) + " | "
+            + " / ".join(f"{sm[x, 'wanda']['sd']:.3f}" for x in settings) + " |")
+    return "\n".join(gates) + "\n\n" + "\n".join(worth)
+
+
 def facts(res: dict) -> dict:
     """The numbers the documents quote in their sentences, by name, formatted as quoted: a sentence
     holds <!-- value FOLDER NAME -->6.118<!-- end --> and render_document keeps it equal to the results."""
@@ -506,7 +539,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
     """A Markdown document with its results copied in anew: every block between
     <!-- table FOLDER SECTION --> and <!-- end table --> becomes that section of FOLDER/results.json
     (FOLDER+FOLDER... with SECTION 'compare': the runs side by side; an eval_ppl.py --json file with
-    SECTION 'eval': its table), and every value between <!-- value FOLDER NAME --> and <!-- end -->
+    SECTION 'eval': its table; with SECTION 'routers', an eval_ppl.py --router-stats --json file then
+    anatomy folders: the routers side by side), and every value between <!-- value FOLDER NAME --> and <!-- end -->
     becomes facts(FOLDER's results)[NAME] (evaluation_facts for a .json file; path_value for a NAME
     PATH|FORMAT, which reads any JSON file, e.g. a model's report.json); every block between
     <!-- help SCRIPT --> and <!-- end help --> becomes that script's --help. FOLDER is relative
@@ -525,6 +559,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
         folders, name = m.group(1).split("+"), m.group(2)
         if name == "compare":
             body = side_by_side([results(f) for f in folders])
+        elif name == "routers" and folders[0].endswith(".json"):  # eval_ppl.py --json, then anatomy folders
+            body = routers_table(results(folders[0]), [results(f) for f in folders[1:]])
         elif name == "zeroshot" and len(folders) == 1 and folders[0].endswith(".json"):
             body = zeroshot.markdown_table(results(folders[0]))
         elif name in BENCH_TABLES and len(folders) == 1 and folders[0].endswith(".json"):
@@ -536,7 +572,7 @@ def render_document(text: str, root: str = data.REPO) -> str:
         else:
             section = next((t for n, _, t in SECTIONS if n == name), None)
             if section is None or len(folders) != 1:
-                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, eval, zeroshot, "
+                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, routers, eval, zeroshot, "
                                      + ", ".join(BENCH_TABLES) + ", "
                                      + ", ".join(n for n, _, _ in SECTIONS))
             body = section(results(folders[0]))

@@ -40,6 +40,7 @@ class SkippingMoeBlock(mm.SparseMoeBlock):
     def __init__(self, block: mm.SparseMoeBlock, beta: float):
         nn.Module.__init__(self)
         self.top_k, self.gate, self.experts, self.beta = block.top_k, block.gate, block.experts, beta
+        self.renormalise = block.renormalise
 
     def run_experts(self, x, weights, experts, observer=None):
         """The routed block's forward runs this in place of Mixtral's: weights, experts [N, 2] each."""

@@ -65,6 +65,7 @@ ALLOWED = {
     "1%", "2%", "5%", "90%", "10%", "10x", "5x", "25%", "30%", "50%", "70%", "80%", "15%", "20%", "35%",
     "60%",  # sparsities, splits, shares and thresholds the text sets
     "56.25%", "56%", "44%", "0.0015%", "6%", "28x", "25-50x", "6.6 GiB", "58.7M",  # arithmetic on shapes, formats
+    "4.4e9",  # C(64, 56), the subsets NAEE would try on 64 experts
     "1 GiB",  # the size of the copy that measures memory bandwidth
     "3.10", "3.11.7", "3.13", "2.11", "5.23", "0.19",  # versions of Python, torch, transformers, compressed-tensors
     "26M", "24M", "14M", "2M", "~2.4M", "0.01-0.02", "70-80%", "3%",  # training budgets, ranges and test bounds set

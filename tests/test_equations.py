@@ -389,7 +389,8 @@ def test_subset_error_is_a_sum_of_unsquared_norms_over_batches():
     layer = m.model.layers[0]
     x = torch.randn(4, 5, 64, generator=torch.Generator().manual_seed(12))
     cos, sin = mm.rope_cos_sin(m.config, 5)
-    subsets, errors = ep.subset_errors(layer, x, ep.Positions(cos, sin, None), r=2, batch_size=2)
+    subsets = list(itertools.combinations(range(3), 2))
+    errors = ep.subset_errors(layer, x, ep.Positions(cos, sin, None), subsets, batch_size=2)
     block = layer.block_sparse_moe
     with torch.no_grad():
         h = layer.post_attention_layernorm(layer.attend(x, cos, sin))  # [4, 5, 64]

@@ -38,7 +38,8 @@ def sliced(layer, keep):
 
 def test_enumeration_matches_brute_force_on_whole_layers():
     m, layer, x, cos, sin = layer_inputs()
-    subsets, errors = ep.subset_errors(layer, x, Positions(cos, sin, None), r=3, batch_size=2)
+    subsets = list(itertools.combinations(range(6), 3))
+    errors = ep.subset_errors(layer, x, Positions(cos, sin, None), subsets, batch_size=2)
     assert len(subsets) == 20  # C(6, 3)
     with torch.no_grad():
         ref = layer(x, cos, sin)[0]
@@ -263,14 +264,15 @@ def test_progressive_protocol_targets_the_dense_models_block_outputs():
     m, layer, x, cos, sin = layer_inputs()
     pos = Positions(cos, sin, None)
     x_pruned = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
-    subsets, errors = ep.subset_errors(layer, x_pruned, pos, r=3, batch_size=3, target_x=x)
+    subsets = list(itertools.combinations(range(6), 3))
+    errors = ep.subset_errors(layer, x_pruned, pos, subsets, batch_size=3, target_x=x)
     with torch.no_grad():
         moe_in = lambda v: layer.post_attention_layernorm(layer.attend(v, cos, sin))
         z_dense = layer.block_sparse_moe(moe_in(x))[0]  # [3, 10, 64] the dense model's block output
         for s, err in zip(subsets, errors):
             z_s = sliced(layer, list(s)).block_sparse_moe(moe_in(x_pruned))[0]
             assert err.item() == pytest.approx((z_s - z_dense).double().pow(2).sum().sqrt().item(), rel=1e-4)
-    assert not torch.allclose(errors, ep.subset_errors(layer, x_pruned, pos, r=3, batch_size=3)[1])
+    assert not torch.allclose(errors, ep.subset_errors(layer, x_pruned, pos, subsets, batch_size=3))
 
 
 def drop(ckpt, text_file, out, **how):
@@ -292,7 +294,8 @@ def chain(ckpt, tokens, r, progressive, batch_size=2):
         x_dense = x = dense.model.embed_tokens(tokens)  # [n, T, hidden]
         out = []
         for layer in dense.model.layers:
-            subsets, errors = ep.subset_errors(layer, x, pos, r, batch_size, x_dense if progressive else None)
+            subsets = list(itertools.combinations(range(len(layer.block_sparse_moe.experts)), r))
+            errors = ep.subset_errors(layer, x, pos, subsets, batch_size, x_dense if progressive else None)
             keep = list(subsets[int(errors.argmin())])
             out.append((keep, errors.min().item(), errors.max().item()))
             x = sliced(layer, keep)(x, cos, sin)[0] if progressive else layer(x_dense, cos, sin)[0]

@@ -152,7 +152,7 @@ def test_error_not_mixtral(ckpt):
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
     cfg["model_type"] = "llama"
     json.dump(cfg, open(os.path.join(ckpt, "config.json"), "w"))
-    assert "model_type is 'llama', not 'mixtral'" in error_of(ckpt)
+    assert "model_type is 'llama', not one of 'mixtral', 'olmoe', 'qwen3_moe'" in error_of(ckpt)
 
 
 def test_error_missing_shard_and_weights(ckpt):
