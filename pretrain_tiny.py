@@ -195,8 +195,8 @@ def granular_upcycle(moe: mm.Mixtral, g: int, layout: str, windows: torch.Tensor
     """
     c = moe.config
     family = checkpoint.FAMILIES[layout]
-    d = {**c.to_dict(), "model_type": layout, **family["defaults"], **family["switches"],
-         "intermediate_size": c.intermediate_size // g, "num_local_experts": c.num_local_experts * g,
+    d = {**c.to_dict(), "model_type": layout, "architectures": [family["architecture"]], **family["defaults"],
+         **family["switches"], "intermediate_size": c.intermediate_size // g, "num_local_experts": c.num_local_experts * g,
          "num_experts_per_tok": c.num_experts_per_tok * g}
     new = mm.Mixtral(mm.MixtralConfig.from_dict(d))
     dense_part = {k: v for k, v in moe.state_dict().items() if ".block_sparse_moe." not in k}
@@ -346,6 +346,7 @@ def start_from(init: mm.Mixtral, tc: TrainConfig, calib_windows: torch.Tensor):
             raise data.DataError(f"--granularity {tc.granularity} does not divide the experts' width "
                                  f"{init.config.intermediate_size}")
         moe = granular_upcycle(init, tc.granularity, tc.layout, calib_windows)
+        moe.config.extra["router_aux_loss_coef"] = tc.aux_loss_coef  # this stage's, not the source's
         tc.intermediate_size, tc.num_local_experts = moe.config.intermediate_size, moe.config.num_local_experts
         tc.num_experts_per_tok = moe.config.num_experts_per_tok
         return moe.train(), 5

@@ -506,8 +506,10 @@ def evaluation_facts(results: list) -> dict:
             out[f"topk-mass:{m}"] = f"{min(mass):.2f}-{max(mass):.2f}"
             out[f"topk-mass%:{m}"] = f"{min(mass):.0%}-{max(mass):.0%}"
             out[f"load-cv:{m}"] = f"{min(cv):.2f}-{max(cv):.2f}"
-            for k in ("top1_gate_mean", "top1_gate_std"):
-                out[f"{k.replace('_', '-')}:{m}"] = f"{min(x[k] for x in r['router']):.2f}-{max(x[k] for x in r['router']):.2f}"
+            for k in ("top1_gate_mean", "top1_gate_std", "gate_entropy", "expert_gate_cv"):
+                if all(k in x for x in r["router"]):
+                    out[f"{k.replace('_', '-')}:{m}"] = (f"{min(x[k] for x in r['router']):.2f}-"
+                                                         f"{max(x[k] for x in r['router']):.2f}")
     return out
 
 

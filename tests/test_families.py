@@ -107,6 +107,32 @@ def test_logits_match_transformers_both_ways(tmp_path, family, norm_topk_prob):
     assert written["model_type"] == family and "qk_norm" not in written and written["norm_topk_prob"] == norm_topk_prob
 
 
+@pytest.mark.parametrize("family", sorted(HF))
+def test_prune_and_eval_ppl_on_a_checkpoint_transformers_wrote(tmp_path, family, text_file):
+    """prune.py and eval_ppl.py on the family's checkpoint as transformers writes it: the pruned
+    checkpoint is the family's, and transformers computes the same logits from it as this model."""
+    path, hf = hf_checkpoint(tmp_path, family)
+    out = str(tmp_path / "pruned")
+    prune.main(["--model", path, "--method", "moe-pruner", "--nm", "2:4", "--calib-data", text_file, "--nsamples",
+                "4", "--seqlen", "32", "--out", out])
+    ours = checkpoint.load_model(out)
+    theirs = type(hf).from_pretrained(out).eval()
+    idx = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-5
+    w = theirs.state_dict()["model.layers.1.mlp.experts.gate_up_proj"] if hasattr(theirs.model.layers[1].mlp.experts,
+                                                                                   "gate_up_proj") else None
+    assert w is None or (w == 0).float().mean() == 0.5  # transformers' fused experts hold the 2:4 zeros
+    report = str(tmp_path / "ppl.json")
+    eval_ppl.main(["--model", path, out, "--eval-data", text_file, "--seqlen", "32", "--json", report])
+    dense, pruned = json.load(open(report))
+    windows, _, _ = eval_ppl.evaluation_windows(path, text_file, seqlen=32)  # the windows eval_ppl.py scored
+    with torch.no_grad():
+        nll = torch.cat([mm.next_token_nll(hf(w[None]).logits, w[None], reduction="none") for w in windows])
+    assert dense["ppl"] == pytest.approx(nll.mean().exp().item(), rel=1e-5)  # transformers' perplexity
+    assert pruned["ppl"] != dense["ppl"]
+
+
 def test_the_switches_change_the_output():
     """Parity could pass with a switch ignored only if it never mattered: each one does."""
     idx = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(3))

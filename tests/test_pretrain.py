@@ -60,6 +60,8 @@ def test_init_from_upcycles_a_dense_checkpoint_and_continues_an_moe_one():
     assert stage == 4 and again is moe
     fine, stage = pt.start_from(moe, dataclasses.replace(tc, granularity=2, layout="olmoe"), windows)
     assert stage == 5 and fine.config.num_local_experts == 8 and fine.config.model_type == "olmoe"
+    assert fine.config.extra["architectures"] == ["OlmoeForCausalLM"]
+    assert fine.config.extra["router_aux_loss_coef"] == tc.aux_loss_coef
 
 
 def test_granular_upcycling_with_renormalised_gates_computes_the_moe():

@@ -313,7 +313,7 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, ckpt, text_f
         capsys, tmp_path, ["--model", ckpt, "--calib-tokens", str(tmp_path / "big.npy"), "--method", "wanda"])
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
     json.dump({**cfg, "model_type": "llama"}, open(os.path.join(ckpt, "config.json"), "w"))
-    assert "not 'mixtral'" in prune_error(capsys, tmp_path, [*base, "--method", "wanda"])
+    assert "not one of 'mixtral', 'olmoe', 'qwen3_moe'" in prune_error(capsys, tmp_path, [*base, "--method", "wanda"])
 
 
 def test_out_is_never_overwritten_nor_half_written(tmp_path, ckpt, text_file, monkeypatch, capsys):
