@@ -21,7 +21,7 @@ import prune
 import sparse24
 import variants
 import zeroshot
-from conftest import TEXT, random_model, script_error, small_tokenizer, write_checkpoint
+from conftest import random_model, script_error, small_tokenizer, write_checkpoint
 
 # a fine-grained model of each family: 16 experts, top-4 (the small Mixtral has 4, top-2)
 FAMILIES = {
@@ -46,13 +46,6 @@ def family_model(family, seed=0, **overrides):
 @pytest.fixture(params=sorted(FAMILIES))
 def family_ckpt(request, tmp_path):
     return write_checkpoint(tmp_path / request.param, family_model(request.param))
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "text.txt"
-    p.write_text(TEXT)
-    return str(p)
 
 
 # --- against transformers ------------------------------------------------------------------------
