@@ -81,6 +81,12 @@ def anatomy_summary(a: dict) -> list:
     return out
 
 
+def value_range(values, fmt: str) -> str:
+    """The smallest and largest of values, each formatted as format() takes fmt: "0.35-0.44"."""
+    values = list(values)
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
+
+
 def anatomy_cell(r: dict) -> str:
     """One anatomy_summary row as a table cell: mean +- sd; the paired difference signed, with its wins."""
     sd = f" +- {r['sd']:.3f}" if r["sd"] is not None else ""
@@ -353,7 +359,6 @@ def routers_table(evaluations: list, anatomies: list) -> str:
     held-out windows, ranges over layers), where the gate changes MoE-Pruner's mask (the anatomy's
     r_j spread and mask difference at 50%), and what the router's hint is worth against the noise
     of the calibration draws (anatomy_summary)."""
-    span = lambda values, f: f"{f.format(min(values))}-{f.format(max(values))}"
     stats = {r["model"]: r["router"] for r in evaluations}
     gates = ["| model | experts, top-k, gates | top-k mass | gate entropy | an expert's gate CV | r_j spread, x / h "
              "| mask difference at 50%, w1 / w3 / w2 |\n|---|---|---|---|---|---|---|"]
@@ -368,10 +373,9 @@ def routers_table(evaluations: list, anatomies: list) -> str:
         gates.append(
             f"| {m} | {c['num_local_experts']}, top-{c['num_experts_per_tok']}, "
             f"{'renormalised' if c.get('norm_topk_prob', True) else 'not renormalised'} | "
-            f"{span([x['topk_mass'] for x in st], '{:.2f}')} | {span([x['gate_entropy'] for x in st], '{:.2f}')} | "
-            f"{span([x['expert_gate_cv'] for x in st], '{:.2f}')} | {span([g['r_spread_x'] for g in a['gates']], '{:.1%}')}"
-            f" / {span([g['r_spread_h'] for g in a['gates']], '{:.1%}')} | "
-            + " / ".join(span(diff(kind), "{:.1%}") for kind in ("w1", "w3", "w2")) + " |")
+            + " | ".join(value_range((x[k] for x in st), ".2f") for k in ("topk_mass", "gate_entropy", "expert_gate_cv"))
+            + " | " + " / ".join(value_range((g[k] for g in a["gates"]), ".1%") for k in ("r_spread_x", "r_spread_h"))
+            + " | " + " / ".join(value_range(diff(kind), ".1%") for kind in ("w1", "w3", "w2")) + " |")
         sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}
         settings = ("50%", "2:4", "70%")
         worth.append(f"| {m} | " + " / ".join(
@@ -422,7 +426,7 @@ def facts(res: dict) -> dict:
             out[f"layer-errors:{key}:{r['layer_sparsity']}"] = " / ".join(f"{e:.3f}" for e in r["layer_output_errors"])
         if r.get("owl_outlier_ratios"):
             out[f"owl-layers:{key}"] = " / ".join(f"{v:.3f}" for v in r["layer_sparsities"])
-            out[f"owl-outliers:{key}"] = f"{min(r['owl_outlier_ratios']):.2%}-{max(r['owl_outlier_ratios']):.2%}"
+            out[f"owl-outliers:{key}"] = value_range(r["owl_outlier_ratios"], ".2%")
     for r in res.get("distill", []):
         key = f"{r['method']}:{r['sparsity']}:{r['mode']}:{r['loss']}"
         out[f"kd:{key}"] = f"{r['distilled_ppl']:.3f}"
@@ -434,7 +438,7 @@ def facts(res: dict) -> dict:
             out[f"kd-lambda:{key}"] = f"{r['lambda']:.2f}"
     if res.get("distill"):
         gaps = [r["gap_recovered"] for r in res["distill"] if r["mode"] == "full" and r["loss"] == "eq10"]
-        out["kd-gap-range"] = f"{min(gaps):.0%}-{max(gaps):.0%}"
+        out["kd-gap-range"] = value_range(gaps, ".0%")
     if res.get("dtype"):
         d = res["dtype"]
         out["dtype-mask"] = f"{d['mask_difference']:.3%}"
@@ -456,17 +460,15 @@ def facts(res: dict) -> dict:
             out[f"hint-gate:{x}"] = f"{-sm[x, 'moe-pruner - wanda']['mean']:.3f}"
         paired = [sm[x, "moe-pruner - wanda"] for x in ("50%", "2:4", "70%")]
         out["hint-wins"] = f"{sum(p['wins'] for p in paired)} of {sum(p['draws'] for p in paired)}"
-        diff = [r["mask_difference"] for r in a["mask_difference"]]
-        out["mask-difference"] = f"{min(diff):.1%}-{max(diff):.1%}"
-        mass = [g["topk_mass"] for g in a["gates"]]
-        out["topk-mass"] = f"{min(mass):.2f}-{max(mass):.2f}"
-        spread = lambda key, fmt: f"{min(g[key] for g in a['gates']):{fmt}}-{max(g[key] for g in a['gates']):{fmt}}"
+        out["mask-difference"] = value_range((r["mask_difference"] for r in a["mask_difference"]), ".1%")
+        out["topk-mass"] = value_range((g["topk_mass"] for g in a["gates"]), ".2f")
+        spread = lambda key, fmt: value_range((g[key] for g in a["gates"]), fmt)
         out["gate-sd"] = spread("gate_std", ".2f")
         out["r-spread-x"] = spread("r_spread_x", ".1%")
         out["r-spread-h"] = spread("r_spread_h", ".1%")
         for kinds, name in ((("w1", "w3"), "w1w3"), (("w2",), "w2")):
             d = [r["mask_difference"] for r in a["mask_difference"] if r["matrix"] in kinds]
-            out[f"mask-difference:{name}"] = f"{min(d):.1%}-{max(d):.1%}"
+            out[f"mask-difference:{name}"] = value_range(d, ".1%")
         for x in ("50%", "2:4", "70%"):
             p = sm[x, "moe-pruner - wanda"]
             out[f"paired:{x}"] = anatomy_cell(p)
@@ -503,13 +505,12 @@ def evaluation_facts(results: list) -> dict:
         if r.get("router"):
             mass = [x["topk_mass"] for x in r["router"]]
             cv = [x["load_cv"] for x in r["router"]]
-            out[f"topk-mass:{m}"] = f"{min(mass):.2f}-{max(mass):.2f}"
-            out[f"topk-mass%:{m}"] = f"{min(mass):.0%}-{max(mass):.0%}"
-            out[f"load-cv:{m}"] = f"{min(cv):.2f}-{max(cv):.2f}"
+            out[f"topk-mass:{m}"] = value_range(mass, ".2f")
+            out[f"topk-mass%:{m}"] = value_range(mass, ".0%")
+            out[f"load-cv:{m}"] = value_range(cv, ".2f")
             for k in ("top1_gate_mean", "top1_gate_std", "gate_entropy", "expert_gate_cv"):
                 if all(k in x for x in r["router"]):
-                    out[f"{k.replace('_', '-')}:{m}"] = (f"{min(x[k] for x in r['router']):.2f}-"
-                                                         f"{max(x[k] for x in r['router']):.2f}")
+                    out[f"{k.replace('_', '-')}:{m}"] = value_range((x[k] for x in r["router"]), ".2f")
     return out
 
 
