@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from outputs import OutputError, json_text, write_output_file
+from outputs import OutputError, check_output_file, json_text, write_output_file
 
 REPO = os.path.dirname(os.path.abspath(__file__))  # the repository root: models/, corpus/, results/
 DTYPES = ("float32", "float16", "bfloat16")  # what --dtype accepts where a checkpoint is stored or read
@@ -123,17 +123,29 @@ def device(s: str) -> str:
     return s
 
 
+def parse_first(module_name: str, build_parser):
+    """A script's command line, answered before its heavy imports: run as __main__, --help and a usage
+    error end it here, before torch loads (about a second); main() parses the same arguments again."""
+    if module_name == "__main__":
+        build_parser().parse_args()
+
+
 def add_json_args(p: argparse.ArgumentParser):
     """--json and --overwrite of a benchmark: its figures as a results file, which docs quote."""
     p.add_argument("--json", help="also write every figure to this file (docs/benchmarks.md quotes it)")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
 
 
-def show_and_save(table: str, results, path: str = None, overwrite: bool = False):
-    """Print a benchmark's table; with a path, write its figures there by the output rule."""
-    print(table)
+def measure_and_save(measure, markdown, path: str = None, overwrite: bool = False) -> dict:
+    """A benchmark's run: the --json path refused before any work, then measure(), markdown(results)
+    printed and, with a path, the figures written there by the output rule. Returns the results."""
+    if path:
+        check_output_file(path, overwrite)
+    results = measure()
+    print(markdown(results))
     if path:
         write_output_file(path, json_text(results), overwrite)
+    return results
 
 
 def add_device_arg(p: argparse.ArgumentParser):

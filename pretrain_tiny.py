@@ -47,8 +47,7 @@ import cli
 
 
 # -----------------------------------------------------------------------------
-# The configuration and the command line, first: --help and usage errors are answered before torch loads
-# (cli.py)
+# The configuration and the command line, first (cli.parse_first)
 
 
 @dataclass
@@ -128,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import numpy as np
 import torch

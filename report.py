@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import data
 import eval_ppl
@@ -261,35 +260,37 @@ def distill_table(res: dict) -> str:
     return "\n".join(out)
 
 
-# The results README's sections in order: (name in the documents' markers, caption, table). A
-# document copies one with <!-- table FOLDER NAME --> ... <!-- end table --> (see render_document).
-SECTIONS = (
-    ("table2", "Table 2 in shape: perplexity of each method at 50%, 2:4 and 4:8, beside the paper's Mixtral-8x7B "
-               "WikiText numbers.", table2),
-    ("all-windows", "The sample against the whole evaluation text: Table 2's 50% and 2:4 checkpoints on the "
-                    "sample and on every window.", table2_all_windows),
-    ("times", "", prune_times),
-    ("sparsity", "Figure 5 in shape: perplexity against sparsity.", sparsity_table),
-    ("calibration", "Figure 4 in shape: perplexity against the number of calibration windows, at 50% (the "
-                    "first n of the shared calibration windows).", calibration_table),
-    ("hint", "The router's hint: perplexity, mean +- sd over the calibration draws (magnitude needs none; "
-             "SparseGPT on draw 0 for reference); the last row pairs MoE-Pruner with Wanda draw by draw, with "
-             "the draws where MoE-Pruner wins.", hint_table),
-    ("scope", "Scope at 50% (draw 0): perplexity (whole-model sparsity) when attention, then the router, are "
-              "pruned too.", scope_table),
-    ("gates", "Per layer: the spread (sd) of the renormalised gates over every routed (token, expert) pair "
-              "(their mean is 1/k by construction), the top-k probability mass, the spread (coefficient of "
-              "variation over input columns) of r_j = ||X_j Gate|| / ||X_j|| for the w1/w3 input x and the w2 "
-              "input h, and the fraction of weights whose 50% mask differs between MoE-Pruner and Wanda.",
-     gates_table),
-    ("experts", "Expert-level methods against weight pruning: perplexity, what is stored and what is executed "
-                "(r: experts kept per layer).", experts_table),
-    ("owl", "OWL's per-layer sparsity against uniform sparsity (the mean kept).", owl_table),
-    ("dtype", "", dtype_line),
-    ("rounding", "SparseGPT's next layer: perplexity with the updated weights fed forward in float32 and as the "
-                 "checkpoint holds them (--round-updates, the reference's way).", rounding_table),
-    ("distill", "Expert-wise distillation (Eq. 10) after pruning, and its ablation.", distill_table),
-)
+# The results README's sections in order: the name a document's <!-- table FOLDER NAME --> ...
+# <!-- end table --> marker copies one by (see render_document), and the function that makes it.
+SECTIONS = {"table2": table2, "all-windows": table2_all_windows, "times": prune_times, "sparsity": sparsity_table,
+            "calibration": calibration_table, "hint": hint_table, "scope": scope_table, "gates": gates_table,
+            "experts": experts_table, "owl": owl_table, "dtype": dtype_line, "rounding": rounding_table,
+            "distill": distill_table}
+# Each section's caption above it in the results README (none where the table says it all).
+CAPTIONS = {
+    "table2": "Table 2 in shape: perplexity of each method at 50%, 2:4 and 4:8, beside the paper's Mixtral-8x7B "
+              "WikiText numbers.",
+    "all-windows": "The sample against the whole evaluation text: Table 2's 50% and 2:4 checkpoints on the sample "
+                   "and on every window.",
+    "sparsity": "Figure 5 in shape: perplexity against sparsity.",
+    "calibration": "Figure 4 in shape: perplexity against the number of calibration windows, at 50% (the first n of "
+                   "the shared calibration windows).",
+    "hint": "The router's hint: perplexity, mean +- sd over the calibration draws (magnitude needs none; SparseGPT "
+            "on draw 0 for reference); the last row pairs MoE-Pruner with Wanda draw by draw, with the draws where "
+            "MoE-Pruner wins.",
+    "scope": "Scope at 50% (draw 0): perplexity (whole-model sparsity) when attention, then the router, are pruned "
+             "too.",
+    "gates": "Per layer: the spread (sd) of the renormalised gates over every routed (token, expert) pair (their "
+             "mean is 1/k by construction), the top-k probability mass, the spread (coefficient of variation over "
+             "input columns) of r_j = ||X_j Gate|| / ||X_j|| for the w1/w3 input x and the w2 input h, and the "
+             "fraction of weights whose 50% mask differs between MoE-Pruner and Wanda.",
+    "experts": "Expert-level methods against weight pruning: perplexity, what is stored and what is executed (r: "
+               "experts kept per layer).",
+    "owl": "OWL's per-layer sparsity against uniform sparsity (the mean kept).",
+    "rounding": "SparseGPT's next layer: perplexity with the updated weights fed forward in float32 and as the "
+                "checkpoint holds them (--round-updates, the reference's way).",
+    "distill": "Expert-wise distillation (Eq. 10) after pruning, and its ablation.",
+}
 
 
 def markdown(res: dict) -> str:
@@ -298,10 +299,10 @@ def markdown(res: dict) -> str:
            f"perplexity on {eval_sample_phrase(res)} x {res['seqlen']} tokens of {res['eval_data']}; dense "
            f"{res['dense_ppl']:.3f}. Minutes per part: " + ", ".join(f"{k} {v:.0f}" for k, v in res["minutes"].items())
            + (f", on {machine_line(res['machine'])}" if res.get("machine") else "") + ".\n"]
-    for name, caption, table in SECTIONS:
+    for name, table in SECTIONS.items():
         text = table(res)
         if text:
-            out.append((f"{caption}\n\n" if caption else "") + text + "\n")
+            out.append((f"{CAPTIONS[name]}\n\n" if name in CAPTIONS else "") + text + "\n")
     return "\n".join(out)
 
 
@@ -573,11 +574,11 @@ def render_document(text: str, root: str = data.REPO) -> str:
             r = r if isinstance(r, list) else [r]
             body = eval_ppl.markdown_table(r, all("router" in x for x in r), speed=False)
         else:
-            section = next((t for n, _, t in SECTIONS if n == name), None)
+            section = SECTIONS.get(name)
             if section is None or len(folders) != 1:
                 raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, routers, eval, zeroshot, "
                                      + ", ".join(BENCH_TABLES) + ", "
-                                     + ", ".join(n for n, _, _ in SECTIONS))
+                                     + ", ".join(SECTIONS))
             body = section(results(folders[0]))
         return f"<!-- table {m.group(1)} {name} -->\n{body.strip()}\n<!-- end table -->"
 

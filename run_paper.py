@@ -51,7 +51,7 @@ import cli
 
 
 # -----------------------------------------------------------------------------
-# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+# The command line, first (cli.parse_first)
 
 
 PARTS = ("table", "sparsity", "calibration", "anatomy", "experts", "owl", "distill", "dtype", "rounding")
@@ -91,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import numpy as np
 import torch

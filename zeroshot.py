@@ -40,7 +40,7 @@ N_ITEMS = 400  # a few hundred: the accuracy's standard error is about 2.5 point
 
 
 # -----------------------------------------------------------------------------
-# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+# The command line, first (cli.parse_first)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import data
 from checkpoint import CheckpointReader

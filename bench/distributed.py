@@ -26,7 +26,7 @@ import cli
 
 
 # -----------------------------------------------------------------------------
-# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+# The command line, first (cli.parse_first)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import torch
 
 import checkpoint
 import data
 import mini_mixtral as mm
-from outputs import check_output_file
 from progress import machine
 
 GB = 1e9  # decimal gigabytes, as GPU memory is sold
@@ -120,10 +118,8 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     with cli.errors():
-        if args.json:
-            check_output_file(args.json, args.overwrite)
-        res = measure()
-        cli.show_and_save(markdown(res) + "\n\n" + json.dumps(res["runs"], indent=1), res, args.json, args.overwrite)
+        cli.measure_and_save(measure, lambda res: markdown(res) + "\n\n" + json.dumps(res["runs"], indent=1),
+                             args.json, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import cli
 
 
 # -----------------------------------------------------------------------------
-# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+# The command line, first (cli.parse_first)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,15 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import torch
 
 import data
 import mini_mixtral as mm
 from checkpoint import load_model, save_model
-from outputs import check_output_file
 from progress import machine
 
 
@@ -123,16 +121,13 @@ def main(argv=None):
             threads = [int(v) for v in args.threads.split(",")]
         except ValueError:
             raise data.DataError(f"--threads {args.threads!r}: a comma list of integers") from None
-        if args.json:
-            check_output_file(args.json, args.overwrite)
         cfg = mm.MixtralConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                                intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
                                num_attention_heads=8, num_key_value_heads=2, num_local_experts=args.num_local_experts,
                                num_experts_per_tok=2, rope_theta=10000.0, max_position_embeddings=args.seqlen,
                                torch_dtype="float32")
-        res = measure(cfg, args.batch_size, args.seqlen, args.repeats, threads)
-        cli.show_and_save(markdown(res), res, args.json, args.overwrite)
-        return res
+        return cli.measure_and_save(lambda: measure(cfg, args.batch_size, args.seqlen, args.repeats, threads), markdown,
+                                    args.json, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import cli
 
 
 # -----------------------------------------------------------------------------
-# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+# The command line, first (cli.parse_first)
 
 STEPS = ("device_tests", "readme", "sparse24", "scale")
 SHARES = {"device_tests": 0.30, "readme": 0.15, "sparse24": 0.20, "scale": 0.35}  # of the budget: they sum to 1
@@ -63,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import json
 

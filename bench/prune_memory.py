@@ -25,7 +25,7 @@ import cli
 
 
 # -----------------------------------------------------------------------------
-# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+# The command line, first (cli.parse_first)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import numpy as np
 import torch
@@ -50,7 +49,6 @@ import data
 import mini_mixtral as mm
 import prune
 from checkpoint import CheckpointWriter, expected_shapes, layer_shapes
-from outputs import check_output_file
 from progress import machine
 
 GiB = 1024**3
@@ -148,11 +146,8 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     with cli.errors():
-        if args.json:
-            check_output_file(args.json, args.overwrite)
-        res = measure(args.hidden_size, args.intermediate_size, args.nsamples, args.seqlen)
-        cli.show_and_save(markdown(res), res, args.json, args.overwrite)
-        return res
+        return cli.measure_and_save(lambda: measure(args.hidden_size, args.intermediate_size, args.nsamples, args.seqlen),
+                                    markdown, args.json, args.overwrite)
 
 
 if __name__ == "__main__":

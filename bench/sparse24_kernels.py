@@ -23,7 +23,7 @@ import cli
 
 
 # -----------------------------------------------------------------------------
-# The command line, first: --help and usage errors are answered before torch loads (cli.py)
+# The command line, first (cli.parse_first)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # answers --help or a usage error here, then main() runs below
+cli.parse_first(__name__, build_parser)
 
 import torch
 import torch.nn.functional as F
@@ -145,19 +144,18 @@ def bench(dtype_name: str, tokens: list, iters: int, moe_tokens: list) -> dict:
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     with cli.errors():
         if args.json:
-            check_output_file(args.json, args.overwrite)
+            check_output_file(args.json, args.overwrite)  # refused even where no GPU would measure anything
         try:
             sparse24.gpu_backend("auto")  # some backend runs here, or the reason none does
         except sparse24.SparsityError as e:
             print(f"bench.sparse24_kernels: {e}; nothing measured")
             return 0
-        results = bench(args.dtype, [int(t) for t in args.tokens.split(",")], args.iters,
-                        [int(t) for t in args.moe_tokens.split(",")])
-        cli.show_and_save(markdown(results), results, args.json, args.overwrite)
+        cli.measure_and_save(lambda: bench(args.dtype, [int(t) for t in args.tokens.split(",")], args.iters,
+                                           [int(t) for t in args.moe_tokens.split(",")]),
+                             markdown, args.json, args.overwrite)
     return 0
 
 
