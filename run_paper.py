@@ -140,11 +140,6 @@ def perplexities(s: Setup, path: str, whole: bool = False) -> list:
     return [eval_ppl.perplexity(model, w, 8, s.device) for w in sets]
 
 
-def evaluate(s: Setup, path: str) -> float:
-    """Perplexity of a checkpoint on the evaluation sample."""
-    return perplexities(s, path)[0]
-
-
 def calib_file(s: Setup, tokens: np.ndarray, name: str) -> str:
     fn = os.path.join(s.work, f"calib-{name}.npy")
     np.save(fn, tokens)
@@ -261,9 +256,8 @@ def part_experts(s: Setup) -> list:
     variants = [("dense", None, None), (f"NAEE r={n - 2}", "naee", (n - 2, False)),
                 (f"NAEE r={n // 2}", "naee", (n // 2, False)), (f"REAP r={n - 2}", "reap", (n - 2, False)),
                 (f"REAP r={n // 2}", "reap", (n // 2, False)), ("NAEE skipping", "naee", (n, True)),
-                (f"NAEE r={n - 2} + skipping", "naee", (n - 2, True)),
-                ("CD-MoE 1 layer x 2 experts", "cd-moe", (1, 2)), ("CD-MoE 2 layers x 2 experts", "cd-moe", (2, 2)),
-                ("CD-MoE 2 layers x 4 experts", "cd-moe", (2, 4)),
+                (f"NAEE r={n - 2} + skipping", "naee", (n - 2, True)), ("CD-MoE 1 layer x 2 experts", "cd-moe", (1, 2)),
+                ("CD-MoE 2 layers x 2 experts", "cd-moe", (2, 2)), ("CD-MoE 2 layers x 4 experts", "cd-moe", (2, 4)),
                 ("MoE-Pruner 25%", "prune", (0.25, None)), ("MoE-Pruner 50%", "prune", (0.5, None)),
                 ("MoE-Pruner 2:4", "prune", (0.5, "2:4"))]
     rows = []
@@ -288,7 +282,7 @@ def part_experts(s: Setup) -> list:
         dense_params = expert_prune.expert_budget(s.config)["stored_expert_params"]
         # bytes in fp16: dense layout for everything but 2:4 (values + metadata: 9/16 of dense)
         fp16_bytes = budget["stored_expert_params"] / nonzero * 2 * (9 / 16 if "2:4" in name else 1)
-        rows.append({"variant": name, "ppl": evaluate(s, out), "seconds": seconds, "skip_fraction": skip,
+        rows.append({"variant": name, "ppl": perplexities(s, out)[0], "seconds": seconds, "skip_fraction": skip,
                      "expert_params_fraction": budget["stored_expert_params"] / dense_params,
                      "expert_fp16_MB": fp16_bytes / 1e6, **budget})
         log(f"{name}: ppl {rows[-1]['ppl']:.3f}, expert params {rows[-1]['expert_params_fraction']:.3f} of dense")
@@ -347,14 +341,14 @@ def part_distill(s: Setup, dense_ppl: float) -> list:
             pruned_dir = os.path.join(s.work, f"kd-{method}-{label.replace(':', 'of').replace('%', '')}")
             prune.prune_checkpoint(s.model, pruned_dir, prune.PruneArgs(method, 0.5, nm, calib_tokens=s.calib_file,
                                                                         device=s.device), overwrite=True)
-            pruned_ppl = evaluate(s, pruned_dir)
+            pruned_ppl = perplexities(s, pruned_dir)[0]
             runs = [("full", "eq10")] + ([("per-expert", "mse"), ("full", "ce"), ("full", "mse")]
                                          if method == "moe-pruner" else [])
             for mode, loss in runs:
                 out, t0 = pruned_dir + f"-{mode}-{loss}", time.time()
                 rep = distill.distill_checkpoint(s.model, pruned_dir, out, distill.DistillConfig(loss=loss), mode,
                                                  device=s.device, overwrite=True)
-                ppl = evaluate(s, out)
+                ppl = perplexities(s, out)[0]
                 rows.append({"method": method, "sparsity": label, "mode": mode, "loss": loss, "dense_ppl": dense_ppl,
                              "pruned_ppl": pruned_ppl, "distilled_ppl": ppl,
                              "gap_recovered": (pruned_ppl - ppl) / (pruned_ppl - dense_ppl),
