@@ -300,6 +300,12 @@ def load_token_file(path: str, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64))
 
 
+def file_sha256(path: str) -> str:
+    """A file's SHA-256, as `sha256sum` prints it: which calibration windows a run used."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def text_source(spec: str, split: str) -> str:
     """--calib-data / --eval-data: a path; 'stdlib' for the embedded corpus's `split` (the script's own:
     eval for evaluation, calib for calibration); 'stdlib:SPLIT' for a named split (train, calib, eval)."""

@@ -22,11 +22,12 @@ printed and recorded in results.json and the results README, with the machine th
   - rounding:    SparseGPT at 50%, 2:4 and 4:8 with the next layer fed its updated weights in float32 and
                  rounded to the checkpoint's dtype (--round-updates, as the reference computes)
 
-Every method sees the same calibration windows (drawn once, saved as calibration_tokens.npy; the
-calibration sweep uses their first n rows; anatomy's draw d is drawn with seed d) and every
-model the same evaluation windows: on the embedded corpus 128 spread evenly over the eval split
-(data.sample_windows; --eval-windows), on any other text all of them. Results go to --out as results.json and README.md (the
-tables and plots; matplotlib is optional). Pruned checkpoints are deleted after evaluation
+Every method sees the same calibration windows (drawn once and saved as calibration_tokens.npy, or
+read from --calib-tokens: results.json names the file and its SHA-256; the calibration sweep uses
+their first n rows; anatomy's draw d is drawn with seed d) and every model the same evaluation
+windows: on the embedded corpus 128 spread evenly over the eval split (data.sample_windows;
+--eval-windows), on any other text all of them. Results go to --out as results.json and README.md
+(the tables and plots; matplotlib is optional). Pruned checkpoints are deleted after evaluation
 unless --keep.
 
     python run_paper.py --overwrite                                     # table, sweeps
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of parts to run, from {', '.join(PARTS)} (default: table,sparsity,calibration)")
     p.add_argument("--only", choices=PARTS, help="run this one part (the same as --parts PART)")
     p.add_argument("--calib-data", default="stdlib", help="calibration text (as prune.py --calib-data)")
+    p.add_argument("--calib-tokens", help="the calibration windows, an int .npy [nsamples, seqlen] (as prune.py's), "
+                   "e.g. results/calibration_tokens.npy: --out holds no copy; anatomy's other draws use --calib-data")
     p.add_argument("--eval-data", default="stdlib", help="evaluation text (as eval_ppl.py --eval-data)")
     p.add_argument("--nsamples", type=cli.positive_int, default=128, help="calibration windows (paper: 128)")
     p.add_argument("--seqlen", type=cli.seqlen, default=None,
@@ -106,7 +109,7 @@ import prune
 import report
 import variants
 from checkpoint import CheckpointReader, read_config
-from outputs import check_not_input, check_output_file, json_text, staged_folder, write_output_file
+from outputs import check_not_input, check_output_file, json_text, same_place, staged_folder, write_output_file
 from progress import log, machine
 from report import CALIB_METHODS, METHODS
 
@@ -377,6 +380,7 @@ class Plan:
     seqlen: Optional[int] = None  # None: 2048, capped at the model's context
     eval_windows: Optional[int] = None  # None: data.EVAL_SAMPLE on the embedded corpus, all on other text
     seed: int = 0
+    calib_tokens: Optional[str] = None  # the windows from this .npy instead of a draw (no copy in out)
     sweep: tuple = (0.3, 0.5, 0.7, 0.8)  # Figure 5's sparsities
     calib_sweep: tuple = (2, 8, 32, 128)  # Figure 4's calibration window counts
     draws: int = 5  # anatomy: calibration draws per method
@@ -391,7 +395,7 @@ def run(plan: Plan) -> dict:
     out/README.md and the plots. Returns the results."""
     model, out = plan.model, plan.out
     config = read_config(model)
-    inputs = [model, data.input_path(plan.calib_data), data.input_path(plan.eval_data)]
+    inputs = [model, plan.calib_tokens, data.input_path(plan.calib_data), data.input_path(plan.eval_data)]
     check_not_input(out, inputs)
     if os.path.lexists(out) and not os.path.isdir(out):
         raise data.DataError(f"--out {out} is a file, not a folder: name a folder for results.json and its README")
@@ -401,25 +405,32 @@ def run(plan: Plan) -> dict:
     unknown = [p for p in plan.parts if p not in PARTS]
     if unknown:
         raise data.DataError(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
-    seqlen = plan.seqlen or min(2048, config.max_position_embeddings)
+    given = data.load_token_file(plan.calib_tokens, config.vocab_size).numpy() if plan.calib_tokens else None
+    seqlen = given.shape[1] if plan.calib_tokens else plan.seqlen or min(2048, config.max_position_embeddings)
     if seqlen > config.max_position_embeddings:
-        raise data.DataError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings {config.max_position_embeddings}")
+        raise data.DataError(f"{'--calib-tokens: windows of' if plan.calib_tokens else '--seqlen'} {seqlen} exceeds the "
+                             f"model's max_position_embeddings {config.max_position_embeddings}")
     tok = data.load_tokenizer(model)
     ids = data.encode(tok, data.text_source(plan.calib_data, "calib"))
-    calib = data.calibration_windows(ids, plan.nsamples, seqlen, plan.seed).numpy()  # one set for every method
+    # one set of windows for every method: [nsamples, seqlen]
+    calib = given if plan.calib_tokens else data.calibration_windows(ids, plan.nsamples, seqlen, plan.seed).numpy()
     eval_ids = data.encode(tok, data.text_source(data.resolve_wikitext(plan.eval_data, "test"), "eval"))
     every = data.eval_windows(eval_ids, seqlen)  # [N, seqlen]
     windows, indices = data.sample_windows(every, data.eval_window_count(plan.eval_data, plan.eval_windows))
-    results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": plan.nsamples,
+    results = {"model": data.shown_path(model), "config": config.to_dict(), "seqlen": seqlen, "nsamples": len(calib),
                "calib_data": plan.calib_data, "eval_data": plan.eval_data, "eval_windows": len(windows),
                "eval_windows_in_text": len(every), "eval_window_indices": indices, "eval_tokens": windows.numel(),
                "machine": machine(), "parts": plan.parts, "minutes": {}, "runs": []}
     with staged_folder(out, plan.overwrite) as stage:  # out's files, each whole, only at the end
         work = os.path.join(out, "checkpoints") if plan.keep else os.path.join(stage, "work")
         os.makedirs(work, exist_ok=True)
-        np.save(os.path.join(stage, prune.CALIBRATION_FILE), calib)
+        calib_path = plan.calib_tokens or os.path.join(stage, prune.CALIBRATION_FILE)  # read, or saved beside results
+        if not plan.calib_tokens:
+            np.save(calib_path, calib)
+        results.update(calib_tokens=data.shown_path(plan.calib_tokens or os.path.join(out, prune.CALIBRATION_FILE)),
+                       calib_sha256=data.file_sha256(calib_path))  # where the windows are, and which they are
         device = plan.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        s = Setup(model, config, calib, os.path.join(stage, prune.CALIBRATION_FILE), ids, windows,
+        s = Setup(model, config, calib, calib_path, ids, windows,
                   every if len(windows) < len(every) else None, work, device, plan.keep, {})
         try:
             run_parts(s, plan, results)
@@ -429,6 +440,9 @@ def run(plan: Plan) -> dict:
         results["command"] = plan.command
         write_output_file(os.path.join(stage, "results.json"), json_text(results))
         tables = report.write_report(results, out, stage)
+    stale = os.path.join(out, prune.CALIBRATION_FILE)
+    if plan.calib_tokens and os.path.isfile(stale) and not same_place(stale, plan.calib_tokens):
+        os.remove(stale)  # an earlier run's windows (refused above without --overwrite): results.json names these
     print(tables)
     return results
 
@@ -447,7 +461,7 @@ def run_parts(s: Setup, plan: Plan, results: dict):
         elif part == "sparsity":
             results["runs"] += figure_5(s, list(plan.sweep))
         elif part == "calibration":
-            results["runs"] += figure_4(s, [n for n in plan.calib_sweep if n <= plan.nsamples])
+            results["runs"] += figure_4(s, [n for n in plan.calib_sweep if n <= len(s.calib)])
         elif part == "anatomy":
             results["anatomy"] = part_anatomy(s, plan.draws)
         elif part == "experts":
@@ -482,11 +496,13 @@ def main(argv=None):
             raise data.DataError("--sweep takes numbers, --calib-sweep integers, comma separated") from None
         if not all(0 <= v < 1 for v in sweep) or not all(n >= 1 for n in calib_sweep):
             raise data.DataError(f"--sweep {a.sweep}: sparsities in [0, 1); --calib-sweep {a.calib_sweep}: counts >= 1")
+        if a.calib_tokens and cli.given_flags(p, argv) & {"nsamples", "seqlen", "seed"}:
+            p.error("--calib-tokens fixes the windows: --nsamples, --seqlen and --seed would be ignored")
         parts = [a.only] if a.only else a.parts.split(",")
         command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
         return run(Plan(a.model or data.default_model_dir(), a.out, parts, a.calib_data, a.eval_data, a.nsamples,
-                        a.seqlen, a.eval_windows, a.seed, tuple(sweep), tuple(calib_sweep), a.draws, a.device, a.keep,
-                        a.overwrite, command))
+                        a.seqlen, a.eval_windows, a.seed, a.calib_tokens, tuple(sweep), tuple(calib_sweep), a.draws,
+                        a.device, a.keep, a.overwrite, command))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,65 @@ def test_run_paper_small(tmp_path, ckpt, text_file):
     assert report.results_folders(str(tmp_path)) == [str(tmp_path / "results" / "res")]
 
 
+def test_calibration_windows_from_a_file_are_the_drawn_ones_and_leave_no_copy(tmp_path, ckpt, text_file, capsys):
+    """--calib-tokens runs on the windows of a file: the same runs as on the draw it holds, no copy in
+    --out (an earlier run's is removed with --overwrite, refused without), results.json naming the file
+    and its SHA-256 as a drawing run names its own."""
+    common = ["--model", ckpt, "--calib-data", text_file, "--eval-data", text_file, "--eval-windows", "2",
+              "--parts", "sparsity", "--sweep", "0.5"]
+    drawn = run_paper.main([*common, "--seqlen", "32", "--nsamples", "6", "--seed", "3", "--out", str(tmp_path / "a")])
+    own = tmp_path / "a" / "calibration_tokens.npy"
+    assert np.load(own).shape == (6, 32)
+    assert drawn["calib_tokens"] == str(own) and drawn["calib_sha256"] == run_paper.data.file_sha256(str(own))
+    out = tmp_path / "b"
+    out.mkdir()
+    np.save(out / "calibration_tokens.npy", np.zeros((2, 32), dtype=np.int64))  # an earlier run's windows
+    with pytest.raises(SystemExit):
+        run_paper.main([*common, "--calib-tokens", str(own), "--out", str(out)])
+    assert "calibration_tokens.npy exists" in capsys.readouterr().err
+    read = run_paper.main([*common, "--calib-tokens", str(own), "--out", str(out), "--overwrite"])
+    assert "calibration_tokens.npy" not in os.listdir(out) and json.load(open(out / "results.json")) == read
+    assert (read["calib_tokens"], read["calib_sha256"], read["nsamples"], read["seqlen"]) == \
+        (str(own), drawn["calib_sha256"], 6, 32)
+    assert [r["ppl"] for r in read["runs"]] == [r["ppl"] for r in drawn["runs"]]  # the same windows, the same runs
+    for flag in ("--nsamples", "--seqlen", "--seed"):  # the file fixes them
+        with pytest.raises(SystemExit) as e:
+            run_paper.main([*common, "--calib-tokens", str(own), flag, "8", "--out", str(tmp_path / "c")])
+        assert e.value.code == 2 and "--calib-tokens fixes the windows" in capsys.readouterr().err
+    np.save(tmp_path / "long.npy", np.zeros((2, 4096), dtype=np.int64))
+    with pytest.raises(SystemExit):
+        run_paper.main([*common, "--calib-tokens", str(tmp_path / "long.npy"), "--out", str(tmp_path / "c")])
+    assert "--calib-tokens: windows of 4096 exceeds the model's max_position_embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_results_hold_one_calibration_file_per_draw():
+    """Every folder of results/ names its windows (results.json's calib_tokens and calib_sha256) or holds
+    them, or else its command's draw, drawn again, is results/calibration_tokens.npy; and no two files
+    hold the same windows."""
+    copies = {}
+    for folder in report.results_folders():
+        own = os.path.join(folder, "calibration_tokens.npy")
+        if os.path.isfile(own):
+            copies.setdefault(run_paper.data.file_sha256(own), []).append(own)
+    assert all(len(files) == 1 for files in copies.values()), copies
+    shared = os.path.join(run_paper.data.REPO, "results", "calibration_tokens.npy")
+    draws = {}
+    for folder in report.results_folders():
+        res = json.load(open(os.path.join(folder, "results.json")))
+        if "calib_sha256" in res:
+            named = os.path.join(run_paper.data.REPO, res["calib_tokens"])
+            assert run_paper.data.file_sha256(named) == res["calib_sha256"], folder
+        elif not os.path.isfile(os.path.join(folder, "calibration_tokens.npy")):
+            a = run_paper.build_parser().parse_args(res["command"].split()[2:])
+            key = (res["model"], a.calib_data, a.nsamples, res["seqlen"], a.seed)
+            if key not in draws:
+                tok = run_paper.data.load_tokenizer(os.path.join(run_paper.data.REPO, res["model"]))
+                ids = run_paper.data.encode(tok, run_paper.data.text_source(a.calib_data, "calib"))
+                draws[key] = run_paper.data.calibration_windows(ids, a.nsamples, res["seqlen"], a.seed).numpy()
+            assert np.array_equal(draws[key], np.load(shared)), folder
+
+
 def test_gate_anatomy_is_flat_for_top1_routing_and_not_for_top2(tmp_path):
     """With top-1 routing every gate is 1, so r_j = 1 for every column: MoE-Pruner is Wanda."""
     for k, flat in ((1, True), (2, False)):
