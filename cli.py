@@ -105,6 +105,12 @@ nonnegative_int = number(int, "an integer", lambda v: v >= 0, "at least 0")
 seqlen = number(int, "an integer", lambda v: v >= 2, "at least 2 (a window predicts its tokens 2..seqlen)")
 positive_float = number(float, "a number", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 nonnegative_float = number(float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+sparsity = number(float, "a number", lambda v: 0 <= v < 1, "a sparsity in [0, 1)")
+
+
+def comma_list(item):
+    """An argparse type: a comma list whose every value the type item parses and checks ("2,8" -> [2, 8])."""
+    return lambda s: [item(v) for v in s.split(",")]
 
 
 def device(s: str) -> str:

@@ -32,8 +32,6 @@ unless --keep.
 
     python run_paper.py --overwrite                                     # table, sweeps
     python run_paper.py --parts anatomy --out results/anatomy --overwrite
-    python run_paper.py --replot --out results/anatomy                 # tables and plots again, nothing run
-    python run_paper.py --compare results results/decisive             # two runs' tables side by side
     python run_paper.py --model Mixtral-8x7B-v0.1 --calib-data c4-train.00000-of-01024.json.gz \\
         --eval-data wikitext-2-raw --seqlen 2048 --nsamples 128 --eval-windows 0 --device cuda
 """
@@ -74,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration and evaluation window length (default: 2048 capped at max_position_embeddings)")
     cli.add_eval_windows_arg(p)
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the calibration windows")
-    p.add_argument("--sweep", default="0.3,0.5,0.7,0.8",
+    p.add_argument("--sweep", type=cli.comma_list(cli.sparsity), default="0.3,0.5,0.7,0.8",
                    help="sparsities of the Figure 5 sweep (finer: 0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8, about twice as long)")
-    p.add_argument("--calib-sweep", default="2,8,32,128",
+    p.add_argument("--calib-sweep", type=cli.comma_list(cli.positive_int), default="2,8,32,128",
                    help="calibration sample counts of Figure 4 (finer: 2,4,8,16,32,64,128)")
     p.add_argument("--draws", type=cli.positive_int, default=5, help="anatomy: calibration draws per method")
     cli.add_device_arg(p)
@@ -489,19 +487,12 @@ def main(argv=None):
             return report.main(["--compare", *a.compare])
         if a.replot:
             return report.main(["--out", a.out])
-        try:
-            sweep = [float(v) for v in a.sweep.split(",")]
-            calib_sweep = [int(v) for v in a.calib_sweep.split(",")]
-        except ValueError:
-            raise data.DataError("--sweep takes numbers, --calib-sweep integers, comma separated") from None
-        if not all(0 <= v < 1 for v in sweep) or not all(n >= 1 for n in calib_sweep):
-            raise data.DataError(f"--sweep {a.sweep}: sparsities in [0, 1); --calib-sweep {a.calib_sweep}: counts >= 1")
         if a.calib_tokens and cli.given_flags(p, argv) & {"nsamples", "seqlen", "seed"}:
             p.error("--calib-tokens fixes the windows: --nsamples, --seqlen and --seed would be ignored")
         parts = [a.only] if a.only else a.parts.split(",")
         command = " ".join(["python run_paper.py", *(sys.argv[1:] if argv is None else argv)])
         return run(Plan(a.model or data.default_model_dir(), a.out, parts, a.calib_data, a.eval_data, a.nsamples,
-                        a.seqlen, a.eval_windows, a.seed, a.calib_tokens, tuple(sweep), tuple(calib_sweep), a.draws,
+                        a.seqlen, a.eval_windows, a.seed, a.calib_tokens, tuple(a.sweep), tuple(a.calib_sweep), a.draws,
                         a.device, a.keep, a.overwrite, command))
 
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, former, type=cli.positive_int, default=default, help=what + cli.spelled((former,)))
     p.add_argument("--seqlen", type=cli.seqlen, default=512, help="tokens per window")
     p.add_argument("--repeats", type=cli.positive_int, default=7, help="timed runs per model (median reported)")
-    p.add_argument("--threads", default="0",
+    p.add_argument("--threads", type=cli.comma_list(cli.nonnegative_int), default="0",
                    help="comma list of torch thread counts to measure at, 0 for torch's choice (e.g. 2,1)")
     cli.add_json_args(p)
     return p
@@ -117,16 +117,12 @@ def main(argv=None):
     with cli.errors():
         if importlib.util.find_spec("transformers") is None:
             raise data.DataError("bench.forward compares against transformers: pip install -r requirements-test.txt")
-        try:
-            threads = [int(v) for v in args.threads.split(",")]
-        except ValueError:
-            raise data.DataError(f"--threads {args.threads!r}: a comma list of integers") from None
         cfg = mm.MixtralConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                                intermediate_size=args.intermediate_size, num_hidden_layers=args.num_hidden_layers,
                                num_attention_heads=8, num_key_value_heads=2, num_local_experts=args.num_local_experts,
                                num_experts_per_tok=2, rope_theta=10000.0, max_position_embeddings=args.seqlen,
                                torch_dtype="float32")
-        return cli.measure_and_save(lambda: measure(cfg, args.batch_size, args.seqlen, args.repeats, threads), markdown,
+        return cli.measure_and_save(lambda: measure(cfg, args.batch_size, args.seqlen, args.repeats, args.threads), markdown,
                                     args.json, args.overwrite)
 
 

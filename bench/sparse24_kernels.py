@@ -29,9 +29,9 @@ import cli
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weight and activation dtype")
-    p.add_argument("--tokens", default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
+    p.add_argument("--tokens", type=cli.comma_list(cli.positive_int), default="1,16,64,256,1024,4096", help="token counts (rows of the activation)")
     p.add_argument("--iters", type=cli.positive_int, default=20, help="timed repetitions (median reported)")
-    p.add_argument("--moe-tokens", default="1,128,1024,4096", help="token counts for the whole MoE block")
+    p.add_argument("--moe-tokens", type=cli.comma_list(cli.positive_int), default="1,128,1024,4096", help="token counts for the whole MoE block")
     cli.add_json_args(p)
     return p
 
@@ -153,9 +153,8 @@ def main(argv=None):
         except sparse24.SparsityError as e:
             print(f"bench.sparse24_kernels: {e}; nothing measured")
             return 0
-        cli.measure_and_save(lambda: bench(args.dtype, [int(t) for t in args.tokens.split(",")], args.iters,
-                                           [int(t) for t in args.moe_tokens.split(",")]),
-                             markdown, args.json, args.overwrite)
+        cli.measure_and_save(lambda: bench(args.dtype, args.tokens, args.iters, args.moe_tokens), markdown, args.json,
+                             args.overwrite)
     return 0
 
 

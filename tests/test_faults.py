@@ -28,6 +28,7 @@ import expert_prune
 import prune
 import run_paper
 import sparse24
+from bench import forward as bench_forward, sparse24_kernels
 from conftest import random_model, script_error, write_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +158,16 @@ def cases(w):
         ("run_paper --out INSIDE MODEL", run_paper.main,
          ["--model", w["ckpt"], "--out", os.path.join(w["ckpt"], "results"), "--parts", "table"], "lies inside the input"),
         ("run_paper --sweep 1.5", run_paper.main, ["--model", w["ckpt"], "--sweep", "0.5,1.5", "--out", str(out)],
-         "sparsities in [0, 1)"),
+         "--sweep: 1.5 must be a sparsity in [0, 1)"),
+        ("run_paper --sweep x", run_paper.main, ["--model", w["ckpt"], "--sweep", "0.5,x", "--out", str(out)],
+         "--sweep: 'x' is not a number"),
+        ("run_paper --calib-sweep 0", run_paper.main, ["--model", w["ckpt"], "--calib-sweep", "2,0", "--out", str(out)],
+         "--calib-sweep: 0 must be at least 1"),
+        ("run_paper --calib-tokens with --seed", run_paper.main,
+         ["--model", w["ckpt"], "--calib-tokens", str(t / "ok.npy"), "--seed", "1", "--out", str(out)],
+         "--seed would be ignored"),
+        ("bench.forward --threads -1", bench_forward.main, ["--threads", "2,-1"], "--threads: -1 must be at least 0"),
+        ("bench.sparse24_kernels --tokens a", sparse24_kernels.main, ["--tokens", "1,a"], "--tokens: 'a' is not an integer"),
         ("run_paper --seqlen past the context", run_paper.main,
          ["--model", w["ckpt"], "--calib-data", w["text"], "--seqlen", "4096", "--out", str(out)],
          "exceeds the model's max_position_embeddings"),
