@@ -681,6 +681,8 @@ def plots(res: dict, out_dir: str) -> list:
     if res.get("anatomy"):
         a = res["anatomy"]
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        span = [max(v) - min(v) for v in ([g[k] for g in a["gates"] for k in ("r_spread_x", "r_spread_h")],
+                                          [r["mask_difference"] for r in a["mask_difference"]])]
         # w1 and w3 share their input x, so their points nearly coincide: w1 large and hollow, w3 small and solid
         for kind, key, style in (("w1", "r_spread_x", dict(marker="o", s=90, facecolors="none", edgecolors="tab:blue")),
                                  ("w3", "r_spread_x", dict(marker="o", s=18, color="tab:orange")),
@@ -691,7 +693,11 @@ def plots(res: dict, out_dir: str) -> list:
             ax.scatter(xs, ys, label=kind, **style)
             if kind != "w3":  # w3's labels would sit on w1's
                 for g, xv, yv in zip(a["gates"], xs, ys):
-                    ax.annotate(f"layer {g['layer']}", (xv, yv), fontsize=7, xytext=(6, -3), textcoords="offset points")
+                    # right of the point, or above it where another point lies under the label (about a
+                    # tenth of the axes' width, a thirtieth of their height)
+                    crowded = any(0 < x2 - xv < 0.1 * span[0] and abs(y2 - yv) < 0.03 * span[1] for x2, y2 in zip(xs, ys))
+                    ax.annotate(f"layer {g['layer']}", (xv, yv), fontsize=7, textcoords="offset points",
+                                **(dict(xytext=(0, 7), ha="center") if crowded else dict(xytext=(6, -3))))
         ax.set_xlabel("spread of r_j = ||X_j Gate|| / ||X_j|| over input columns (CV)")
         ax.set_ylabel("weights whose 50% mask differs,\nMoE-Pruner vs Wanda")
         ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.1%}"))
