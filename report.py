@@ -355,16 +355,28 @@ def side_by_side(results: list) -> str:
     return "\n".join(out)
 
 
+def hint_worth_table(anatomies: list) -> str:
+    """What the router's hint is worth against the noise of the calibration draws, one row per
+    anatomy folder (anatomy_summary): routed tokens, then the gate, then Wanda's spread."""
+    worth = ["| model | routed tokens: wanda - router-blind wanda, 50% / 2:4 / 70% | gate: moe-pruner - wanda, "
+             "50% / 2:4 / 70% | wanda's sd over draws, 50% / 2:4 / 70% |\n|---|---|---|---|"]
+    for res in anatomies:
+        sm = {(x["setting"], x["name"]): x for x in anatomy_summary(res["anatomy"])}
+        settings = ("50%", "2:4", "70%")
+        worth.append(f"| {res['model']} | " + " / ".join(
+            f"{sm[x, 'wanda']['mean'] - sm[x, 'router-blind wanda']['mean']:+.3f}" for x in settings) + " | "
+            + " / ".join(anatomy_cell(sm[x, "moe-pruner - wanda"]) for x in settings) + " | "
+            + " / ".join(f"{sm[x, 'wanda']['sd']:.3f}" for x in settings) + " |")
+    return "\n".join(worth)
+
+
 def routers_table(evaluations: list, anatomies: list) -> str:
     """The routers side by side, one row per model: their gates (eval_ppl.py --router-stats on the
     held-out windows, ranges over layers), where the gate changes MoE-Pruner's mask (the anatomy's
-    r_j spread and mask difference at 50%), and what the router's hint is worth against the noise
-    of the calibration draws (anatomy_summary)."""
+    r_j spread and mask difference at 50%), and what the router's hint is worth (hint_worth_table)."""
     stats = {r["model"]: r["router"] for r in evaluations}
     gates = ["| model | experts, top-k, gates | top-k mass | gate entropy | an expert's gate CV | r_j spread, x / h "
              "| mask difference at 50%, w1 / w3 / w2 |\n|---|---|---|---|---|---|---|"]
-    worth = ["| model | routed tokens: wanda - router-blind wanda, 50% / 2:4 / 70% | gate: moe-pruner - wanda, "
-             "50% / 2:4 / 70% | wanda's sd over draws, 50% / 2:4 / 70% |\n|---|---|---|---|"]
     for res in anatomies:
         m, c, a = res["model"], res["config"], res["anatomy"]
         if m not in stats:
@@ -377,13 +389,7 @@ def routers_table(evaluations: list, anatomies: list) -> str:
             + " | ".join(value_range((x[k] for x in st), ".2f") for k in ("topk_mass", "gate_entropy", "expert_gate_cv"))
             + " | " + " / ".join(value_range((g[k] for g in a["gates"]), ".1%") for k in ("r_spread_x", "r_spread_h"))
             + " | " + " / ".join(value_range(diff(kind), ".1%") for kind in ("w1", "w3", "w2")) + " |")
-        sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}
-        settings = ("50%", "2:4", "70%")
-        worth.append(f"| {m} | " + " / ".join(
-            f"{sm[x, 'wanda']['mean'] - sm[x, 'router-blind wanda']['mean']:+.3f}" for x in settings) + " | "
-            + " / ".join(anatomy_cell(sm[x, "moe-pruner - wanda"]) for x in settings) + " | "
-            + " / ".join(f"{sm[x, 'wanda']['sd']:.3f}" for x in settings) + " |")
-    return "\n".join(gates) + "\n\n" + "\n".join(worth)
+    return "\n".join(gates) + "\n\n" + hint_worth_table(anatomies)
 
 
 def facts(res: dict) -> dict:
@@ -544,7 +550,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
     <!-- table FOLDER SECTION --> and <!-- end table --> becomes that section of FOLDER/results.json
     (FOLDER+FOLDER... with SECTION 'compare': the runs side by side; an eval_ppl.py --json file with
     SECTION 'eval': its table; with SECTION 'routers', an eval_ppl.py --router-stats --json file then
-    anatomy folders: the routers side by side), and every value between <!-- value FOLDER NAME --> and <!-- end -->
+    anatomy folders: the routers side by side; with SECTION 'worth', anatomy folders: what the
+    router's hint is worth on each), and every value between <!-- value FOLDER NAME --> and <!-- end -->
     becomes facts(FOLDER's results)[NAME] (evaluation_facts for a .json file; path_value for a NAME
     PATH|FORMAT, which reads any JSON file, e.g. a model's report.json); every block between
     <!-- help SCRIPT --> and <!-- end help --> becomes that script's --help. FOLDER is relative
@@ -565,6 +572,8 @@ def render_document(text: str, root: str = data.REPO) -> str:
             body = side_by_side([results(f) for f in folders])
         elif name == "routers" and folders[0].endswith(".json"):  # eval_ppl.py --json, then anatomy folders
             body = routers_table(results(folders[0]), [results(f) for f in folders[1:]])
+        elif name == "worth":  # anatomy folders
+            body = hint_worth_table([results(f) for f in folders])
         elif name == "zeroshot" and len(folders) == 1 and folders[0].endswith(".json"):
             body = zeroshot.markdown_table(results(folders[0]))
         elif name in BENCH_TABLES and len(folders) == 1 and folders[0].endswith(".json"):
@@ -576,7 +585,7 @@ def render_document(text: str, root: str = data.REPO) -> str:
         else:
             section = SECTIONS.get(name)
             if section is None or len(folders) != 1:
-                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, routers, eval, zeroshot, "
+                raise data.DataError(f"unknown table {m.group(1)} {name!r}; choose from compare, routers, worth, eval, zeroshot, "
                                      + ", ".join(BENCH_TABLES) + ", "
                                      + ", ".join(SECTIONS))
             body = section(results(folders[0]))
