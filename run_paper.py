@@ -107,7 +107,7 @@ import prune
 import report
 import variants
 from checkpoint import CheckpointReader, read_config
-from outputs import check_not_input, check_output_file, json_text, same_place, staged_folder, write_output_file
+from outputs import check_not_input, check_output_file, json_text, staged_folder, write_output_file
 from progress import log, machine
 from report import CALIB_METHODS, METHODS
 
@@ -403,15 +403,15 @@ def run(plan: Plan) -> dict:
     unknown = [p for p in plan.parts if p not in PARTS]
     if unknown:
         raise data.DataError(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
-    given = data.load_token_file(plan.calib_tokens, config.vocab_size).numpy() if plan.calib_tokens else None
-    seqlen = given.shape[1] if plan.calib_tokens else plan.seqlen or min(2048, config.max_position_embeddings)
+    calib = data.load_token_file(plan.calib_tokens, config.vocab_size).numpy() if plan.calib_tokens else None
+    seqlen = calib.shape[1] if plan.calib_tokens else plan.seqlen or min(2048, config.max_position_embeddings)
     if seqlen > config.max_position_embeddings:
         raise data.DataError(f"{'--calib-tokens: windows of' if plan.calib_tokens else '--seqlen'} {seqlen} exceeds the "
                              f"model's max_position_embeddings {config.max_position_embeddings}")
     tok = data.load_tokenizer(model)
     ids = data.encode(tok, data.text_source(plan.calib_data, "calib"))
-    # one set of windows for every method: [nsamples, seqlen]
-    calib = given if plan.calib_tokens else data.calibration_windows(ids, plan.nsamples, seqlen, plan.seed).numpy()
+    if not plan.calib_tokens:
+        calib = data.calibration_windows(ids, plan.nsamples, seqlen, plan.seed).numpy()  # [nsamples, seqlen]
     eval_ids = data.encode(tok, data.text_source(data.resolve_wikitext(plan.eval_data, "test"), "eval"))
     every = data.eval_windows(eval_ids, seqlen)  # [N, seqlen]
     windows, indices = data.sample_windows(every, data.eval_window_count(plan.eval_data, plan.eval_windows))
@@ -438,8 +438,8 @@ def run(plan: Plan) -> dict:
         results["command"] = plan.command
         write_output_file(os.path.join(stage, "results.json"), json_text(results))
         tables = report.write_report(results, out, stage)
-    stale = os.path.join(out, prune.CALIBRATION_FILE)
-    if plan.calib_tokens and os.path.isfile(stale) and not same_place(stale, plan.calib_tokens):
+    stale = os.path.join(out, prune.CALIBRATION_FILE)  # never the --calib-tokens file: out may not contain an input
+    if plan.calib_tokens and os.path.isfile(stale):
         os.remove(stale)  # an earlier run's windows (refused above without --overwrite): results.json names these
     print(tables)
     return results
