@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 from dataclasses import asdict
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_results_hold_one_calibration_file_per_draw():
             named = os.path.join(run_paper.data.REPO, res["calib_tokens"])
             assert run_paper.data.file_sha256(named) == res["calib_sha256"], folder
         elif not os.path.isfile(os.path.join(folder, "calibration_tokens.npy")):
-            a = run_paper.build_parser().parse_args(res["command"].split()[2:])
+            a = run_paper.build_parser().parse_args(shlex.split(res["command"])[2:])  # after "python run_paper.py"
             key = (res["model"], a.calib_data, a.nsamples, res["seqlen"], a.seed)
             if key not in draws:
                 tok = run_paper.data.load_tokenizer(os.path.join(run_paper.data.REPO, res["model"]))
