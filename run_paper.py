@@ -440,7 +440,7 @@ def run(plan: Plan) -> dict:
         tables = report.write_report(results, out, stage)
     stale = os.path.join(out, prune.CALIBRATION_FILE)  # never the --calib-tokens file: out may not contain an input
     if plan.calib_tokens and os.path.isfile(stale):
-        os.remove(stale)  # an earlier run's windows (refused above without --overwrite): results.json names these
+        os.remove(stale)  # windows this run did not use (refused above without --overwrite): results.json names its own
     print(tables)
     return results
 

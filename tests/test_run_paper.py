@@ -56,7 +56,7 @@ def test_run_paper_small(tmp_path, ckpt, text_file):
 
 def test_calibration_windows_from_a_file_are_the_drawn_ones_and_leave_no_copy(tmp_path, ckpt, text_file, capsys):
     """--calib-tokens runs on the windows of a file: the same runs as on the draw it holds, no copy in
-    --out (an earlier run's is removed with --overwrite, refused without), results.json naming the file
+    --out (one already there is removed with --overwrite, refused without), results.json naming the file
     and its SHA-256 as a drawing run names its own."""
     common = ["--model", ckpt, "--calib-data", text_file, "--eval-data", text_file, "--eval-windows", "2",
               "--parts", "sparsity", "--sweep", "0.5"]
@@ -66,7 +66,7 @@ def test_calibration_windows_from_a_file_are_the_drawn_ones_and_leave_no_copy(tm
     assert drawn["calib_tokens"] == str(own) and drawn["calib_sha256"] == run_paper.data.file_sha256(str(own))
     out = tmp_path / "b"
     out.mkdir()
-    np.save(out / "calibration_tokens.npy", np.zeros((2, 32), dtype=np.int64))  # an earlier run's windows
+    np.save(out / "calibration_tokens.npy", np.zeros((2, 32), dtype=np.int64))  # other windows, already there
     with pytest.raises(SystemExit):
         run_paper.main([*common, "--calib-tokens", str(own), "--out", str(out)])
     assert "calibration_tokens.npy exists" in capsys.readouterr().err
