@@ -145,11 +145,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+def whole(v) -> bool:
+    """A config.json value that is an integer (JSON's true and false are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def number(v) -> bool:
+    """A config.json value that is a finite number (true and false are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_config(config: MixtralConfig) -> MixtralConfig:
     """config, or ValueError (one line) for a value no Mixtral has: a size that is not a positive
     integer, a norm epsilon or RoPE base that is not a positive number."""
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "max_position_embeddings"):
         if not (whole(getattr(config, name)) and getattr(config, name) > 0):

@@ -103,10 +103,10 @@ import data
 import mini_mixtral as mm
 from checkpoint import CheckpointReader, CheckpointWriter, save_model
 from checkpoint import load_model as load_plain_model
-from variants import CondensedMoeBlock, condensed_layers, skip_betas, skip_second
 from layerwise import Positions, compute_dtype, embed_windows, layers, run_layer
 from outputs import check_output
 from progress import log
+from variants import CondensedMoeBlock, condensed_layers, skip_betas, skip_second
 
 
 # -----------------------------------------------------------------------------

@@ -15,16 +15,14 @@ load_model reads a checkpoint and installs the blocks its config asks for; every
 run such a checkpoint as a plain Mixtral refuses it (checkpoint.refuse_variant).
 """
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 import mini_mixtral as mm
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, number, whole
 from checkpoint import load_model as load_plain_model
-
 
 
 def skip_second(weights: torch.Tensor, beta: float) -> torch.Tensor:
@@ -79,8 +77,7 @@ def skip_betas(config: mm.MixtralConfig) -> Optional[list]:
     """NAEE's per-layer beta, config.json's dynamic_skip_beta (a key transformers ignores), checked;
     None for a model that does not skip."""
     beta, n = config.extra.get("dynamic_skip_beta"), config.num_hidden_layers
-    if beta is not None and not (isinstance(beta, list) and len(beta) == n and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in beta)):
+    if beta is not None and not (isinstance(beta, list) and len(beta) == n and all(number(v) and v >= 0 for v in beta)):
         raise CheckpointError(f"config.json's dynamic_skip_beta must list {n} numbers >= 0, one per layer")
     return beta
 
@@ -89,8 +86,6 @@ def condensed_layers(config: mm.MixtralConfig) -> dict:
     """CD-MoE's {"layer": {"experts": [...], "weights": [...]}}, config.json's condensed_layers (a key
     transformers ignores), checked; {} for a model with none."""
     layers, L, E = config.extra.get("condensed_layers") or {}, config.num_hidden_layers, config.num_local_experts
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     for layer, c in (layers.items() if isinstance(layers, dict) else [("?", None)]):
         if not (str(layer).isdigit() and int(layer) < L and isinstance(c, dict)
                 and isinstance(c.get("experts"), list) and isinstance(c.get("weights"), list)
