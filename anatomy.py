@@ -13,6 +13,7 @@ import torch
 import mini_mixtral as mm
 import prune
 from checkpoint import CheckpointReader
+from eval_ppl import topk_mass
 from layerwise import embed_windows, layers, run_layer
 
 
@@ -39,8 +40,7 @@ def gate_anatomy(model_dir: str, tokens: torch.Tensor, batch_size: int = 8) -> l
                 sums[(c.expert, k)][1] = sums[(c.expert, k)][1] + prune.sq_norm(v, c.gate)
 
         hook = layer.block_sparse_moe.gate.register_forward_hook(
-            lambda mod, a, logits: mass.append(torch.softmax(logits.float(), -1).topk(
-                layer.config.num_experts_per_tok, dim=-1).values.sum(-1)))
+            lambda mod, a, logits: mass.append(topk_mass(logits, layer.config.num_experts_per_tok)))
         x = run_layer(layer, x, pos, batch_size, observer)
         hook.remove()
         g = torch.cat(gates)

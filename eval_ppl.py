@@ -102,13 +102,18 @@ def expert_load_cv(top1_counts: torch.Tensor) -> float:
     return float(torch.sqrt(((c - mu) ** 2).mean()) / mu)
 
 
+def topk_mass(router_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[N] each token's top-k probability mass: the router's softmax probability of its k chosen
+    experts before renormalisation (k / n_experts for a flat router, 1 for a decisive one)."""
+    return torch.softmax(router_logits.float(), -1).topk(k, dim=-1).values.sum(-1)
+
+
 @torch.no_grad()
 def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu") -> list:
     """Per layer: expert-load CV of top-1 choices (Eq. 4-5), top-1 counts, the top-1 gate's mean
     and standard deviation (the gate the model weights by: renormalised or not), the mean top-k
-    probability mass (the router's softmax probability of the k chosen experts before
-    renormalisation: k / n_experts for a flat router, 1 for a decisive one), over all tokens of
-    the windows; and the two spreads of the gates that Eq. 9 weights by:
+    probability mass (topk_mass), over all tokens of the windows; and the two spreads of the gates
+    that Eq. 9 weights by:
       - gate_entropy: how evenly a token's k gates share its weight, the mean over tokens of the
         entropy of its k gates (scaled to sum to 1) over log k: 1 for equal gates, 0 for one;
       - expert_gate_cv: how much an expert's gate varies over the tokens routed to it, the
@@ -128,10 +133,10 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
         for l, rl in enumerate(router_logits):
             if rl is None:  # a CD-MoE condensed layer has no router
                 continue
-            w, e = mm.route(rl, cfg.num_experts_per_tok, cfg.norm_topk_prob)  # [N, k] as the model weights them
-            counts[l] += torch.bincount(e[:, 0].cpu(), minlength=cfg.num_local_experts)
+            w, e = mm.route(rl, k, cfg.norm_topk_prob)  # [N, k] as the model weights them
+            counts[l] += torch.bincount(e[:, 0].cpu(), minlength=E)
             gates[l].append(w[:, 0].cpu())
-            mass[l].append(torch.softmax(rl.float(), -1).topk(cfg.num_experts_per_tok, dim=-1).values.sum(-1).cpu())
+            mass[l].append(topk_mass(rl, k).cpu())
             share = (w / w.sum(-1, keepdim=True)).double().cpu()  # [N, k] each token's gates scaled to sum to 1
             entropy[l].append(-(share * share.clamp_min(1e-300).log()).sum(-1) / math.log(k) if k > 1
                               else torch.zeros(len(share), dtype=torch.float64, device="cpu"))
@@ -140,7 +145,7 @@ def router_stats(model, windows: torch.Tensor, batch_size: int = 8, device="cpu"
             gate_sum[l].index_add_(0, flat_e, flat_w)
             gate_sq[l].index_add_(0, flat_e, flat_w * flat_w)
     out = []
-    for l in range(cfg.num_hidden_layers):
+    for l in range(L):
         if not gates[l]:
             continue
         g = torch.cat(gates[l])

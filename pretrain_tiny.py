@@ -139,7 +139,7 @@ import data
 import mini_mixtral as mm
 from checkpoint import load_model, read_config, save_model
 from outputs import check_output
-from eval_ppl import expert_load_cv, perplexity, router_stats
+from eval_ppl import expert_load_cv, perplexity, router_stats, topk_mass
 from progress import log
 
 
@@ -209,7 +209,7 @@ def granular_upcycle(moe: mm.Mixtral, g: int, layout: str, windows: torch.Tensor
     for w in windows.split(8):
         _, router_logits = moe(w, return_router_logits=True)
         for l, rl in enumerate(router_logits):  # [N, n_experts] -> each token's top-k probability mass
-            masses.setdefault(l, []).append(rl.float().softmax(-1).topk(c.num_experts_per_tok, -1).values.sum(-1).mean())
+            masses.setdefault(l, []).append(topk_mass(rl, c.num_experts_per_tok).mean())
     for h in hooks:
         h.remove()
     w = c.intermediate_size // g
@@ -300,8 +300,7 @@ def train_stage(model, tokens, n_tokens, tc: TrainConfig, lr, stage, state, save
             rate = seen / (time.time() - t0)
             eta = (steps - step - 1) * x.numel() / rate
             cv = [round(batch_load_cv(r), 2) for r in router_logits] if is_moe else []
-            mass = [round(torch.softmax(r.detach().float(), -1).topk(k, dim=-1).values.sum(-1).mean().item(), 2)
-                    for r in router_logits] if is_moe else []
+            mass = [round(topk_mass(r.detach(), k).mean().item(), 2) for r in router_logits] if is_moe else []
             log(f"stage {stage} step {step + 1}/{steps}: ce {ce.item():.3f} aux {aux.item():.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} tok/s, eta {eta / 60:.1f} min"
                 + (f", batch load CV {cv}, top-{k} mass {mass}" if cv else ""))
