@@ -19,9 +19,9 @@ from layerwise import embed_windows, layers, run_layer
 
 @torch.no_grad()
 def gate_anatomy(model_dir: str, tokens: torch.Tensor, batch_size: int = 8) -> list:
-    """Per layer of the dense model: the renormalised gates' mean and spread, the top-k probability
-    mass, and how much the gate can change a per-row mask. The gate enters MoE-Pruner's score
-    only through r_j = ||X_j * Gate|| / ||X_j|| = sqrt(sum g^2 x_j^2 / sum x_j^2) over an expert's
+    """Per layer of the dense model: the gates' mean and spread (as the model weights by, renormalised
+    or not), the top-k probability mass, and how much the gate can change a per-row mask. The gate
+    enters MoE-Pruner's score only through r_j = ||X_j * Gate|| / ||X_j|| = sqrt(sum g^2 x_j^2 / sum x_j^2) over an expert's
     routed tokens: if r_j were the same for every input column j, every row's ranking, and so
     the mask, would be Wanda's. Reported: the coefficient of variation of r_j over j, averaged
     over the layer's experts, for the input of w1/w3 (x) and of w2 (h)."""

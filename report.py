@@ -280,8 +280,8 @@ CAPTIONS = {
             "MoE-Pruner wins.",
     "scope": "Scope at 50% (draw 0): perplexity (whole-model sparsity) when attention, then the router, are pruned "
              "too.",
-    "gates": "Per layer: the spread (sd) of the renormalised gates over every routed (token, expert) pair (their "
-             "mean is 1/k by construction), the top-k probability mass, the spread (coefficient of variation over "
+    "gates": "Per layer: the spread (sd) of the gates over every routed (token, expert) pair (renormalised gates "
+             "have mean 1/k by construction), the top-k probability mass, the spread (coefficient of variation over "
              "input columns) of r_j = ||X_j Gate|| / ||X_j|| for the w1/w3 input x and the w2 input h, and the "
              "fraction of weights whose 50% mask differs between MoE-Pruner and Wanda.",
     "experts": "Expert-level methods against weight pruning: perplexity, what is stored and what is executed (r: "
