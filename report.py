@@ -54,6 +54,7 @@ except ImportError:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "moe-pruner")  # Table 2's rows, in its order
 CALIB_METHODS = ("wanda", "sparsegpt", "moe-pruner")  # magnitude uses no calibration data
+ANATOMY_SETTINGS = ("50%", "2:4", "70%")  # run_paper.part_anatomy's settings, in the tables' order
 # MoE-Pruner Table 2, WikiText perplexity of Mixtral-8x7B (for the side-by-side table).
 PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.97, ("moe-pruner", "50%"): 4.68,
                 ("sparsegpt", "2:4"): 7.09, ("wanda", "2:4"): 6.98, ("moe-pruner", "2:4"): 5.88}
@@ -66,7 +67,7 @@ PAPER_TABLE2 = {"dense": 3.84, ("sparsegpt", "50%"): 4.99, ("wanda", "50%"): 4.9
 def anatomy_summary(a: dict) -> list:
     """Per setting and method: mean and sd over draws, and MoE-Pruner - Wanda paired by draw."""
     out = []
-    for setting in ("50%", "2:4", "70%"):
+    for setting in ANATOMY_SETTINGS:
         runs = [r for r in a["runs"] if r["setting"] == setting]
         for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt"):
             ppl = [r["ppl"] for r in sorted(runs, key=lambda r: r["draw"]) if r["name"] == name]
@@ -173,7 +174,7 @@ def hint_table(res: dict) -> str:
     out = ["| method | 50% | 2:4 | 70% |\n|---|---|---|---|"]
     for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
         cells = [anatomy_cell(next(x for x in summary if x["setting"] == setting and x["name"] == name))
-                 for setting in ("50%", "2:4", "70%")]
+                 for setting in ANATOMY_SETTINGS]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -335,7 +336,7 @@ def side_by_side(results: list) -> str:
         out.append("| method | 50% | 2:4 | 70% |\n|---|---|---|---|")
         for name in ("magnitude", "router-blind wanda", "wanda", "moe-pruner", "sparsegpt", "moe-pruner - wanda"):
             out.append(f"| {name} | " + " | ".join(join(anatomy_cell(sm[x, name]) for sm in summaries)
-                                                   for x in ("50%", "2:4", "70%")) + " |")
+                                                   for x in ANATOMY_SETTINGS) + " |")
         anatomies = [res["anatomy"] for res in results]
         scopes = ("experts", "+attention", "+attention+router")
         out.append("\nScope at 50% (draw 0):\n\n| method | " + " | ".join(scopes) + " |\n|---|---|---|---|")
@@ -362,11 +363,10 @@ def hint_worth_table(anatomies: list) -> str:
              "50% / 2:4 / 70% | wanda's sd over draws, 50% / 2:4 / 70% |\n|---|---|---|---|"]
     for res in anatomies:
         sm = {(x["setting"], x["name"]): x for x in anatomy_summary(res["anatomy"])}
-        settings = ("50%", "2:4", "70%")
         worth.append(f"| {res['model']} | " + " / ".join(
-            f"{sm[x, 'wanda']['mean'] - sm[x, 'router-blind wanda']['mean']:+.3f}" for x in settings) + " | "
-            + " / ".join(anatomy_cell(sm[x, "moe-pruner - wanda"]) for x in settings) + " | "
-            + " / ".join(f"{sm[x, 'wanda']['sd']:.3f}" for x in settings) + " |")
+            f"{sm[x, 'wanda']['mean'] - sm[x, 'router-blind wanda']['mean']:+.3f}" for x in ANATOMY_SETTINGS) + " | "
+            + " / ".join(anatomy_cell(sm[x, "moe-pruner - wanda"]) for x in ANATOMY_SETTINGS) + " | "
+            + " / ".join(f"{sm[x, 'wanda']['sd']:.3f}" for x in ANATOMY_SETTINGS) + " |")
     return "\n".join(worth)
 
 
@@ -462,21 +462,21 @@ def facts(res: dict) -> dict:
     if res.get("anatomy"):
         a = res["anatomy"]
         sm = {(x["setting"], x["name"]): x for x in anatomy_summary(a)}
-        for x in ("50%", "2:4", "70%"):
+        for x in ANATOMY_SETTINGS:
             out[f"hint-routed:{x}"] = f"{sm[x, 'router-blind wanda']['mean'] - sm[x, 'wanda']['mean']:.3f}"
             out[f"hint-gate:{x}"] = f"{-sm[x, 'moe-pruner - wanda']['mean']:.3f}"
-        paired = [sm[x, "moe-pruner - wanda"] for x in ("50%", "2:4", "70%")]
+        paired = [sm[x, "moe-pruner - wanda"] for x in ANATOMY_SETTINGS]
         out["hint-wins"] = f"{sum(p['wins'] for p in paired)} of {sum(p['draws'] for p in paired)}"
         out["mask-difference"] = value_range((r["mask_difference"] for r in a["mask_difference"]), ".1%")
-        out["topk-mass"] = value_range((g["topk_mass"] for g in a["gates"]), ".2f")
         spread = lambda key, fmt: value_range((g[key] for g in a["gates"]), fmt)
+        out["topk-mass"] = spread("topk_mass", ".2f")
         out["gate-sd"] = spread("gate_std", ".2f")
         out["r-spread-x"] = spread("r_spread_x", ".1%")
         out["r-spread-h"] = spread("r_spread_h", ".1%")
         for kinds, name in ((("w1", "w3"), "w1w3"), (("w2",), "w2")):
             d = [r["mask_difference"] for r in a["mask_difference"] if r["matrix"] in kinds]
             out[f"mask-difference:{name}"] = value_range(d, ".1%")
-        for x in ("50%", "2:4", "70%"):
+        for x in ANATOMY_SETTINGS:
             p = sm[x, "moe-pruner - wanda"]
             out[f"paired:{x}"] = anatomy_cell(p)
             out[f"hint-gate%:{x}"] = f"{-p['mean'] / sm[x, 'wanda']['mean']:.2%}"
